@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make run` (offline default, CPU is fine) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PARAMS ?= params/offline.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: install run report test lab clean-runs
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Execute every step notebook of PARAMS into runs/<date>_<variant>/, then render the report of all runs.
+run: install
+	$(PY) -m vitlab run $(PARAMS)
+	$(PY) -m vitlab report
+
+report: install
+	$(PY) -m vitlab report
+
+test: install
+	$(PY) -m pytest -q
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/

@@ -1,0 +1,69 @@
+"""Command line: `python -m vitlab run params/X.yaml` and `python -m vitlab report`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import config, runs
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.params or args.set:
+            raise config.ParamsError("--resume re-runs a folder with its recorded params.yaml; "
+                                     "it takes no params file and no --set")
+        run_dir = Path(args.resume)
+        runs.manifest(run_dir)  # fails clearly on a folder that is not a run
+    else:
+        if not args.params:
+            raise config.ParamsError("give a params file (e.g. params/offline.yaml) or --resume RUN_DIR")
+        params = config.resolve(args.params, args.set)
+        steps = args.steps.split(",") if args.steps else params["steps"]
+        params["steps"] = steps
+        config.validate(params)
+        run_dir = runs.create(params, args.runs_dir, steps)
+    print(f"[vitlab] run folder: {run_dir}", flush=True)
+    man = runs.execute(run_dir)
+    print(f"[vitlab] {man['status']}: {run_dir}", flush=True)
+    return 0 if man["status"] == "ok" else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    params = config.resolve(config.PARAMS_DIR / "defaults.yaml", ["variant=report", "steps=[report]"])
+    run_dir = runs.create(params, args.runs_dir, ["report"])
+    print(f"[vitlab] report folder: {run_dir}", flush=True)
+    sources = [str(Path(p).resolve()) for p in args.runs] or None
+    man = runs.execute(run_dir, extra={"run_dirs": sources, "runs_root": str(Path(args.runs_dir).resolve()),
+                                       "publish": args.publish})
+    if man["status"] == "ok":
+        html = runs.render_html(run_dir / "06_report.ipynb")
+        print(f"[vitlab] report: {html}", flush=True)
+    return 0 if man["status"] == "ok" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the step notebooks of a variant into a new run folder")
+    run.add_argument("params", nargs="?", help="params file, e.g. params/offline.yaml")
+    run.add_argument("--steps", help=f"comma-separated subset of {','.join(config.STEPS)}")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+    run.add_argument("--resume", metavar="RUN_DIR", help="re-run the steps of RUN_DIR that did not finish")
+    run.add_argument("--runs-dir", default=str(runs.RUNS_DIR), help="where run folders go (default: runs/)")
+    run.set_defaults(func=_run)
+    rep = sub.add_parser("report", help="render the comparison report of finished runs to HTML")
+    rep.add_argument("runs", nargs="*", help="run folders to compare (default: every run under --runs-dir)")
+    rep.add_argument("--publish", action="store_true", help="also copy the figures to figures/")
+    rep.add_argument("--runs-dir", default=str(runs.RUNS_DIR))
+    rep.set_defaults(func=_report)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (config.ParamsError, runs.RunError) as e:
+        print(f"vitlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

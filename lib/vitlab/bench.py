@@ -1,0 +1,142 @@
+"""Latency, throughput, memory and a profiler breakdown of a model's forward pass.
+
+One function per measurement, each returning rows. Timings: warm-up iterations first, then one
+timing per iteration (CUDA events on a GPU, perf_counter on the CPU); report medians and tails.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+from tqdm.auto import tqdm
+
+from . import attention, metrics, models
+from .infer import input_dtype
+
+COMPONENTS = ("patch_embed", "attention", "mlp", "norm", "classifier")
+# bitsandbytes kernels that turn packed weights back into 16-bit (4-bit) or scale int8 results.
+DEQUANT_KERNEL = re.compile(r"dequant|kDequant|int8_vectorwise|kInt8", re.IGNORECASE)
+
+
+def random_batch(model: nn.Module, batch_size: int, image_size: int, device: torch.device) -> torch.Tensor:
+    """Pixel values for timing: the forward's cost does not depend on their content."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device, input_dtype(model))
+
+
+@torch.inference_mode()
+def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int,
+                 attention_name: str = "sdpa") -> list[float]:
+    """Per-iteration forward latency in ms, after `warmup` untimed iterations."""
+    cuda = x.device.type == "cuda"
+    with attention.kernel(attention_name):
+        for _ in range(warmup):
+            model(pixel_values=x)
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        times = []
+        for _ in range(iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(pixel_values=x)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                model(pixel_values=x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def latency_sweep(model: nn.Module, batch_sizes: list[int], image_size: int, device: torch.device,
+                  warmup: int, iters: int, attention_name: str = "sdpa", labels: dict[str, Any] | None = None) -> list[dict]:
+    """One row per batch size (each carrying `labels`): latency statistics, throughput (img/s at the
+    median) and peak GPU memory."""
+    rows = []
+    for bs in tqdm(batch_sizes, desc="latency", leave=False):
+        x = random_batch(model, bs, image_size, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = metrics.latency_stats(time_forward(model, x, warmup, iters, attention_name))
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        rows.append({**(labels or {}), "batch_size": bs, **stats, "throughput_img_s": bs / stats["p50_ms"] * 1e3,
+                     "peak_mem_mb": peak})
+        del x
+    return rows
+
+
+def _annotate(model: nn.Module) -> list:
+    """Wrap the outermost module of each component in a profiler range `vitlab::<component>`."""
+    handles, covered = [], []
+    for name, module in model.named_modules():
+        comp = models.component(name) if name else "other"
+        if comp == "other" or any(name.startswith(c + ".") for c in covered):
+            continue
+        covered.append(name)
+        label = f"vitlab::{comp}"
+
+        def pre(mod, args, label=label):
+            mod._vitlab_range = record_function(label)
+            mod._vitlab_range.__enter__()
+
+        def post(mod, args, out):
+            mod._vitlab_range.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+@torch.inference_mode()
+def profile_components(model: nn.Module, x: torch.Tensor, iters: int, attention_name: str = "sdpa",
+                       trace_path: str | Path | None = None) -> pd.DataFrame:
+    """Forward time per component (device time on a GPU, CPU time otherwise), averaged over `iters`.
+
+    `other` is what no component covers (residual adds, dropout, reshapes); `dequant` rows are the
+    bitsandbytes dequantisation kernels, already counted inside their component.
+    """
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with attention.kernel(attention_name):
+        model(pixel_values=x)  # warm-up outside the trace
+        handles = _annotate(model)
+        try:
+            with profile(activities=activities) as prof:
+                for _ in range(iters):
+                    with record_function("vitlab::forward"):
+                        model(pixel_values=x)
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+        finally:
+            for h in handles:
+                h.remove()
+    if trace_path is not None:
+        prof.export_chrome_trace(str(trace_path))
+    time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.key.startswith("vitlab::"):
+            totals[event.key.removeprefix("vitlab::")] += time_of(event)
+        elif cuda and DEQUANT_KERNEL.search(event.key) and event.device_type.name == "CUDA":
+            totals["dequant"] += event.device_time_total
+    forward = totals.pop("forward")
+    rows = [{"component": c, "time_ms": totals.get(c, 0.0) / iters / 1e3} for c in COMPONENTS]
+    rows.append({"component": "other", "time_ms": max(forward - sum(totals.get(c, 0.0) for c in COMPONENTS), 0) / iters / 1e3})
+    table = pd.DataFrame(rows)
+    table["share"] = table["time_ms"] / (forward / iters / 1e3)
+    if "dequant" in totals:
+        dq = totals["dequant"] / iters / 1e3
+        table = pd.concat([table, pd.DataFrame([{"component": "dequant (within the above)", "time_ms": dq,
+                                                  "share": dq / (forward / iters / 1e3)}])], ignore_index=True)
+    table.attrs["forward_ms"] = forward / iters / 1e3
+    table.attrs["clock"] = "device" if cuda else "cpu"
+    return table

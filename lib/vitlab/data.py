@@ -1,0 +1,230 @@
+"""Image classification data: Flowers-102, any ImageFolder tree, or scikit-learn's digits (offline).
+
+Every source yields train/valid/test datasets of (PIL image, label) plus class names; transforms
+(torchvision v2) are applied on top, with the normalisation of the model's image processor.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+from .config import REPO_ROOT
+
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(RuntimeError):
+    """A data set that is missing, malformed or unreachable."""
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    valid: Dataset
+    test: Dataset
+    class_names: list[str]
+
+    def __getitem__(self, split: str) -> Dataset:
+        if split not in SPLITS:
+            raise KeyError(f"unknown split '{split}'; choose one of {SPLITS}")
+        return getattr(self, split)
+
+
+@dataclass
+class Data:
+    """The splits of a run with the transforms of its model: what every step notebook needs."""
+    splits: Splits
+    image_size: int
+    train_transform: Callable
+    eval_transform: Callable
+    num_workers: int
+    seed: int
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.splits.class_names
+
+    def loader(self, split: str, batch_size: int) -> DataLoader:
+        """Batches of (pixel_values, labels); the train split is shuffled and augmented."""
+        train = split == "train"
+        ds = Transformed(self.splits[split], self.train_transform if train else self.eval_transform)
+        return loader(ds, batch_size, shuffle=train, num_workers=self.num_workers, seed=self.seed)
+
+
+class LabeledImages(Dataset):
+    """In-memory images with integer labels."""
+
+    def __init__(self, images: Sequence[Image.Image], labels: Sequence[int]):
+        self.images, self.targets = list(images), [int(t) for t in labels]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self.images[i], self.targets[i]
+
+
+class Transformed(Dataset):
+    def __init__(self, base: Dataset, transform: Callable):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open an image file (path or raw bytes) as RGB, with an error that says which input is bad."""
+    name = "uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"cannot read {name} as an image ({e}); give a JPEG/PNG file, "
+                        "or remove the corrupt file from the data set") from e
+    return image.convert("RGB")
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+def _digits(cfg: dict[str, Any], seed: int, size: int) -> Splits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # 8x8 grey values in 0..16 -> RGB at the model's input size, as a camera image would arrive.
+    images = [Image.fromarray((img * 255 / 16).astype(np.uint8)).resize((size, size), Image.BICUBIC).convert("RGB")
+              for img in digits.images]
+    idx = np.arange(len(images))
+    held = cfg["valid_fraction"] + cfg["test_fraction"]
+    train_idx, rest = train_test_split(idx, test_size=held, stratify=digits.target, random_state=seed)
+    valid_idx, test_idx = train_test_split(rest, test_size=cfg["test_fraction"] / held,
+                                           stratify=digits.target[rest], random_state=seed)
+    make = lambda ids: LabeledImages([images[i] for i in ids], digits.target[ids])
+    return Splits(make(train_idx), make(valid_idx), make(test_idx), [str(c) for c in range(10)])
+
+
+def _checked_loader(path: str) -> Image.Image:
+    return open_image(path)
+
+
+def _imagefolder(cfg: dict[str, Any]) -> Splits:
+    from torchvision.datasets import ImageFolder
+
+    root = resolve_path(cfg["root"])
+    missing = [s for s in SPLITS if not (root / s).is_dir()]
+    if missing:
+        raise DataError(f"data.root {root} has no {'/'.join(missing)} folder(s); an imagefolder data set needs "
+                        "root/train/<class>/*.jpg, root/valid/<class>/*.jpg and root/test/<class>/*.jpg")
+    sets = {s: ImageFolder(str(root / s), loader=_checked_loader) for s in SPLITS}
+    classes = sets["train"].classes
+    for s in ("valid", "test"):
+        if sets[s].classes != classes:
+            diff = sorted(set(classes) ^ set(sets[s].classes))
+            raise DataError(f"{root}/{s} and {root}/train hold different class folders: {diff[:10]}")
+    names = classes
+    if (root / "cat_to_name.json").is_file():
+        mapping = json.loads((root / "cat_to_name.json").read_text())
+        names = [mapping.get(c, c) for c in classes]
+    return Splits(sets["train"], sets["valid"], sets["test"], names)
+
+
+def _flowers102(cfg: dict[str, Any]) -> Splits:
+    from torchvision.datasets import Flowers102
+
+    root = resolve_path(cfg["root"])
+    try:
+        sets = {s: Flowers102(str(root), split=("val" if s == "valid" else s), download=True) for s in SPLITS}
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise DataError(
+            f"could not download Oxford Flowers-102 into {root} ({e}). Without a network, copy the data set "
+            "there (flowers-102/ as torchvision lays it out), or use `data.source: imagefolder` with "
+            "data.root holding train/ valid/ test/ class folders, or `data.source: digits` (offline).") from e
+    for ds in sets.values():
+        ds.targets = list(ds._labels)
+    return Splits(sets["train"], sets["valid"], sets["test"], list(sets["train"].classes))
+
+
+def resolve_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _subsample(ds: Dataset, max_per_class: int | None, max_samples: int | None, seed: int) -> Dataset:
+    if max_per_class is None and max_samples is None:
+        return ds
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ds))
+    targets = np.asarray(ds.targets)
+    seen: dict[int, int] = defaultdict(int)
+    keep = []
+    for i in order:
+        if max_per_class is not None and seen[targets[i]] >= max_per_class:
+            continue
+        seen[targets[i]] += 1
+        keep.append(int(i))
+    keep = sorted(keep[:max_samples] if max_samples is not None else keep)
+    sub = Subset(ds, keep)
+    sub.targets = [int(targets[i]) for i in keep]
+    return sub
+
+
+def for_model(data_cfg: dict[str, Any], seed: int, processor) -> Data:
+    """The data of `data_cfg`, sized and normalised for the model whose image processor is given."""
+    size = processor.size.get("height") or processor.size.get("shortest_edge")
+    splits = load_splits(data_cfg, seed, size)
+    mean, std = processor.image_mean, processor.image_std
+    train = transforms(size, mean, std, train=True, hflip=data_cfg["hflip"], crop_scale=data_cfg["crop_scale"])
+    return Data(splits, size, train,
+                transforms(size, mean, std, train=False), data_cfg["num_workers"], seed)
+
+
+def load_splits(data_cfg: dict[str, Any], seed: int, image_size: int) -> Splits:
+    """The raw (untransformed) splits of `data.source`, subsampled as the params ask."""
+    source = data_cfg["source"]
+    if source == "digits":
+        splits = _digits(data_cfg, seed, image_size)
+    elif source == "imagefolder":
+        splits = _imagefolder(data_cfg)
+    elif source == "flowers102":
+        splits = _flowers102(data_cfg)
+    else:
+        raise DataError(f"unknown data.source '{source}'")
+    for s in SPLITS:
+        setattr(splits, s, _subsample(splits[s], data_cfg["max_per_class"], data_cfg["max_samples"], seed))
+    return splits
+
+
+# --- transforms ------------------------------------------------------------------------------------
+
+def transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
+               hflip: bool = True, crop_scale: Sequence[float] = (0.5, 1.0)) -> v2.Compose:
+    """torchvision v2 pipeline: random resized crop (+ flip) for training, resize + centre crop for eval."""
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    if train:
+        head = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+        head += [v2.RandomHorizontalFlip()] if hflip else []
+    else:
+        # The usual 0.875 crop ratio (224 from 256).
+        head = [v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(head + tail)
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), generator=generator,
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,135 @@
+"""The demo widget: pick a run and a variant, upload or pick an image, see its top-5 classes and latency."""
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+import ipywidgets as W
+import torch
+import transformers
+from PIL import Image
+
+from . import data, infer, models, quant, runs
+
+
+def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
+    """Runs whose quantize step finished, newest first."""
+    return [r for r in reversed(runs.list_runs(runs_dir)) if runs.step_ok(r, "quantize")]
+
+
+def variants(run_dir: Path) -> dict[str, Path]:
+    """The models of a run: the merged 16-bit checkpoint and, if quantized, the quantized one."""
+    params = runs.load_params(run_dir)
+    out = {f"16-bit ({params['model']['dtype']})": run_dir / "finetune" / "model"}
+    if params["quant"]["bits"] != 16:
+        out[quant.describe(params["quant"])] = run_dir / "quantize" / "model"
+    return out
+
+
+class Predictor:
+    """Loads each (run, variant) model once and classifies single images with it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._models: dict[tuple[Path, str], tuple] = {}
+
+    def _load(self, run_dir: Path, variant: str) -> tuple:
+        key = (run_dir, variant)
+        if key not in self._models:
+            params = runs.load_params(run_dir)
+            path = variants(run_dir)[variant]
+            model = models.load_checkpoint(path, models.DTYPES[params["model"]["dtype"]], params["model"]["attention"],
+                                           self.device)
+            processor = transformers.AutoImageProcessor.from_pretrained(path)
+            size = processor.size.get("height") or processor.size.get("shortest_edge")
+            transform = data.transforms(size, processor.image_mean, processor.image_std, train=False)
+            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            self._models[key] = (model, transform, names, params["model"]["attention"])
+        return self._models[key]
+
+    def predict(self, run_dir: Path, variant: str, image: Image.Image) -> tuple[list[tuple[str, float]], float]:
+        model, transform, names, attn = self._load(run_dir, variant)
+        infer.top_k(model, image, transform, names, self.device, attn)  # first call pays one-off set-up costs
+        return infer.top_k(model, image, transform, names, self.device, attn)
+
+
+def test_images(run_dir: Path, n: int = 12) -> list[tuple[str, Image.Image]]:
+    """The first n images of the run's test split with their true class names."""
+    params = runs.load_params(run_dir)
+    processor = transformers.AutoImageProcessor.from_pretrained(run_dir / "finetune" / "model")
+    splits = data.load_splits(params["data"], params["seed"],
+                              processor.size.get("height") or processor.size.get("shortest_edge"))
+    return [(f"#{i}: {splits.class_names[splits.test[i][1]]}", splits.test[i][0]) for i in range(min(n, len(splits.test)))]
+
+
+def result_html(top: list[tuple[str, float]], ms: float, variant: str) -> str:
+    """Top-k classes as labelled probability bars, and the latency of the prediction."""
+    bars = "".join(
+        f'<div class="vitlab-row" style="display:flex;align-items:center;margin:3px 0">'
+        f'<span class="vitlab-class" style="width:180px;font-family:sans-serif">{html.escape(name)}</span>'
+        f'<span style="background:#4c72b0;height:14px;width:{max(p * 260, 1):.0f}px"></span>'
+        f'<span style="margin-left:6px;font-family:monospace">{p:.1%}</span></div>'
+        for name, p in top)
+    return (f'<div class="vitlab-result"><b>{html.escape(variant)}</b> · latency {ms:.2f} ms (batch 1)'
+            f"{bars}</div>")
+
+
+def _thumbnail(image: Image.Image, size: int = 160) -> bytes:
+    buf = io.BytesIO()
+    image.resize((size, size), Image.NEAREST if min(image.size) < 64 else Image.BICUBIC).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None) -> W.VBox:
+    """The widget: run and variant dropdowns, upload or test-image picker, image, top-5 bars, latency."""
+    device = device or models.resolve_device("auto")
+    predictor = Predictor(device)
+    run_dirs = finished_runs(runs_dir)
+    if not run_dirs:
+        return W.VBox([W.HTML(f"<b>No run with a finished quantize step under {runs_dir}.</b> "
+                              "Run one first: <code>python -m vitlab run params/offline.yaml</code>")])
+    run_pick = W.Dropdown(options=[(r.name, r) for r in run_dirs], description="run", layout=W.Layout(width="420px"))
+    variant_pick = W.Dropdown(description="variant")
+    sample_pick = W.Dropdown(description="test image")
+    upload = W.FileUpload(accept="image/*", multiple=False, description="Upload image")
+    picture = W.Image(format="png", width=160, height=160)
+    result = W.HTML()
+    state: dict[str, Image.Image | None] = {"image": None}
+
+    def show() -> None:
+        if state["image"] is None:
+            return
+        top, ms = predictor.predict(run_pick.value, variant_pick.value, state["image"])
+        result.value = result_html(top, ms, f"{run_pick.value.name} · {variant_pick.value}")
+
+    def on_run(_=None) -> None:
+        variant_pick.options = list(variants(run_pick.value))
+        sample_pick.options = [(label, img) for label, img in test_images(run_pick.value)]
+
+    def on_sample(change) -> None:
+        if change["new"] is not None:
+            state["image"] = change["new"]
+            picture.value = _thumbnail(change["new"])
+            show()
+
+    def on_upload(change) -> None:
+        files = change["new"]
+        if not files:
+            return
+        try:
+            state["image"] = data.open_image(bytes(files[0]["content"]))
+        except data.DataError:
+            state["image"] = None
+            result.value = (f'<div class="vitlab-error" style="color:#b00020"><b>{html.escape(files[0]["name"])}</b> '
+                            "is not an image this demo can read: upload a JPEG or PNG file.</div>")
+            return
+        picture.value = _thumbnail(state["image"])
+        show()
+
+    run_pick.observe(on_run, names="value")
+    variant_pick.observe(lambda _: show(), names="value")
+    sample_pick.observe(on_sample, names="value")
+    upload.observe(on_upload, names="value")
+    on_run()
+    return W.VBox([W.HBox([run_pick, variant_pick]), W.HBox([sample_pick, upload]), W.HBox([picture, result])])

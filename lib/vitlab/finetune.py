@@ -1,0 +1,151 @@
+"""Fine-tuning: LoRA and QLoRA (peft) or full, with a cosine schedule, mixed precision and a seed."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import BitsAndBytesConfig, get_cosine_schedule_with_warmup
+
+from . import attention, models
+
+
+def lora_targets(model: nn.Module, which: str | list[str]) -> list[str]:
+    """Leaf names of the linear layers LoRA adapts, found in the model (q_proj..fc2 or query..dense)."""
+    if which == "auto":
+        names = models.block_linears(model)
+    elif which == "attention":
+        names = models.attention_linears(model)
+    else:
+        available = {n.rsplit(".", 1)[-1] for n in models.block_linears(model)}
+        unknown = sorted(set(which) - available)
+        if unknown:
+            raise ValueError(f"finetune.lora.target_modules {unknown} are not linear layers of this model; "
+                             f"it has {sorted(available)}")
+        return sorted(which)
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def build(model_cfg: dict[str, Any], ft_cfg: dict[str, Any], class_names: list[str],
+          device: torch.device) -> nn.Module:
+    """The model to train: the plain model (full), a LoRA model, or LoRA on a 4-bit NF4 base (qlora)."""
+    method = ft_cfg["method"]
+    if method == "qlora":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=models.DTYPES[model_cfg["dtype"]],
+                               llm_int8_skip_modules=["classifier"])
+        model = models.build(model_cfg, class_names, dtype=torch.float32, quantization_config=q, device=device)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = models.build(model_cfg, class_names, dtype=torch.float32).to(device)
+    if method == "full":
+        return model
+    lora = ft_cfg["lora"]
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora_targets(model, lora["target_modules"]),
+                        modules_to_save=["classifier"])
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "no":
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16":
+        return torch.bfloat16
+    # auto: bf16 on GPUs that have it; CPU autocast is slower than float32 on most CPUs.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _epoch(model: nn.Module, batches: DataLoader, device: torch.device, amp: torch.dtype | None,
+           attention_name: str, optimizer: torch.optim.Optimizer | None = None, scheduler=None,
+           scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0, desc: str = "") -> dict:
+    training = optimizer is not None
+    model.train(training)
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(batches, desc=desc, leave=False)
+    for x, y in bar:
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        with torch.set_grad_enabled(training), attention.kernel(attention_name), \
+                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(pixel_values=x).logits
+            loss = nn.functional.cross_entropy(logits.float(), y)
+        if training:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(-1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    return {"loss": loss_sum / seen, "acc": correct / seen}
+
+
+def train(model: nn.Module, train_loader: DataLoader, valid_loader: DataLoader, ft_cfg: dict[str, Any],
+          device: torch.device, attention_name: str = "sdpa") -> list[dict[str, float]]:
+    """Train for ft_cfg['epochs']; one row per epoch with train/val loss and accuracy."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=ft_cfg["lr"], weight_decay=ft_cfg["weight_decay"])
+    total = ft_cfg["epochs"] * len(train_loader)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(ft_cfg["warmup_ratio"] * total), total)
+    amp = _autocast_dtype(ft_cfg["mixed_precision"], device)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    history = []
+    for epoch in tqdm(range(1, ft_cfg["epochs"] + 1), desc="epochs"):
+        tr = _epoch(model, train_loader, device, amp, attention_name, optimizer, scheduler, scaler,
+                    ft_cfg["max_grad_norm"], desc=f"train {epoch}")
+        with torch.no_grad():
+            va = _epoch(model, valid_loader, device, amp, attention_name, desc=f"valid {epoch}")
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                        "val_loss": va["loss"], "val_acc": va["acc"], "lr": scheduler.get_last_lr()[0]})
+    return history
+
+
+def merged(model: nn.Module, model_cfg: dict[str, Any], class_names: list[str], method: str,
+           adapter_dir: Path | None) -> nn.Module:
+    """A plain ViT with the adapter folded into 16-bit weights (in model.dtype), on the CPU."""
+    if method == "full":
+        out = model
+    elif method == "lora":
+        out = model.merge_and_unload()
+    else:
+        # A 4-bit base cannot take merged weights: merge the saved adapter into the 16-bit base instead.
+        base = models.build(model_cfg, class_names, dtype=torch.float32)
+        out = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return out.to("cpu", models.DTYPES[model_cfg["dtype"]]).eval()
+
+
+def save(model: nn.Module, processor, model_cfg: dict[str, Any], class_names: list[str], method: str,
+         out_dir: Path) -> nn.Module:
+    """Write adapter/ (LoRA methods) and model/ (merged 16-bit safetensors + processor); return the merged model."""
+    adapter_dir = None
+    if method != "full":
+        adapter_dir = out_dir / "adapter"
+        model.save_pretrained(str(adapter_dir))
+    merged_model = merged(model, model_cfg, class_names, method, adapter_dir)
+    merged_model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
+    processor.save_pretrained(str(out_dir / "model"))
+    return merged_model

@@ -1,0 +1,162 @@
+"""Load a ViT for image classification and find its parts from the model itself.
+
+transformers renames modules between releases (4.x `query/key/value/dense`, 5.x `q_proj/.../fc2`
+under `vit.layers`), so encoder layers, linear layers and components are discovered, not hard-coded.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (AutoImageProcessor, BitsAndBytesConfig, ViTConfig, ViTForImageClassification,
+                          ViTImageProcessor)
+
+from . import attention
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelError(RuntimeError):
+    """A checkpoint that cannot be found or loaded."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{name}' asked for, but no CUDA GPU is visible; use device: cpu or auto")
+    return device
+
+
+def _offline_hint(model_id: str, error: Exception) -> ModelError:
+    return ModelError(
+        f"cannot load model '{model_id}' ({type(error).__name__}: {error}). It is not a local directory, so it "
+        "must come from the Hugging Face hub, which needs a network (or a copy in the HF cache). Offline, use "
+        "`model.id: /path/to/checkpoint_dir` (a save_pretrained directory) or `model.id: null` with a "
+        "`model.config` to train a small ViT from scratch (see params/offline.yaml).")
+
+
+def load_processor(model_cfg: dict[str, Any]) -> ViTImageProcessor:
+    """The checkpoint's image processor (resize size, normalisation), or a plain one for a config model."""
+    if model_cfg["id"] is None:
+        size = model_cfg["config"].get("image_size", 224)
+        return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    try:
+        return AutoImageProcessor.from_pretrained(model_cfg["id"])
+    except OSError as e:
+        raise _offline_hint(model_cfg["id"], e) from e
+
+
+def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassification:
+    try:
+        return ViTForImageClassification.from_pretrained(str(path), **kwargs)
+    except OSError as e:
+        if Path(path).is_dir():
+            raise ModelError(f"{path} is not a loadable ViT checkpoint ({e}); it needs config.json and "
+                             "model.safetensors as written by save_pretrained") from e
+        raise _offline_hint(str(path), e) from e
+
+
+def build(model_cfg: dict[str, Any], class_names: list[str], dtype: torch.dtype = torch.float32,
+          quantization_config: BitsAndBytesConfig | None = None,
+          device: torch.device | None = None) -> ViTForImageClassification:
+    """A classifier with len(class_names) outputs: from model.id (hub or local dir) or random init."""
+    labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
+              "label2id": {c: i for i, c in enumerate(class_names)}}
+    impl = attention.hf_implementation(model_cfg["attention"])
+    if model_cfg["id"] is None:
+        config = ViTConfig(**model_cfg["config"], **labels)
+        config._attn_implementation = impl
+        return ViTForImageClassification(config).to(dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl, "ignore_mismatched_sizes": True, **labels}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
+    return _from_pretrained(model_cfg["id"], **kwargs)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype, attention_name: str, device: torch.device,
+                    quantization_config: BitsAndBytesConfig | None = None) -> ViTForImageClassification:
+    """A checkpoint written by vitlab (16-bit or already quantized) on `device`, in eval mode."""
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention.hf_implementation(attention_name)}
+    if quantization_config is not None or _is_quantized(path):
+        kwargs.update(device_map={"": str(device)})
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        return _from_pretrained(path, **kwargs).eval()
+    return _from_pretrained(path, **kwargs).to(device).eval()
+
+
+def _is_quantized(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and '"quantization_config"' in config.read_text()
+
+
+def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the ModuleList of the transformer blocks (the longest list of like modules)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ModelError(f"{type(model).__name__} has no list of encoder layers")
+    return best
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear.
+    return isinstance(module, nn.Linear)
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """Qualified names of every linear layer inside the encoder blocks (where quantization applies)."""
+    prefix, _ = encoder_layers(model)
+    return [n for n, m in model.named_modules() if _is_linear(m) and n.startswith(prefix + ".")]
+
+
+def layer_index(model: nn.Module, module_name: str) -> int | None:
+    prefix, _ = encoder_layers(model)
+    match = re.match(re.escape(prefix) + r"\.(\d+)\.", module_name)
+    return int(match.group(1)) if match else None
+
+
+def component(module_name: str) -> str:
+    """Which part of a ViT a module belongs to, for breakdowns: patch_embed, attention, mlp, norm, classifier."""
+    leaf = module_name.rsplit(".", 1)[-1]
+    if "embed" in module_name:
+        return "patch_embed"
+    if "norm" in leaf:
+        return "norm"
+    if re.search(r"attention|attn|\b(q|k|v|o)_proj|query|key|value", module_name):
+        return "attention"
+    if re.search(r"mlp|intermediate|fc\d|output\.dense", module_name):
+        return "mlp"
+    if "classifier" in module_name or "head" in leaf:
+        return "classifier"
+    return "other"
+
+
+def attention_linears(model: nn.Module) -> list[str]:
+    return [n for n in block_linears(model) if component(n) == "attention"]
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers as stored (packed 4-bit weights count as their uint8 storage)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    # bitsandbytes keeps 4-bit scales (and the double-quant state) beside the weight, not as parameters.
+    # LLM.int8 keeps one float scale per output row (SCB) on the weight.
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                         if isinstance(v, torch.Tensor))
+        scb = getattr(weight, "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total

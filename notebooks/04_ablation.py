@@ -1,0 +1,67 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Ablation: which layers can be quantized?
+# For each quantization type of `ablation.quant_types`: quantize everything, then keep one encoder
+# layer at a time in 16-bit (all others quantized), then the first and last layer, then all
+# attention or all MLP linears. Each configuration is scored against the 16-bit model on the
+# `ablation.split` split: top-1 (with a bootstrap 95% interval), top-5 and the KL divergence of its
+# logits from the 16-bit logits. A layer whose 16-bit copy lowers the KL most is the most sensitive.
+
+# %% tags=["parameters"]
+params_file = "params/offline.yaml"  # read when the notebook is opened by hand
+params = None  # `vitlab run` injects the resolved parameters...
+run_dir = None  # ...and the run folder
+
+# %%
+import pandas as pd
+import transformers
+from IPython.display import Markdown, display
+
+from vitlab import ablation, data, models, plots, runs
+
+params, run_dir, out = runs.open_step("ablation", params, run_dir, params_file)
+transformers.set_seed(params["seed"])
+device = models.resolve_device(params["device"])
+checkpoint = run_dir / "finetune" / "model"
+split = params["ablation"]["split"]
+ds = data.for_model(params["data"], params["seed"], transformers.AutoImageProcessor.from_pretrained(checkpoint))
+# The split is scored once per configuration: hold its batches in memory.
+batches = list(ds.loader(split, params["eval"]["batch_size"]))
+display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **split** `{split}` "
+                 f"({len(ds.splits[split])} images) · **types** {params['ablation']['quant_types']}"))
+
+# %%
+rows = pd.DataFrame(ablation.sweep(checkpoint, params["model"], params["quant"], params["ablation"]["quant_types"],
+                                   batches, device, params["seed"]))
+rows.to_csv(out / "sensitivity.csv", index=False)
+runs.write_json(out / "sensitivity.json", rows.to_dict("records"))
+rows.round(4)
+
+# %% [markdown]
+# ## Per-layer sensitivity
+# KL divergence from the 16-bit model when only that layer stays in 16-bit: lower means keeping
+# that layer recovers more. Top-1 differences smaller than the bootstrap interval are noise.
+
+# %%
+per_layer = rows[rows["layer"].notna()].astype({"layer": int})
+plots.save(plots.sensitivity(per_layer, "kl"), out / "sensitivity_kl.png");
+
+# %%
+plots.save(plots.sensitivity(per_layer, "top1"), out / "sensitivity_top1.png");
+
+# %% [markdown]
+# ## Heuristics and sub-module groups
+
+# %%
+rows[rows["layer"].isna()].set_index(["quant", "config"])[["top1", "top1_lo", "top1_hi", "top5", "kl", "footprint_mb"]].round(4)

@@ -1,0 +1,48 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Demo
+# Pick a run and one of its models (16-bit or quantized), then upload an image or pick one from the
+# test split: the top-5 classes appear with their probabilities and the latency of that prediction.
+# Open this notebook in JupyterLab and run all cells.
+
+# %% tags=["parameters"]
+params_file = "params/offline.yaml"  # unused here; kept so every step notebook takes the same parameters
+params = None
+run_dir = None  # the run to show first; None: every finished run under runs/
+
+# %%
+from pathlib import Path
+
+from IPython.display import HTML, display
+
+from vitlab import demo, models, runs
+
+runs_root = Path(run_dir).parent if run_dir else runs.RUNS_DIR
+device = models.resolve_device(params["device"] if params else "auto")
+ui = demo.app(runs_root, device)
+ui
+
+# %% [markdown]
+# The same predictions without the widget, for the first test image of the newest run, per model
+# (this is what the executed notebook shows when the demo runs headless):
+
+# %%
+finished = demo.finished_runs(runs_root)
+if finished:
+    label, image = demo.test_images(finished[0], n=1)[0]
+    predictor = demo.Predictor(device)
+    display(HTML(f"<p>test image {label}</p>"))
+    for variant in demo.variants(finished[0]):
+        top, ms = predictor.predict(finished[0], variant, image)
+        display(HTML(demo.result_html(top, ms, variant)))

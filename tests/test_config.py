@@ -1,0 +1,62 @@
+import pytest
+
+from vitlab import config
+from vitlab.config import ParamsError
+
+
+def test_variant_overrides_only_what_it_names():
+    p = config.resolve(config.PARAMS_DIR / "nf4_flash.yaml")
+    d = config.defaults()
+    assert p["variant"] == "nf4_flash"
+    assert p["quant"]["bits"] == 4 and p["model"]["attention"] == "sdpa_flash"
+    assert p["finetune"] == d["finetune"] and p["data"] == d["data"]
+
+
+def test_every_shipped_variant_is_valid():
+    for path in config.PARAMS_DIR.glob("*.yaml"):
+        config.resolve(path)
+
+
+def test_set_overrides_parse_yaml_values():
+    p = config.resolve(config.PARAMS_DIR / "smoke.yaml", ["quant.bits=8", "quant.keep_16bit=[0, 1]", "model.id=null"])
+    assert p["quant"]["bits"] == 8 and p["quant"]["keep_16bit"] == [0, 1] and p["model"]["id"] is None
+
+
+def test_model_config_is_merged_key_by_key():
+    p = config.resolve(config.PARAMS_DIR / "offline.yaml", ["model.config.patch_size=8"])
+    assert p["model"]["config"]["patch_size"] == 8 and p["model"]["config"]["image_size"] == 32
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant:\n  bitz: 4\n")
+    with pytest.raises(ParamsError, match=r"unknown parameter 'quant.bitz'; did you mean 'quant.bits'"):
+        config.resolve(bad)
+
+
+def test_unknown_model_config_field():
+    with pytest.raises(ParamsError, match="model.config.hiden_size.*hidden_size"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["model.config.hiden_size=64"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quant.bits=3", r"'quant.bits' is 3; choose one of \[16, 8, 4\]"),
+    ("model.attention=flash", "choose one of"),
+    ("finetune.epochs=two", "must be int"),
+    ("finetune.lr=fast", "must be float"),
+    ("quant.keep_16bit=middle", "must be 'first_last'"),
+    ("steps=[finetune,deploy]", "unknown step"),
+])
+def test_bad_values_are_refused(override, message):
+    with pytest.raises(ParamsError, match=message):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", [override])
+
+
+def test_lora_needs_a_pretrained_model():
+    with pytest.raises(ParamsError, match="set model.id"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.method=lora"])
+
+
+def test_missing_params_file_lists_variants(tmp_path):
+    with pytest.raises(ParamsError, match="offline"):
+        config.resolve(tmp_path / "nope.yaml")
