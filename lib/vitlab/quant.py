@@ -5,8 +5,8 @@ it with) from the merged 16-bit checkpoint; `keep_16bit` becomes its list of mod
 """
 from __future__ import annotations
 
+import logging
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ from . import models
 from .models import DTYPES
 
 
-# bitsandbytes warns on every int8 matmul whose input is not float16; it casts, as designed.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# bitsandbytes logs a line on every int8 matmul whose input is not float16; it casts, as designed.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: "inputs will be cast" not in record.getMessage())
 
 
 class QuantError(ValueError):
