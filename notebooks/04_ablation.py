@@ -42,10 +42,11 @@ display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **split*
                  f"({len(ds.splits[split])} images) · **types** {params['ablation']['quant_types']}"))
 
 # %%
-rows = pd.DataFrame(ablation.sweep(checkpoint, params["model"], params["quant"], params["ablation"]["quant_types"],
-                                   batches, device, params["seed"]))
+records = ablation.sweep(checkpoint, params["model"], params["quant"], params["ablation"]["quant_types"], batches,
+                         device, params["seed"])
+runs.write_json(out / "sensitivity.json", records)
+rows = pd.DataFrame(records)
 rows.to_csv(out / "sensitivity.csv", index=False)
-runs.write_json(out / "sensitivity.json", rows.to_dict("records"))
 rows.round(4)
 
 # %% [markdown]

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm.auto import tqdm
 
@@ -121,19 +122,22 @@ def profile_components(model: nn.Module, x: torch.Tensor, iters: int, attention_
                 h.remove()
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
-    time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    # Only CPU-side ranges: key_averages() would merge in the GPU-timeline copy of each range (its
+    # wall span, gaps included) and count it twice. A CPU range's device time sums its kernels.
     totals: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        if event.key.startswith("vitlab::"):
-            totals[event.key.removeprefix("vitlab::")] += time_of(event)
-        elif cuda and DEQUANT_KERNEL.search(event.key) and event.device_type.name == "CUDA":
-            totals["dequant"] += event.device_time_total
+    for event in prof.events():
+        if event.device_type != DeviceType.CPU:
+            continue
+        if event.name.startswith("vitlab::"):
+            totals[event.name.removeprefix("vitlab::")] += event.device_time_total if cuda else event.cpu_time_total
+        if cuda:
+            totals["dequant"] += sum(k.duration for k in event.kernels if DEQUANT_KERNEL.search(k.name))
     forward = totals.pop("forward")
     rows = [{"component": c, "time_ms": totals.get(c, 0.0) / iters / 1e3} for c in COMPONENTS]
     rows.append({"component": "other", "time_ms": max(forward - sum(totals.get(c, 0.0) for c in COMPONENTS), 0) / iters / 1e3})
     table = pd.DataFrame(rows)
     table["share"] = table["time_ms"] / (forward / iters / 1e3)
-    if "dequant" in totals:
+    if totals.get("dequant"):
         dq = totals["dequant"] / iters / 1e3
         table = pd.concat([table, pd.DataFrame([{"component": "dequant (within the above)", "time_ms": dq,
                                                   "share": dq / (forward / iters / 1e3)}])], ignore_index=True)
