@@ -95,8 +95,8 @@ plots.save(plots.size_vs_memory(accuracy.merge(peak, on="model")), out / "size_v
 # %% [markdown]
 # ## Where the time goes
 # torch.profiler over the forward pass, per component (device time on a GPU, CPU time otherwise).
-# `other` is what no component covers (residual adds, reshapes); `dequant` rows are bitsandbytes'
-# dequantisation kernels, already counted inside their component.
+# `other` is what no component covers (residual adds, reshapes); on a GPU a last row gives
+# bitsandbytes' (de)quantisation kernels, already counted inside their component.
 
 # %%
 if profiles:

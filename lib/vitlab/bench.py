@@ -102,8 +102,8 @@ def profile_components(model: nn.Module, x: torch.Tensor, iters: int, attention_
                        trace_path: str | Path | None = None) -> pd.DataFrame:
     """Forward time per component (device time on a GPU, CPU time otherwise), averaged over `iters`.
 
-    `other` is what no component covers (residual adds, dropout, reshapes); `dequant` rows are the
-    bitsandbytes dequantisation kernels, already counted inside their component.
+    `other` is what no component covers (residual adds, dropout, reshapes); the last row, on a GPU,
+    is bitsandbytes' (de)quantisation kernels, already counted inside their component.
     """
     cuda = x.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -139,8 +139,24 @@ def profile_components(model: nn.Module, x: torch.Tensor, iters: int, attention_
     table["share"] = table["time_ms"] / (forward / iters / 1e3)
     if totals.get("dequant"):
         dq = totals["dequant"] / iters / 1e3
-        table = pd.concat([table, pd.DataFrame([{"component": "dequant (within the above)", "time_ms": dq,
+        table = pd.concat([table, pd.DataFrame([{"component": "bnb (de)quantisation kernels (within the above)", "time_ms": dq,
                                                   "share": dq / (forward / iters / 1e3)}])], ignore_index=True)
     table.attrs["forward_ms"] = forward / iters / 1e3
     table.attrs["clock"] = "device" if cuda else "cpu"
     return table
+
+
+@torch.inference_mode()
+def kernel_table(model: nn.Module, x: torch.Tensor, iters: int = 3, top: int = 12) -> pd.DataFrame:
+    """The GPU kernels of a forward pass by total device time per forward: what a speed-up must beat."""
+    model(pixel_values=x)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            model(pixel_values=x)
+        torch.cuda.synchronize(x.device)
+    rows = [{"kernel": e.key[:90], "ms_per_forward": e.self_device_time_total / iters / 1e3,
+             "calls_per_forward": e.count / iters}
+            for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    table = pd.DataFrame(rows).sort_values("ms_per_forward", ascending=False)
+    table["share"] = table["ms_per_forward"] / table["ms_per_forward"].sum()
+    return table.head(top).reset_index(drop=True)

@@ -68,7 +68,7 @@ def throughput_vs_batch(rows: pd.DataFrame) -> plt.Figure:
 
 def component_breakdown(rows: pd.DataFrame) -> plt.Figure:
     """Stacked forward time per component, one bar per model."""
-    d = rows[~rows["component"].str.startswith("dequant")]
+    d = rows[~rows["component"].str.startswith(("bnb", "dequant"))]
     wide = d.pivot_table(index="model", columns="component", values="time_ms", aggfunc="sum")
     fig, ax = plt.subplots(figsize=(7, 3.8))
     wide.plot.barh(stacked=True, ax=ax, colormap="tab10")
