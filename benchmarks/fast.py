@@ -66,23 +66,6 @@ def attention_of(name: str) -> str:
     return "sdpa_flash" if name.endswith("_flash") else "sdpa"
 
 
-def inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under compile / graph wrappers (what holds the weights)."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "model", model) if isinstance(model, fast.CudaGraphed) else model
-    return getattr(model, "_orig_mod", model)
-
-
-def disk_bytes(model: torch.nn.Module) -> int:
-    m = inner(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        if hasattr(m, "is_loaded_in_4bit") and (m.is_loaded_in_4bit or m.is_loaded_in_8bit):
-            m.save_pretrained(tmp)
-        else:  # torchao tensor subclasses serialise through torch.save
-            torch.save(m.state_dict(), Path(tmp) / "model.pt")
-        return quant.dir_bytes(tmp)
-
-
 @torch.inference_mode()
 def accuracy(run_dir: Path, variants: list[str], device: torch.device) -> list[dict]:
     """top-1 on the test split of a trained run for each variant, next to its bf16 model."""
@@ -148,7 +131,7 @@ def main() -> None:
                 with torch.inference_mode(), attention.kernel(attention_of(name)):
                     got = model(pixel_values=x_check).logits.float().clone()
                 ref = got if ref is None else ref
-                labels = {"variant": name, "disk_mb": disk_bytes(model) / 2**20,
+                labels = {"variant": name, "disk_mb": fast.storage_bytes(model) / 2**20,
                           "rel_err_vs_first": float((got - ref).norm() / ref.norm())}
                 rows += bench.latency_sweep(model, sizes, 224, device, args.warmup, args.iters, attention_of(name),
                                             {**labels, "attention": attention_of(name)})

@@ -78,8 +78,10 @@ summary = {
     **drift,
 }
 runs.write_json(out / "quant.json", summary)
-pd.DataFrame({
-    "16-bit": {"disk MB": summary["disk_bytes_16bit"] / 2**20, "memory MB": summary["footprint_bytes_16bit"] / 2**20},
-    quant.describe(q): {"disk MB": summary["disk_bytes"] / 2**20, "memory MB": summary["footprint_bytes"] / 2**20},
-}).T.round(3).assign(**{"rel. L2 error of logits": [0.0, drift["rel_l2_logits"]],
-                        "top-1 agreement": [1.0, drift["top1_agreement"]]})
+pd.DataFrame([
+    {"model": "16-bit (fine-tune step)", "disk MB": summary["disk_bytes_16bit"] / 2**20,
+     "memory MB": summary["footprint_bytes_16bit"] / 2**20, "rel. L2 error of logits": 0.0, "top-1 agreement": 1.0},
+    {"model": f"{quant.describe(q)} (this step)", "disk MB": summary["disk_bytes"] / 2**20,
+     "memory MB": summary["footprint_bytes"] / 2**20, "rel. L2 error of logits": drift["rel_l2_logits"],
+     "top-1 agreement": drift["top1_agreement"]},
+]).set_index("model").round(4)

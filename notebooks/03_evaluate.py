@@ -12,7 +12,8 @@
 
 # %% [markdown]
 # # 03 · Evaluate
-# The 16-bit model and the quantized variant of this run, side by side on the test split:
+# The 16-bit model and the variant of this run (its quantization, run the `speed` way), side by
+# side on the test split:
 # top-1/top-5/F1 and the most confused classes; latency (mean, p50, p95, p99) and throughput over a
 # batch-size sweep; peak GPU memory; disk size; and a profiler breakdown of the forward pass by
 # component. Writes `results.json`, `results.csv`, a profiler trace and figures into `<run>/evaluate/`.
@@ -27,7 +28,7 @@ import pandas as pd
 import transformers
 from IPython.display import Markdown, display
 
-from vitlab import attention, bench, data, infer, metrics, models, plots, quant, runs
+from vitlab import attention, bench, data, fast, infer, metrics, models, plots, quant, runs
 
 params, run_dir, out = runs.open_step("evaluate", params, run_dir, params_file)
 transformers.set_seed(params["seed"])
@@ -37,25 +38,37 @@ dtype = models.DTYPES[params["model"]["dtype"]]
 attention.check_supported(attn, device, dtype)
 processor = transformers.AutoImageProcessor.from_pretrained(run_dir / "finetune" / "model")
 ds = data.for_model(params["data"], params["seed"], processor)
-candidates = {f"16-bit ({params['model']['dtype']})": run_dir / "finetune" / "model"}
-if params["quant"]["bits"] != 16:
-    candidates[quant.describe(params["quant"])] = run_dir / "quantize" / "model"
+speed = params["speed"]
+candidates = {f"16-bit ({params['model']['dtype']})": (run_dir / "finetune" / "model", False)}
+if params["quant"]["bits"] != 16 or fast.is_active(speed):
+    label = quant.describe(params["quant"]) if params["quant"]["bits"] != 16 else params["model"]["dtype"]
+    label += f" + {fast.describe(speed)}" if fast.is_active(speed) else ""
+    candidates[label] = (run_dir / "quantize" / "model", fast.is_active(speed))
 display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **attention** `{attn}` · "
                  f"**test images** {len(ds.splits.test)} · **models** {', '.join(candidates)}"))
 
 # %%
-accuracy, confusions, latency, profiles = [], {}, [], []
-for name, path in candidates.items():
+accuracy, confusions, latency, profiles, kernels = [], {}, [], [], {}
+for name, (path, sped) in candidates.items():
     model = models.load_checkpoint(path, dtype, attn, device)
+    model = fast.apply(model, speed, attn) if sped else model
     logits, labels = infer.predict(model, ds.loader("test", ev["batch_size"]), device, attn, desc=name)
     scores = metrics.classification(logits, labels, len(ds.class_names))
     lo, hi = metrics.bootstrap_ci(logits.argmax(1) == labels, seed=params["seed"])
-    accuracy.append({"model": name, **scores, "top1_lo": lo, "top1_hi": hi, "disk_mb": quant.dir_bytes(path) / 2**20,
-                     "footprint_mb": models.parameter_bytes(model) / 2**20})
+    # torchao changes the weights here, so size them as saved now; otherwise the saved folder is the artifact.
+    disk = fast.storage_bytes(model) if sped and speed["torchao"] != "none" else quant.dir_bytes(path)
+    accuracy.append({"model": name, **scores, "top1_lo": lo, "top1_hi": hi, "disk_mb": disk / 2**20,
+                     # torchao tensors report their outer dtype's element size: no honest footprint from them.
+                     "footprint_mb": None if sped and speed["torchao"] != "none"
+                     else models.parameter_bytes(fast.unwrapped(model)) / 2**20})
     confusions[name] = metrics.confused_pairs(labels, logits.argmax(1), ds.class_names)
     latency += bench.latency_sweep(model, ev["latency_batch_sizes"], ds.image_size, device, ev["warmup"],
                                    ev["iters"], attn, labels={"model": name})
-    if ev["profile"]:
+    # Module hooks cannot see inside a compiled or graph-replayed forward: those get a kernel table.
+    if ev["profile"] and sped and device.type == "cuda":
+        with attention.kernel(attn):
+            kernels[name] = bench.kernel_table(model, bench.random_batch(model, ev["profile_batch_size"], ds.image_size, device))
+    elif ev["profile"] and not sped:
         x = bench.random_batch(model, ev["profile_batch_size"], ds.image_size, device)
         trace = out / f"trace_{len(profiles)}.json" if device.type == "cuda" else None
         table = bench.profile_components(model, x, ev["profile_iters"], attn, trace)
@@ -106,10 +119,13 @@ if profiles:
     plots.save(plots.component_breakdown(profile), out / "component_breakdown.png")
 else:
     profile = pd.DataFrame()
+for name, table in kernels.items():
+    display(Markdown(f"**{name}**: top GPU kernels per forward at batch {ev['profile_batch_size']}"), table.round(3))
 
 # %%
 results = {"device": str(device), "attention": attn, "test_images": len(ds.splits.test),
            "accuracy": accuracy.to_dict("records"), "confusions": confusions,
-           "latency": latency.to_dict("records"), "profile": profile.to_dict("records")}
+           "latency": latency.to_dict("records"), "profile": profile.to_dict("records"),
+           "kernels": {name: table.to_dict("records") for name, table in kernels.items()}}
 merged.to_csv(out / "results.csv", index=False)
 runs.write_json(out / "results.json", results)

@@ -69,6 +69,7 @@ if not data.latency.empty:
 
 # %% [markdown]
 # ## Throughput against batch size
+# The table gives p50 latency in ms, per model (rows) and batch size (columns).
 
 # %%
 if not data.latency.empty:

@@ -47,3 +47,15 @@ def test_cuda_graph_replay_matches_eager(checkpoint, test_batch):
     with torch.no_grad():
         ref = model(pixel_values=x).logits
     torch.testing.assert_close(fast.CudaGraphed(model)(pixel_values=x).logits, ref)
+
+
+def test_speed_params_apply_in_order_and_validate(checkpoint, test_batch):
+    from vitlab import config
+    model = models.load_checkpoint(checkpoint, torch.float32, "sdpa", CPU)
+    speed = {"torchao": "none", "compile": "linears", "cuda_graph": False}
+    assert fast.is_active(speed) and fast.describe(speed) == "compile linears"
+    sped = fast.apply(model, speed)
+    assert fast.unwrapped(sped) is model and fast.storage_bytes(sped) > 0
+    assert not fast.is_active({"torchao": "none", "compile": "none", "cuda_graph": False})
+    with pytest.raises(config.ParamsError, match="set quant.bits: 16"):
+        config.resolve(config.PARAMS_DIR / "fp8_graph.yaml", ["quant.bits=4"])

@@ -96,6 +96,17 @@ def test_failed_step_marks_the_run_and_resume_finishes_it(tmp_path, folder):  # 
     assert man["status"] == "ok" and all(s["status"] == "ok" for s in man["steps"].values())
 
 
+def test_speed_variant_runs_through_the_evaluate_step(tmp_path):
+    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "finetune,quantize,evaluate",
+                  "--set", "quant.bits=16", "--set", "speed.compile=linears")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = runs.list_runs(tmp_path)
+    res = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    a, b = res["accuracy"]
+    assert b["model"] == "float32 + compile linears" and a["top1"] == b["top1"]
+    assert {r["model"] for r in res["latency"]} == {a["model"], b["model"]}
+
+
 def test_bad_params_fail_before_any_run_folder(tmp_path):
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", "quant.bitz=4")
     assert proc.returncode == 2 and "did you mean 'quant.bits'" in proc.stderr

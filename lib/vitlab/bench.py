@@ -5,6 +5,7 @@ timing per iteration (CUDA events on a GPU, perf_counter on the CPU); report med
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import defaultdict
@@ -20,6 +21,10 @@ from tqdm.auto import tqdm
 
 from . import attention, metrics, models
 from .infer import input_dtype
+
+# Kineto logs "gpuGetDeviceCount failed" as an ERROR whenever a CUDA build of torch profiles on a
+# machine without a GPU; it is harmless and reads like a failure in the executed notebooks.
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 COMPONENTS = ("patch_embed", "attention", "mlp", "norm", "classifier")
 # bitsandbytes kernels that turn packed weights back into 16-bit (4-bit) or scale int8 results.

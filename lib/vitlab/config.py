@@ -28,6 +28,8 @@ CHOICES: dict[str, tuple] = {
     "quant.bits": (16, 8, 4),
     "quant.type": ("nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
+    "speed.torchao": ("none", "fp8", "int8dyn", "int4wo"),
+    "speed.compile": ("none", "model", "linears"),
 }
 # Dicts whose keys are not ours to fix: model.config is handed to transformers' ViTConfig.
 FREE_FORM = {"model.config"}
@@ -139,6 +141,9 @@ def _validate_cross(params: dict[str, Any]) -> None:
         raise ParamsError("quant.keep_16bit must be a list of layer indices / name patterns, or 'first_last'")
     if isinstance(keep, str) and keep != "first_last":
         raise ParamsError(f"quant.keep_16bit is '{keep}'; a string must be 'first_last', otherwise give a list")
+    if params["speed"]["torchao"] != "none" and params["quant"]["bits"] != 16:
+        raise ParamsError(f"speed.torchao '{params['speed']['torchao']}' quantizes the 16-bit model itself: "
+                          f"set quant.bits: 16 (it is {params['quant']['bits']}), or speed.torchao: none")
     for name in ("valid_fraction", "test_fraction"):
         if not 0 < params["data"][name] < 0.5:
             raise ParamsError(f"data.{name} must lie between 0 and 0.5, got {params['data'][name]}")

@@ -8,12 +8,15 @@ dequantisation per linear layer. These paths attack those costs. Each returns so
 from __future__ import annotations
 
 import importlib.util
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import attention, models
+from . import attention, models, quant
 
 TORCHAO = {
     "fp8": "Float8DynamicActivationFloat8WeightConfig",  # FP8 activations and weights, per-row scales
@@ -107,3 +110,43 @@ def compiled(model: nn.Module, mode: str | None = None, scope: str = "model") ->
         owner = model.get_submodule(parent)
         setattr(owner, leaf, torch.compile(getattr(owner, leaf), mode=mode, dynamic=False))
     return model
+
+
+def is_active(speed_cfg: dict[str, Any]) -> bool:
+    return speed_cfg["torchao"] != "none" or speed_cfg["compile"] != "none" or speed_cfg["cuda_graph"]
+
+
+def describe(speed_cfg: dict[str, Any]) -> str:
+    parts = [f"torchao {speed_cfg['torchao']}"] if speed_cfg["torchao"] != "none" else []
+    parts += [f"compile {speed_cfg['compile']}"] if speed_cfg["compile"] != "none" else []
+    parts += ["cuda graph"] if speed_cfg["cuda_graph"] else []
+    return " + ".join(parts)
+
+
+def apply(model: nn.Module, speed_cfg: dict[str, Any], attention_name: str = "sdpa") -> nn.Module:
+    """The `speed` params on a loaded model: torchao quantization, then compile, then CUDA graphs."""
+    if speed_cfg["torchao"] != "none":
+        model = torchao_quantize(model, speed_cfg["torchao"])
+    if speed_cfg["compile"] != "none":
+        model = compiled(model, scope=speed_cfg["compile"])
+    if speed_cfg["cuda_graph"]:
+        model = CudaGraphed(model, attention_name)
+    return model
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module that holds the weights, under CUDA-graph and whole-model compile wrappers."""
+    while isinstance(model, CudaGraphed) or hasattr(model, "_orig_mod"):
+        model = model.model if isinstance(model, CudaGraphed) else model._orig_mod
+    return model
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Size on disk: save_pretrained for plain and bitsandbytes models, torch.save for torchao tensors."""
+    inner = unwrapped(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(type(p).__module__.startswith("torchao") for p in inner.parameters()):
+            torch.save(inner.state_dict(), Path(tmp) / "model.pt")
+        else:
+            inner.save_pretrained(tmp)
+        return quant.dir_bytes(tmp)
