@@ -24,14 +24,11 @@ run_dir = None  # ...and the run folder
 
 # %%
 import pandas as pd
-import transformers
 from IPython.display import Markdown, display
 
 from vitlab import data, finetune, models, plots, runs
 
-params, run_dir, out = runs.open_step("finetune", params, run_dir, params_file)
-transformers.set_seed(params["seed"])
-device = models.resolve_device(params["device"])
+params, run_dir, out, device = runs.open_step("finetune", params, run_dir, params_file)
 display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **method** `{params['finetune']['method']}` "
                  f"· **model** `{params['model']['id'] or 'random init from model.config'}`"))
 

@@ -30,9 +30,7 @@ from IPython.display import Markdown, display
 
 from vitlab import data, infer, models, quant, runs
 
-params, run_dir, out = runs.open_step("quantize", params, run_dir, params_file)
-transformers.set_seed(params["seed"])
-device = models.resolve_device(params["device"])
+params, run_dir, out, device = runs.open_step("quantize", params, run_dir, params_file)
 checkpoint = run_dir / "finetune" / "model"
 q = params["quant"]
 display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **quantization** `{quant.describe(q)}` "
@@ -62,8 +60,7 @@ model.save_pretrained(str(out / "model"))
 transformers.AutoImageProcessor.from_pretrained(checkpoint).save_pretrained(str(out / "model"))
 table.to_csv(out / "layers.csv", index=False)
 
-processor = transformers.AutoImageProcessor.from_pretrained(checkpoint)
-ds = data.for_model(params["data"], params["seed"], processor)
+ds = data.for_checkpoint(params["data"], params["seed"], checkpoint)
 x, _ = next(iter(ds.loader("test", params["eval"]["batch_size"])))
 ref, _ = infer.predict(base, [(x, torch.zeros(len(x)))], device, params["model"]["attention"])
 got, _ = infer.predict(model, [(x, torch.zeros(len(x)))], device, params["model"]["attention"])

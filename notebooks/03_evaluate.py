@@ -25,19 +25,15 @@ run_dir = None  # ...and the run folder
 
 # %%
 import pandas as pd
-import transformers
 from IPython.display import Markdown, display
 
 from vitlab import attention, bench, data, fast, infer, metrics, models, plots, quant, runs
 
-params, run_dir, out = runs.open_step("evaluate", params, run_dir, params_file)
-transformers.set_seed(params["seed"])
-device = models.resolve_device(params["device"])
+params, run_dir, out, device = runs.open_step("evaluate", params, run_dir, params_file)
 ev, attn = params["eval"], params["model"]["attention"]
 dtype = models.DTYPES[params["model"]["dtype"]]
 attention.check_supported(attn, device, dtype)
-processor = transformers.AutoImageProcessor.from_pretrained(run_dir / "finetune" / "model")
-ds = data.for_model(params["data"], params["seed"], processor)
+ds = data.for_checkpoint(params["data"], params["seed"], run_dir / "finetune" / "model")
 speed = params["speed"]
 candidates = {f"16-bit ({params['model']['dtype']})": (run_dir / "finetune" / "model", False)}
 if params["quant"]["bits"] != 16 or fast.is_active(speed):

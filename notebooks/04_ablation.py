@@ -25,17 +25,14 @@ run_dir = None  # ...and the run folder
 
 # %%
 import pandas as pd
-import transformers
 from IPython.display import Markdown, display
 
-from vitlab import ablation, data, models, plots, runs
+from vitlab import ablation, data, plots, runs
 
-params, run_dir, out = runs.open_step("ablation", params, run_dir, params_file)
-transformers.set_seed(params["seed"])
-device = models.resolve_device(params["device"])
+params, run_dir, out, device = runs.open_step("ablation", params, run_dir, params_file)
 checkpoint = run_dir / "finetune" / "model"
 split = params["ablation"]["split"]
-ds = data.for_model(params["data"], params["seed"], transformers.AutoImageProcessor.from_pretrained(checkpoint))
+ds = data.for_checkpoint(params["data"], params["seed"], checkpoint)
 # The split is scored once per configuration: hold its batches in memory.
 batches = list(ds.loader(split, params["eval"]["batch_size"]))
 display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **split** `{split}` "

@@ -28,7 +28,6 @@ publish = False  # also copy the figures to figures/
 import shutil
 from pathlib import Path
 
-import pandas as pd
 from IPython.display import Markdown, display
 
 from vitlab import plots, report, runs

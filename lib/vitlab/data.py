@@ -192,6 +192,13 @@ def for_model(data_cfg: dict[str, Any], seed: int, processor) -> Data:
                 transforms(size, mean, std, train=False), data_cfg["num_workers"], seed)
 
 
+def for_checkpoint(data_cfg: dict[str, Any], seed: int, checkpoint: str | Path) -> Data:
+    """The data of `data_cfg` for a saved checkpoint, with the image processor saved beside it."""
+    from transformers import AutoImageProcessor
+
+    return for_model(data_cfg, seed, AutoImageProcessor.from_pretrained(str(checkpoint)))
+
+
 def load_splits(data_cfg: dict[str, Any], seed: int, image_size: int) -> Splits:
     """The raw (untransformed) splits of `data.source`, subsampled as the params ask."""
     source = data_cfg["source"]

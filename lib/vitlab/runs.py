@@ -19,12 +19,15 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import config
 from .config import REPO_ROOT
+
+if TYPE_CHECKING:
+    import torch
 
 RUNS_DIR = REPO_ROOT / "runs"
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -197,8 +200,9 @@ PREVIOUS = {"quantize": "finetune", "evaluate": "quantize", "ablation": "finetun
 
 
 def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
-              params_file: str | Path) -> tuple[dict[str, Any], Path, Path]:
-    """What a step notebook starts with: (params, run folder, the step's output folder).
+              params_file: str | Path) -> tuple[dict[str, Any], Path, Path, "torch.device"]:
+    """What a step notebook starts with: (params, run folder, the step's output folder, device),
+    with every random generator seeded from params.
 
     Under `vitlab run`, papermill passes params and run_dir. Opened by hand in JupyterLab, the
     notebook resolves `params_file`, and works in a new run folder (finetune) or in the newest
@@ -211,8 +215,14 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
             params = load_params(run_dir)
         else:
             run_dir = create(params, steps=[step])
+    import transformers
+
+    from .models import resolve_device
+
     run_dir = Path(run_dir)
-    return params or load_params(run_dir), run_dir, step_dir(run_dir, step)
+    params = params or load_params(run_dir)
+    transformers.set_seed(params["seed"])
+    return params, run_dir, step_dir(run_dir, step), resolve_device(params["device"])
 
 
 def render_html(notebook: str | Path) -> Path:
