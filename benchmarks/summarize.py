@@ -36,6 +36,8 @@ def matrix() -> str:
     img_s = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="throughput_img_s")
     p50 = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="p50_ms")
     p95 = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="p95_ms")
+    p99 = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="p99_ms")
+    mean = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="mean_ms")
     sizes = ok.groupby(["arch", "precision"])[["disk_mb", "footprint_mb", "rel_err_vs_bf16"]].first()
     peak = ok.groupby(["arch", "precision"])["peak_mem_mb"].max()
     for arch in ok["arch"].unique():
@@ -54,6 +56,8 @@ def matrix() -> str:
         "## Throughput (img/s at p50 latency)", img_s.round(0).to_markdown(),
         "## p50 latency (ms)", p50.round(2).to_markdown(),
         "## p95 latency (ms)", p95.round(2).to_markdown(),
+        "## p99 latency (ms)", p99.round(2).to_markdown(),
+        "## mean latency (ms)", mean.round(2).to_markdown(),
         "## Size, memory, output drift", sizes.join(peak.rename("peak_mem_mb (max over batch sizes)")).round(3).to_markdown(),
         "## Device time per component, ViT-L/16 SDPA, batch 32 (ms per forward)",
         provenance(load("profile_h100_vitl16_bs32.json")["meta"]), comp.round(3).to_markdown(),
