@@ -64,3 +64,33 @@ def _row(qname: str, layer: int | None, name: str, ref: np.ndarray, logits: np.n
     return {"quant": qname, "config": name, "layer": layer, "kept_modules": kept_modules, "top1": scores["top1"],
             "top1_lo": lo, "top1_hi": hi, "top5": scores["top5"], "kl": metrics.kl_divergence(ref, logits),
             "footprint_mb": footprint / 2**20}
+
+
+def choose_keep(rows: list[dict], quant_name: str, budget_mb: float) -> dict:
+    """Layers to keep in 16-bit under a memory budget, greedily by measured KL saved per MB.
+
+    From the sweep's rows for `quant_name`: keeping layer i alone saves kl(all quantized) - kl(keep i)
+    and costs footprint(keep i) - footprint(all quantized). Savings are assumed to add up across
+    layers; the estimate is reported, and the choice is to be verified on held-out data.
+    """
+    mine = [r for r in rows if r["quant"] == quant_name]
+    base = next((r for r in mine if r["config"] == "all quantized"), None)
+    if base is None:
+        raise ValueError(f"no 'all quantized' row for '{quant_name}': run sweep with that quant type first")
+    if budget_mb < base["footprint_mb"]:
+        raise ValueError(f"budget {budget_mb:.3f} MB is below the fully quantized model ({base['footprint_mb']:.3f} MB)")
+    candidates = []
+    for r in mine:
+        if r["layer"] is None:
+            continue
+        gain, cost = base["kl"] - r["kl"], r["footprint_mb"] - base["footprint_mb"]
+        if gain > 0 and cost > 0:
+            candidates.append((gain / cost, int(r["layer"]), gain, cost))
+    keep, footprint, kl = [], base["footprint_mb"], base["kl"]
+    for _, layer, gain, cost in sorted(candidates, reverse=True):
+        if footprint + cost <= budget_mb:
+            keep.append(layer)
+            footprint += cost
+            kl -= gain
+    return {"quant": quant_name, "keep_16bit": sorted(keep), "est_footprint_mb": footprint,
+            "est_kl": max(kl, 0.0), "budget_mb": budget_mb}
