@@ -25,6 +25,7 @@ run_dir = None  # ...and the run folder
 
 # %%
 import pandas as pd
+import yaml
 from IPython.display import Markdown, display
 
 from vitlab import ablation, data, plots, runs
@@ -63,3 +64,33 @@ plots.save(plots.sensitivity(per_layer, "top1"), out / "sensitivity_top1.png");
 
 # %%
 rows[rows["layer"].isna()].set_index(["quant", "config"])[["top1", "top1_lo", "top1_hi", "top5", "kl", "footprint_mb"]].round(4)
+
+# %% [markdown]
+# ## A mixed-precision choice under a memory budget, checked on held-out images
+# Greedy on the measured sensitivity: keep the layers that save the most KL per MB of 16-bit weights
+# until the budget is spent. The choice is then scored on `ablation.verify_split` next to the seeds'
+# heuristics (first+last layer kept; layer 21 kept, for 24-layer models), with bootstrap intervals,
+# and written as a params file that `vitlab run` takes.
+
+# %%
+verify = params["ablation"]["verify_split"]
+verify_batches = list(ds.loader(verify, params["eval"]["batch_size"]))
+n_layers = int(per_layer["layer"].max()) + 1
+checks, choices = [], {}
+for q in params["ablation"]["quant_types"]:
+    mine = rows[rows["quant"] == q].set_index("config")
+    full = rows.set_index("config").loc["16-bit", "footprint_mb"]
+    budget = params["ablation"]["budget_mb"] or mine.loc["all quantized", "footprint_mb"] + (
+        full - mine.loc["all quantized", "footprint_mb"]) / 4
+    choice = ablation.choose_keep(records, q, budget)
+    choices[q] = choice
+    configs = ablation.heuristics(n_layers) + [(f"chosen {choice['keep_16bit']}", None, choice["keep_16bit"])]
+    checks += ablation.sweep(checkpoint, params["model"], params["quant"], [q], verify_batches, device,
+                             params["seed"], configs=configs)
+    mixed = {**params, "variant": f"{params['variant']}_{q}_mixed",
+             "quant": {**ablation.quant_config(params["quant"], q), "keep_16bit": choice["keep_16bit"]}}
+    (out / f"{mixed['variant']}.yaml").write_text(yaml.safe_dump(mixed, sort_keys=False))
+checks = pd.DataFrame(checks)
+runs.write_json(out / "choice.json", {"choices": choices, "verify_split": verify, "checks": checks.to_dict("records")})
+display(pd.DataFrame(choices).T)
+checks.set_index(["quant", "config"])[["top1", "top1_lo", "top1_hi", "kl", "footprint_mb"]].round(4)

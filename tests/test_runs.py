@@ -66,6 +66,13 @@ def test_smoke_run_artifacts(smoke_run):
     sens = json.loads((smoke_run / "ablation" / "sensitivity.json").read_text())
     assert {(r["quant"], r["layer"]) for r in sens if r["layer"] is not None} == {
         (q, i) for q in ("nf4", "int8") for i in range(2)}
+    choice = json.loads((smoke_run / "ablation" / "choice.json").read_text())
+    assert set(choice["choices"]) == {"nf4", "int8"} and choice["verify_split"] == "test"
+    assert {c["config"] for c in choice["checks"]} >= {"all quantized", "keep first+last"}
+    for q in ("nf4", "int8"):
+        mixed = config.resolve(smoke_run / "ablation" / f"smoke_{q}_mixed.yaml")
+        assert mixed["quant"]["keep_16bit"] == choice["choices"][q]["keep_16bit"]
+        assert mixed["quant"]["bits"] == (4 if q == "nf4" else 8)
 
 
 def test_report_renders_every_run(smoke_run, runs_dir):

@@ -36,8 +36,10 @@ def configurations(n_layers: int) -> list[tuple[str, int | None, list | str]]:
 
 
 def sweep(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], quant_types: Iterable[str],
-          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0) -> list[dict]:
-    """Score every configuration of `configurations` for every quant type against the 16-bit model."""
+          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0,
+          configs: list[tuple[str, int | None, list | str]] | None = None) -> list[dict]:
+    """Score each (name, layer, keep_16bit) configuration (default: `configurations`) for every quant
+    type against the 16-bit model."""
     dtype = models.DTYPES[model_cfg["dtype"]]
     attn = model_cfg["attention"]
     base = models.load_checkpoint(checkpoint, dtype, attn, device)
@@ -47,7 +49,7 @@ def sweep(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str
     rows = [_row("16-bit", None, "16-bit", ref, ref, labels, base_bytes, seed)]
     for qname in quant_types:
         qcfg = quant_config(quant_cfg, qname)
-        for name, layer, keep in tqdm(configurations(n_layers), desc=qname, leave=False):
+        for name, layer, keep in tqdm(configs or configurations(n_layers), desc=qname, leave=False):
             kept = quant.resolve_keep(base, keep)
             model = quant.quantize(checkpoint, qcfg, model_cfg, device, kept)
             logits, _ = infer.predict(model, batches, device, attn, desc=name)
@@ -94,3 +96,9 @@ def choose_keep(rows: list[dict], quant_name: str, budget_mb: float) -> dict:
             kl -= gain
     return {"quant": quant_name, "keep_16bit": sorted(keep), "est_footprint_mb": footprint,
             "est_kl": max(kl, 0.0), "budget_mb": budget_mb}
+
+
+def heuristics(n_layers: int) -> list[tuple[str, int | None, list | str]]:
+    """The seeds' hand-picked configurations: first and last layer kept; layer 21 kept (ViT-L/16)."""
+    out: list[tuple[str, int | None, list | str]] = [("all quantized", None, []), ("keep first+last", None, "first_last")]
+    return out + ([("keep layer 21", 21, [21])] if n_layers > 21 else [])
