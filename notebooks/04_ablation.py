@@ -15,8 +15,10 @@
 # For each quantization type of `ablation.quant_types`: quantize everything, then keep one encoder
 # layer at a time in 16-bit (all others quantized), then the first and last layer, then all
 # attention or all MLP linears. Each configuration is scored against the 16-bit model on the
-# `ablation.split` split: top-1 (with a bootstrap 95% interval), top-5 and the KL divergence of its
-# logits from the 16-bit logits. A layer whose 16-bit copy lowers the KL most is the most sensitive.
+# `ablation.split` split: top-1 and the KL divergence of its logits from the 16-bit logits, each
+# with a bootstrap 95% interval, and top-5. A layer whose 16-bit copy lowers the KL most is the most
+# sensitive. Then the layers are ranked by KL saved per MB, every prefix of that ranking is measured
+# ("greedy k"), and one is chosen under a size or accuracy budget, checked on held-out images.
 
 # %% tags=["parameters"]
 params_file = "params/offline.yaml"  # read when the notebook is opened by hand
@@ -45,52 +47,99 @@ records = ablation.sweep(checkpoint, params["model"], params["quant"], params["a
 runs.write_json(out / "sensitivity.json", records)
 rows = pd.DataFrame(records)
 rows.to_csv(out / "sensitivity.csv", index=False)
-rows.round(4)
+cols = ["top1", "top1_lo", "top1_hi", "top5", "kl", "kl_lo", "kl_hi", "footprint_mb"]
+rows.set_index(["quant", "config"])[cols].round(5)
 
 # %% [markdown]
 # ## Per-layer sensitivity
-# KL divergence from the 16-bit model when only that layer stays in 16-bit: lower means keeping
-# that layer recovers more. Top-1 differences smaller than the bootstrap interval are noise.
+# KL divergence from the 16-bit model when only that layer stays in 16-bit (lower: keeping that
+# layer recovers more), and top-1; black bars are bootstrap 95% intervals over the images. Top-1
+# differences inside the intervals are noise; the KL separates layers long before top-1 can.
 
 # %%
-per_layer = rows[rows["layer"].notna()].astype({"layer": int})
-plots.save(plots.sensitivity(per_layer, "kl"), out / "sensitivity_kl.png");
+plots.save(plots.sensitivity(rows, "kl"), out / "sensitivity_kl.png");
 
 # %%
-plots.save(plots.sensitivity(per_layer, "top1"), out / "sensitivity_top1.png");
+plots.save(plots.sensitivity(rows, "top1"), out / "sensitivity_top1.png");
 
 # %% [markdown]
-# ## Heuristics and sub-module groups
+# ## A mixed-precision choice under a budget
+# `ablation.budget_mb` caps the memory footprint: the measured greedy prefix with the lowest KL
+# within it is chosen. `ablation.max_top1_drop_pt` caps the top-1 loss against the 16-bit model on
+# this split: the smallest prefix within it is chosen. With neither set the size budget is a quarter
+# of the way from fully quantized to 16-bit. Each choice is written as a params file `vitlab run` takes.
 
 # %%
-rows[rows["layer"].isna()].set_index(["quant", "config"])[["top1", "top1_lo", "top1_hi", "top5", "kl", "footprint_mb"]].round(4)
-
-# %% [markdown]
-# ## A mixed-precision choice under a memory budget, checked on held-out images
-# Greedy on the measured sensitivity: keep the layers that save the most KL per MB of 16-bit weights
-# until the budget is spent. The choice is then scored on `ablation.verify_split` next to the seeds'
-# heuristics (first+last layer kept; layer 21 kept, for 24-layer models), with bootstrap intervals,
-# and written as a params file that `vitlab run` takes.
-
-# %%
-verify = params["ablation"]["verify_split"]
-verify_batches = list(ds.loader(verify, params["eval"]["batch_size"]))
-n_layers = int(per_layer["layer"].max()) + 1
-checks, choices = [], {}
-for q in params["ablation"]["quant_types"]:
-    mine = rows[rows["quant"] == q].set_index("config")
-    full = rows.set_index("config").loc["16-bit", "footprint_mb"]
-    budget = params["ablation"]["budget_mb"] or mine.loc["all quantized", "footprint_mb"] + (
-        full - mine.loc["all quantized", "footprint_mb"]) / 4
-    choice = ablation.choose_keep(records, q, budget)
-    choices[q] = choice
-    configs = ablation.heuristics(n_layers) + [(f"chosen {choice['keep_16bit']}", None, choice["keep_16bit"])]
-    checks += ablation.sweep(checkpoint, params["model"], params["quant"], [q], verify_batches, device,
-                             params["seed"], configs=configs)
+budgets = params["ablation"]
+drop = None if budgets["max_top1_drop_pt"] is None else budgets["max_top1_drop_pt"] / 100
+full = rows.set_index("config").loc["16-bit", "footprint_mb"]
+choices = {}
+for q in budgets["quant_types"]:
+    smallest = rows[(rows["quant"] == q) & (rows["config"] == "all quantized")]["footprint_mb"].iloc[0]
+    budget = budgets["budget_mb"]
+    if budget is None and drop is None:
+        budget = smallest + (full - smallest) / 4
+    choices[q] = ablation.choose(records, q, budget, drop)
     mixed = {**params, "variant": f"{params['variant']}_{q}_mixed",
-             "quant": {**ablation.quant_config(params["quant"], q), "keep_16bit": choice["keep_16bit"]}}
+             "quant": {**ablation.quant_config(params["quant"], q), "keep_16bit": choices[q]["keep_16bit"]}}
     (out / f"{mixed['variant']}.yaml").write_text(yaml.safe_dump(mixed, sort_keys=False))
+pd.DataFrame(choices).T
+
+# %% [markdown]
+# ## Accuracy against size: every configuration tried
+# One point per configuration on this split (bars: bootstrap 95%); the grey step line is the Pareto
+# front (no other configuration is both smaller and better), the star the choice.
+
+# %%
+fronts = {q: {v: ablation.pareto_front([r for r in records if r["quant"] in (q, "16-bit")], v, v == "top1")
+              for v in ("top1", "kl")} for q in choices}
+plots.save(plots.pareto(rows, choices, fronts), out / "pareto.png");
+
+# %% [markdown]
+# ## The choice on held-out images, against the seeds' heuristics
+# Scored on `ablation.verify_split`: the budget's choice next to all-quantized, first+last layer
+# kept and (for 24-layer models) layer 21 kept; then, for each heuristic, the greedy choice given
+# exactly that heuristic's memory. `d_top1` and `d_kl` are the greedy configuration minus the other
+# one on the same images, with paired bootstrap 95% intervals: an interval that holds 0 is a tie.
+
+# %%
+verify = budgets["verify_split"]
+verify_batches = list(ds.loader(verify, params["eval"]["batch_size"]))
+n_layers = int(rows["layer"].max()) + 1
+named = lambda c: f"greedy {c['keep_16bit']}" if c["keep_16bit"] else "all quantized"
+checks = []
+for q, c in choices.items():
+    heur = ablation.heuristics(n_layers)
+    chosen = f"chosen: {named(c)}"
+    budget = " and ".join(([f"≤ {c['budget_mb']:.3f} MB"] if c["budget_mb"] is not None else []) +
+                          ([f"≤ {c['max_top1_drop'] * 100:g} pt top-1 loss"] if c["max_top1_drop"] is not None else []))
+    checks += [{**r, "comparison": f"budget {budget}"} for r in ablation.verify(
+        checkpoint, params["model"], params["quant"], q, verify_batches, device,
+        [h for h in heur if h[2] != c["keep_16bit"]] + [(chosen, None, c["keep_16bit"])], chosen, params["seed"])]
+    for name, layer, keep in heur[1:]:
+        size = rows[(rows["quant"] == q) & (rows["config"] == name)]["footprint_mb"]
+        if size.empty:  # a heuristic the sweep did not measure (layer 21 of a small model)
+            continue
+        match = ablation.choose(records, q, budget_mb=float(size.iloc[0]))
+        mine = f"{named(match)} at that size"
+        checks += [{**r, "comparison": f"size of {name}"} for r in ablation.verify(
+            checkpoint, params["model"], params["quant"], q, verify_batches, device,
+            [(name, layer, keep), (mine, None, match["keep_16bit"])], mine, params["seed"])]
+runs.write_json(out / "choice.json", {"choices": choices, "verify_split": verify, "checks": checks})
 checks = pd.DataFrame(checks)
-runs.write_json(out / "choice.json", {"choices": choices, "verify_split": verify, "checks": checks.to_dict("records")})
-display(pd.DataFrame(choices).T)
-checks.set_index(["quant", "config"])[["top1", "top1_lo", "top1_hi", "kl", "footprint_mb"]].round(4)
+checks.set_index(["quant", "comparison", "config"])[[
+    "footprint_mb", "top1", "top1_lo", "top1_hi", "d_top1", "d_top1_lo", "d_top1_hi", "kl", "d_kl", "d_kl_lo",
+    "d_kl_hi"]].round(5)
+
+# %%
+lines = []
+for (q, comparison), group in checks.groupby(["quant", "comparison"], sort=False):
+    mine = group[group["chosen"]].iloc[0]
+    for _, r in group[~group["chosen"]].iterrows():
+        tie = r["d_top1_lo"] <= 0 <= r["d_top1_hi"]
+        kl_word = "lower" if r["d_kl_hi"] < 0 else "higher" if r["d_kl_lo"] > 0 else "indistinguishable"
+        lines.append(f"- **{q}**, {comparison}: *{mine['config']}* ({mine['footprint_mb']:.3f} MB) vs *{r['config']}* "
+                     f"({r['footprint_mb']:.3f} MB): top-1 {r['d_top1'] * 100:+.2f} pt "
+                     f"[{r['d_top1_lo'] * 100:+.2f}, {r['d_top1_hi'] * 100:+.2f}] ({'a tie' if tie else 'a real difference'}); "
+                     f"KL {kl_word}: {r['d_kl']:+.2e} [{r['d_kl_lo']:+.2e}, {r['d_kl_hi']:+.2e}]")
+display(Markdown(f"On the {verify} split ({int(checks['n'].iloc[0])} images):\n\n" + "\n".join(lines)))

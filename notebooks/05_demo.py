@@ -30,7 +30,7 @@ from vitlab import demo, models, runs
 
 runs_root = Path(run_dir).parent if run_dir else runs.RUNS_DIR
 device = models.resolve_device(params["device"] if params else "auto")
-ui = demo.app(runs_root, device)
+ui = demo.app(runs_root, device, first=Path(run_dir) if run_dir else None)
 ui
 
 # %% [markdown]
@@ -42,7 +42,6 @@ finished = demo.finished_runs(runs_root)
 if finished:
     label, image = demo.test_images(finished[0], n=1)[0]
     predictor = demo.Predictor(device)
-    display(HTML(f"<p>test image {label}</p>"))
     for variant in demo.variants(finished[0]):
         top, ms = predictor.predict(finished[0], variant, image)
-        display(HTML(demo.result_html(top, ms, variant)))
+        display(HTML(demo.result_html(top, ms, variant, f"test image {label}")))

@@ -28,9 +28,10 @@ publish = False  # also copy the figures to figures/
 import shutil
 from pathlib import Path
 
+import pandas as pd
 from IPython.display import Markdown, display
 
-from vitlab import plots, report, runs
+from vitlab import ablation, plots, report, runs
 from vitlab.config import REPO_ROOT
 
 out = runs.step_dir(run_dir, "report") if run_dir else Path("report")
@@ -94,17 +95,27 @@ if not data.profile.empty:
     keep(plots.component_breakdown(prof), "component_breakdown.png")
 
 # %% [markdown]
-# ## Per-layer quantization sensitivity
+# ## Per-layer quantization sensitivity, and the mixed-precision choice
 # KL divergence from the 16-bit model when only that layer stays in 16-bit (lower: keeping the
-# layer helps more).
+# layer helps more), with bootstrap 95% intervals; then every configuration the ablation tried,
+# accuracy and KL against size, with the Pareto front and the configuration it chose.
 
 # %%
 if not data.sensitivity.empty:
     for run, rows in data.sensitivity.groupby("run"):
-        per_layer = rows[rows["layer"].notna()].astype({"layer": int})
-        fig = plots.sensitivity(per_layer, "kl")
+        if "kind" not in rows or rows["kind"].isna().any():
+            display(Markdown(f"_{run}: ablation written by an older vitlab (no intervals, no choice): re-run its "
+                             "ablation step to include it._"))
+            continue
+        fig = plots.sensitivity(rows, "kl")
         fig.axes[0].set_title(f"per-layer sensitivity (KL), {run}")
         keep(fig, f"sensitivity_{run}.png")
+        records = rows.to_dict("records")
+        fronts = {q: {v: ablation.pareto_front([r for r in records if r["quant"] in (q, "16-bit")], v, v == "top1")
+                      for v in ("top1", "kl")} for q in data.choices[run]}
+        keep(plots.pareto(rows, data.choices[run], fronts), f"pareto_{run}.png")
+        display(pd.DataFrame(data.choices[run]).T[["keep_16bit", "footprint_mb", "top1", "kl", "budget_mb",
+                                                  "max_top1_drop"]])
 
 # %%
 if publish:

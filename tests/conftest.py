@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from vitlab import config, data, models
+from vitlab import config, data, models, runs
 
 TINY = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
         "intermediate_size": 64}
@@ -45,3 +48,19 @@ def checkpoint(tmp_path_factory, digits_data) -> str:
 def test_batch(digits_data) -> torch.Tensor:
     x, _ = next(iter(digits_data.loader("test", 16)))
     return x
+
+
+def vitlab(*args: str) -> subprocess.CompletedProcess:
+    """`python -m vitlab ...` from the repository root, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "vitlab", *args], cwd=config.REPO_ROOT, capture_output=True,
+                          text=True, timeout=1200)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """Every step of params/smoke.yaml, run by the real runner into a runs folder of its own."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(runs_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run_dir,) = runs.list_runs(runs_dir)
+    return run_dir

@@ -10,31 +10,96 @@ Q = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"
 
 
 @pytest.fixture(scope="module")
-def rows(checkpoint, digits_data):
-    batches = list(digits_data.loader("valid", 100))[:1]
+def batches(digits_data):
+    return list(digits_data.loader("valid", 100))[:1]
+
+
+@pytest.fixture(scope="module")
+def rows(checkpoint, batches):
     return ablation.sweep(checkpoint, MODEL, Q, ["nf4"], batches, CPU)
+
+
+def by_config(rows):
+    return {r["config"]: r for r in rows if r["quant"] in ("nf4", "16-bit")}
 
 
 def test_sweep_scores_every_configuration_against_16bit(rows):
     assert rows[0]["config"] == "16-bit" and rows[0]["kl"] == 0
     nf4 = [r for r in rows if r["quant"] == "nf4"]
+    order = ablation.greedy_order(rows, "nf4")
     assert [r["config"] for r in nf4] == ["all quantized", "keep layer 0", "keep layer 1", "keep layer 2",
-                                          "keep first+last", "keep attention", "keep mlp"]
+                                          "keep first+last", "keep attention", "keep mlp",
+                                          *[f"greedy {k}" for k in range(1, len(order) + 1)]]
     everything = nf4[0]
     assert everything["kl"] > 0 and everything["kept_modules"] == 0
     for r in nf4[1:4]:
         assert r["kept_modules"] == 6 and r["footprint_mb"] > everything["footprint_mb"]
-    assert all(r["top1_lo"] <= r["top1"] <= r["top1_hi"] for r in rows)
+    for r in rows:
+        assert r["top1_lo"] <= r["top1"] <= r["top1_hi"] and r["kl_lo"] <= r["kl"] <= r["kl_hi"]
 
 
-def test_choose_keep_spends_the_budget_on_the_most_kl_per_mb(rows):
-    nf4 = {r["config"]: r for r in rows if r["quant"] == "nf4"}
-    all_q = nf4["all quantized"]
-    layer_cost = nf4["keep layer 0"]["footprint_mb"] - all_q["footprint_mb"]
-    none = ablation.choose_keep(rows, "nf4", all_q["footprint_mb"])
-    assert none["keep_16bit"] == [] and none["est_kl"] == pytest.approx(all_q["kl"])
-    one = ablation.choose_keep(rows, "nf4", all_q["footprint_mb"] + 1.5 * layer_cost)
-    best = min((nf4[f"keep layer {i}"]["kl"], i) for i in range(3))[1]
-    assert one["keep_16bit"] == [best] and one["est_footprint_mb"] <= one["budget_mb"]
-    with pytest.raises(ValueError, match="below the fully quantized"):
-        ablation.choose_keep(rows, "nf4", all_q["footprint_mb"] / 2)
+def test_greedy_path_keeps_layers_in_order_of_kl_saved_per_mb(rows):
+    c = by_config(rows)
+    order = ablation.greedy_order(rows, "nf4")
+    assert order, "keeping some layer of a quantized model must bring its logits closer to 16-bit"
+    per_mb = {i: (c["all quantized"]["kl"] - c[f"keep layer {i}"]["kl"]) /
+              (c[f"keep layer {i}"]["footprint_mb"] - c["all quantized"]["footprint_mb"]) for i in order}
+    assert [per_mb[i] for i in order] == sorted(per_mb.values(), reverse=True)
+    for k in range(1, len(order) + 1):
+        r = c[f"greedy {k}"]
+        assert r["keep_16bit"] == sorted(order[:k]) and r["kept_modules"] == 6 * k
+
+
+def test_choose_under_a_size_budget_takes_the_lowest_kl_that_fits(rows):
+    c = by_config(rows)
+    all_q, one = c["all quantized"], c["greedy 1"]
+    assert ablation.choose(rows, "nf4", budget_mb=all_q["footprint_mb"])["keep_16bit"] == []
+    pick = ablation.choose(rows, "nf4", budget_mb=one["footprint_mb"] + 1e-6)
+    assert pick["config"] == ("greedy 1" if one["kl"] < all_q["kl"] else "all quantized")
+    assert pick["footprint_mb"] <= pick["budget_mb"]
+    with pytest.raises(ValueError, match="no nf4 configuration fits"):
+        ablation.choose(rows, "nf4", budget_mb=all_q["footprint_mb"] / 2)
+
+
+def test_choose_under_an_accuracy_budget_takes_the_smallest_that_fits(rows):
+    c = by_config(rows)
+    cands = [r for r in rows if r["quant"] == "nf4" and r["kind"] in ("all quantized", "greedy")]
+    loose = ablation.choose(rows, "nf4", max_top1_drop=1.0)
+    assert loose["config"] == "all quantized"
+    worst = max(c["16-bit"]["top1"] - r["top1"] for r in cands)
+    best = min(c["16-bit"]["top1"] - r["top1"] for r in cands)
+    pick = ablation.choose(rows, "nf4", max_top1_drop=max(best, 0.0))
+    fits = [r for r in cands if c["16-bit"]["top1"] - r["top1"] <= max(best, 0.0) + 1e-12]
+    assert pick["footprint_mb"] == min(r["footprint_mb"] for r in fits)
+    if best > 0:
+        with pytest.raises(ValueError, match="loosen a budget"):
+            ablation.choose(rows, "nf4", max_top1_drop=best / 2)
+    assert worst >= best
+    with pytest.raises(ValueError, match="needs a size budget"):
+        ablation.choose(rows, "nf4")
+
+
+def test_verify_gives_paired_differences_against_the_choice(checkpoint, digits_data):
+    held_out = list(digits_data.loader("test", 100))[:1]
+    configs = ablation.heuristics(3) + [("chosen", None, [0])]
+    checks = ablation.verify(checkpoint, MODEL, Q, "nf4", held_out, CPU, configs, "chosen")
+    assert [r["config"] for r in checks] == ["all quantized", "keep first+last", "chosen"]
+    chosen = checks[-1]
+    assert chosen["chosen"] and chosen["d_top1"] == 0 and chosen["d_kl"] == 0
+    for r in checks:
+        assert r["d_top1_lo"] <= r["d_top1"] <= r["d_top1_hi"] and r["d_kl_lo"] <= r["d_kl"] <= r["d_kl_hi"]
+        assert r["d_top1"] == pytest.approx(chosen["top1"] - r["top1"])
+        assert r["d_kl"] == pytest.approx(chosen["kl"] - r["kl"])
+    with pytest.raises(ValueError, match="not among"):
+        ablation.verify(checkpoint, MODEL, Q, "nf4", held_out, CPU, configs[:1], "chosen")
+
+
+def test_pareto_front_holds_every_undominated_configuration(rows):
+    tried = [r for r in rows if r["quant"] in ("nf4", "16-bit")]
+    front = ablation.pareto_front(tried, "kl", higher_is_better=False)
+    assert front[0]["config"] == "all quantized" and front[-1]["config"] == "16-bit"
+    assert [r["footprint_mb"] for r in front] == sorted(r["footprint_mb"] for r in front)
+    for r in tried:
+        assert any(f["footprint_mb"] <= r["footprint_mb"] and f["kl"] <= r["kl"] for f in front)
+    for a, b in zip(front, front[1:]):
+        assert b["kl"] < a["kl"]  # each step of the front buys a lower KL with more memory

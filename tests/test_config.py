@@ -46,6 +46,8 @@ def test_unknown_model_config_field():
     ("finetune.lr=fast", "must be float"),
     ("quant.keep_16bit=middle", "must be 'first_last'"),
     ("steps=[finetune,deploy]", "unknown step"),
+    ("ablation.budget_mb=-1", "positive size in MB"),
+    ("ablation.max_top1_drop_pt=150", "top-1 points"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ParamsError, match=message):

@@ -1,33 +1,13 @@
 """End to end: `python -m vitlab run` executes the real notebooks with papermill on real (small) data."""
 import json
-import subprocess
-import sys
 
 import nbformat
-import pytest
 import yaml
 
 from vitlab import config, runs
 
+from .conftest import vitlab
 from .test_data import folder  # noqa: F401  (an ImageFolder tree written from digit images)
-
-
-def vitlab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitlab", *args], cwd=config.REPO_ROOT, capture_output=True,
-                          text=True, timeout=1200)
-
-
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(runs_dir):
-    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(runs_dir))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (run_dir,) = runs.list_runs(runs_dir)
-    return run_dir
 
 
 def _errors(notebook):
@@ -68,20 +48,29 @@ def test_smoke_run_artifacts(smoke_run):
         (q, i) for q in ("nf4", "int8") for i in range(2)}
     choice = json.loads((smoke_run / "ablation" / "choice.json").read_text())
     assert set(choice["choices"]) == {"nf4", "int8"} and choice["verify_split"] == "test"
-    assert {c["config"] for c in choice["checks"]} >= {"all quantized", "keep first+last"}
+    assert "keep first+last" in {c["config"] for c in choice["checks"]}
+    groups = {(c["quant"], c["comparison"]) for c in choice["checks"]}
+    assert {q for q, _ in groups} == {"nf4", "int8"} and any(g.startswith("budget") for _, g in groups)
+    for group in groups:
+        assert sum(c["chosen"] for c in choice["checks"] if (c["quant"], c["comparison"]) == group) == 1
+    for fig in ("sensitivity_kl.png", "sensitivity_top1.png", "pareto.png"):
+        assert (smoke_run / "ablation" / fig).is_file()
     for q in ("nf4", "int8"):
         mixed = config.resolve(smoke_run / "ablation" / f"smoke_{q}_mixed.yaml")
         assert mixed["quant"]["keep_16bit"] == choice["choices"][q]["keep_16bit"]
         assert mixed["quant"]["bits"] == (4 if q == "nf4" else 8)
 
 
-def test_report_renders_every_run(smoke_run, runs_dir):
+def test_report_renders_every_run(smoke_run):
+    runs_dir = smoke_run.parent
     proc = vitlab("report", "--runs-dir", str(runs_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report_dir = [r for r in runs.list_runs(runs_dir) if runs.manifest(r)["variant"] == "report"][0]
     html = (report_dir / "06_report.html").read_text()
     assert "smoke" in html and "def keep" not in html  # code hidden
-    assert (report_dir / "report" / "throughput_vs_batch.png").is_file()
+    for fig in ("throughput_vs_batch.png", f"sensitivity_{runs.manifest(smoke_run)['variant']}.png",
+                f"pareto_{runs.manifest(smoke_run)['variant']}.png"):
+        assert (report_dir / "report" / fig).is_file()
     assert not _errors(report_dir / "06_report.ipynb")
 
 

@@ -1,14 +1,17 @@
-"""Which layers can be quantized: sweep keep-in-16-bit configurations and measure the drift.
+"""Which layers can be quantized: sweep keep-in-16-bit configurations, measure the drift, choose.
 
 Each configuration quantizes the merged checkpoint with some block linears kept in 16-bit and
 is scored against the 16-bit model on the same images: top-1, top-5 and the KL divergence of
-its logits (far less noisy than accuracy on a few hundred images).
+its logits (far less noisy than accuracy on a few hundred images), each with a bootstrap interval.
+The choice walks the layers in order of measured KL saved per MB, measures every prefix of that
+order, and picks under a size budget or a top-1 budget; `verify` then scores it on held-out images
+against other configurations with paired bootstrap intervals.
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -18,6 +21,8 @@ from . import infer, metrics, models, quant
 
 QUANT_TYPES = {"nf4": {"bits": 4, "type": "nf4"}, "fp4": {"bits": 4, "type": "fp4"}, "int8": {"bits": 8}}
 
+Config = tuple[str, "int | None", "list | str"]  # (name, encoder layer or None, keep_16bit)
+
 
 def quant_config(base: dict[str, Any], name: str) -> dict[str, Any]:
     if name not in QUANT_TYPES:
@@ -25,80 +30,164 @@ def quant_config(base: dict[str, Any], name: str) -> dict[str, Any]:
     return {**copy.deepcopy(base), **QUANT_TYPES[name]}
 
 
-def configurations(n_layers: int) -> list[tuple[str, int | None, list | str]]:
-    """(name, layer, keep_16bit) for: everything quantized, each layer kept alone, first/last,
-    attention only in 16-bit, MLP only in 16-bit."""
-    configs: list[tuple[str, int | None, list | str]] = [("all quantized", None, [])]
+def configurations(n_layers: int) -> list[Config]:
+    """Everything quantized, each layer kept alone, first/last, attention only / MLP only in 16-bit."""
+    configs: list[Config] = [("all quantized", None, [])]
     configs += [(f"keep layer {i}", i, [i]) for i in range(n_layers)]
     configs += [("keep first+last", None, "first_last"), ("keep attention", None, ["attention"]),
                 ("keep mlp", None, ["mlp"])]
     return configs
 
 
-def sweep(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], quant_types: Iterable[str],
-          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0,
-          configs: list[tuple[str, int | None, list | str]] | None = None) -> list[dict]:
-    """Score each (name, layer, keep_16bit) configuration (default: `configurations`) for every quant
-    type against the 16-bit model."""
-    dtype = models.DTYPES[model_cfg["dtype"]]
-    attn = model_cfg["attention"]
-    base = models.load_checkpoint(checkpoint, dtype, attn, device)
-    ref, labels = infer.predict(base, batches, device, attn, desc="16-bit")
-    n_layers = len(models.encoder_layers(base)[1])
-    base_bytes = models.parameter_bytes(base)
-    rows = [_row("16-bit", None, "16-bit", ref, ref, labels, base_bytes, seed)]
-    for qname in quant_types:
-        qcfg = quant_config(quant_cfg, qname)
-        for name, layer, keep in tqdm(configs or configurations(n_layers), desc=qname, leave=False):
-            kept = quant.resolve_keep(base, keep)
-            model = quant.quantize(checkpoint, qcfg, model_cfg, device, kept)
-            logits, _ = infer.predict(model, batches, device, attn, desc=name)
-            rows.append(_row(qname, layer, name, ref, logits, labels, models.parameter_bytes(model), seed,
-                             kept_modules=len(kept)))
+def heuristics(n_layers: int) -> list[Config]:
+    """The seeds' hand-picked configurations: first and last layer kept; layer 21 kept (ViT-L/16)."""
+    out: list[Config] = [("all quantized", None, []), ("keep first+last", None, "first_last")]
+    return out + ([("keep layer 21", 21, [21])] if n_layers > 21 else [])
+
+
+class _Scorer:
+    """The 16-bit reference on a fixed set of batches, and quantized variants scored against it."""
+
+    def __init__(self, checkpoint: str | Path, model_cfg: dict[str, Any], batches: list, device: torch.device):
+        self.checkpoint, self.model_cfg, self.batches, self.device = checkpoint, model_cfg, batches, device
+        self.attn = model_cfg["attention"]
+        base = models.load_checkpoint(checkpoint, models.DTYPES[model_cfg["dtype"]], self.attn, device)
+        self.ref, self.labels = infer.predict(base, batches, device, self.attn, desc="16-bit")
+        self.n_layers = len(models.encoder_layers(base)[1])
+        self.ref_bytes = models.parameter_bytes(base)
+        self._base = base
+
+    def resolve(self, keep: list | str) -> list[str]:
+        return quant.resolve_keep(self._base, keep)
+
+    def run(self, qcfg: dict[str, Any], configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
+        for name, layer, keep in tqdm(configs, desc=quant.describe(qcfg), leave=False):
+            kept = self.resolve(keep)
+            model = quant.quantize(self.checkpoint, qcfg, self.model_cfg, self.device, kept)
+            logits, _ = infer.predict(model, self.batches, self.device, self.attn, desc=name)
+            yield (name, layer, keep), kept, logits, models.parameter_bytes(model)
             del model
-    return rows
 
 
-def _row(qname: str, layer: int | None, name: str, ref: np.ndarray, logits: np.ndarray, labels: np.ndarray,
-         footprint: int, seed: int, kept_modules: int = 0) -> dict:
-    scores = metrics.classification(logits, labels, logits.shape[1])
-    lo, hi = metrics.bootstrap_ci(logits.argmax(1) == labels, seed=seed)
-    return {"quant": qname, "config": name, "layer": layer, "kept_modules": kept_modules, "top1": scores["top1"],
-            "top1_lo": lo, "top1_hi": hi, "top5": scores["top5"], "kl": metrics.kl_divergence(ref, logits),
+def _row(qname: str, config: Config, kind: str, scorer: _Scorer, logits: np.ndarray, footprint: int, seed: int,
+         kept_modules: int = 0) -> dict:
+    name, layer, keep = config
+    correct = logits.argmax(1) == scorer.labels
+    kl = metrics.kl_per_image(scorer.ref, logits)
+    scores = metrics.classification(logits, scorer.labels, logits.shape[1])
+    top1_lo, top1_hi = metrics.bootstrap_ci(correct, seed=seed)
+    kl_lo, kl_hi = metrics.bootstrap_ci(kl, seed=seed)
+    return {"quant": qname, "config": name, "kind": kind, "layer": layer, "keep_16bit": keep,
+            "kept_modules": kept_modules, "n": scores["n"], "top1": scores["top1"], "top1_lo": top1_lo, "top1_hi": top1_hi,
+            "top5": scores["top5"], "kl": float(kl.mean()), "kl_lo": kl_lo, "kl_hi": kl_hi,
             "footprint_mb": footprint / 2**20}
 
 
-def choose_keep(rows: list[dict], quant_name: str, budget_mb: float) -> dict:
-    """Layers to keep in 16-bit under a memory budget, greedily by measured KL saved per MB.
+def _kind(name: str) -> str:
+    if name == "all quantized":
+        return "all quantized"
+    return "single layer" if name.startswith("keep layer") else "group"
 
-    From the sweep's rows for `quant_name`: keeping layer i alone saves kl(all quantized) - kl(keep i)
-    and costs footprint(keep i) - footprint(all quantized). Savings are assumed to add up across
-    layers; the estimate is reported, and the choice is to be verified on held-out data.
+
+def sweep(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], quant_types: list[str],
+          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0,
+          configs: list[Config] | None = None, greedy: bool = True) -> list[dict]:
+    """Score each configuration (default: `configurations`) for every quant type against the 16-bit model.
+
+    With `greedy`, also measure every prefix of `greedy_order` (configs "greedy 1", "greedy 2", ...):
+    the candidates `choose` picks from.
     """
+    scorer = _Scorer(checkpoint, model_cfg, batches, device)
+    rows = [_row("16-bit", ("16-bit", None, []), "16-bit", scorer, scorer.ref, scorer.ref_bytes, seed)]
+    for qname in quant_types:
+        qcfg = quant_config(quant_cfg, qname)
+        for config, kept, logits, size in scorer.run(qcfg, configs or configurations(scorer.n_layers)):
+            rows.append(_row(qname, config, _kind(config[0]), scorer, logits, size, seed, len(kept)))
+        if greedy:
+            order = greedy_order(rows, qname)
+            path = [(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)]
+            for config, kept, logits, size in scorer.run(qcfg, path):
+                rows.append(_row(qname, config, "greedy", scorer, logits, size, seed, len(kept)))
+    return rows
+
+
+def greedy_order(rows: list[dict], quant_name: str) -> list[int]:
+    """Encoder layers by measured KL saved per MB of 16-bit weights, best first; layers that save
+    nothing are left out. Keeping layer i alone saves kl(all quantized) - kl(keep layer i)."""
     mine = [r for r in rows if r["quant"] == quant_name]
     base = next((r for r in mine if r["config"] == "all quantized"), None)
     if base is None:
         raise ValueError(f"no 'all quantized' row for '{quant_name}': run sweep with that quant type first")
-    if budget_mb < base["footprint_mb"]:
-        raise ValueError(f"budget {budget_mb:.3f} MB is below the fully quantized model ({base['footprint_mb']:.3f} MB)")
-    candidates = []
+    scored = []
     for r in mine:
-        if r["layer"] is None:
+        if r["kind"] != "single layer":
             continue
         gain, cost = base["kl"] - r["kl"], r["footprint_mb"] - base["footprint_mb"]
         if gain > 0 and cost > 0:
-            candidates.append((gain / cost, int(r["layer"]), gain, cost))
-    keep, footprint, kl = [], base["footprint_mb"], base["kl"]
-    for _, layer, gain, cost in sorted(candidates, reverse=True):
-        if footprint + cost <= budget_mb:
-            keep.append(layer)
-            footprint += cost
-            kl -= gain
-    return {"quant": quant_name, "keep_16bit": sorted(keep), "est_footprint_mb": footprint,
-            "est_kl": max(kl, 0.0), "budget_mb": budget_mb}
+            scored.append((gain / cost, int(r["layer"])))
+    return [layer for _, layer in sorted(scored, reverse=True)]
 
 
-def heuristics(n_layers: int) -> list[tuple[str, int | None, list | str]]:
-    """The seeds' hand-picked configurations: first and last layer kept; layer 21 kept (ViT-L/16)."""
-    out: list[tuple[str, int | None, list | str]] = [("all quantized", None, []), ("keep first+last", None, "first_last")]
-    return out + ([("keep layer 21", 21, [21])] if n_layers > 21 else [])
+def choose(rows: list[dict], quant_name: str, budget_mb: float | None = None,
+           max_top1_drop: float | None = None) -> dict:
+    """The measured greedy configuration (or all quantized) that fits the budgets.
+
+    With `max_top1_drop` (a fraction: 0.005 is half a point): the smallest one whose top-1 is at most
+    that far below the 16-bit model's; otherwise the one with the lowest KL within `budget_mb`.
+    Both budgets may be given; at least one must be.
+    """
+    if budget_mb is None and max_top1_drop is None:
+        raise ValueError("choose needs a size budget (budget_mb) or an accuracy budget (max_top1_drop)")
+    ref = next(r for r in rows if r["config"] == "16-bit")
+    cands = [r for r in rows if r["quant"] == quant_name and r["kind"] in ("all quantized", "greedy")]
+    if not cands:
+        raise ValueError(f"no measured configurations for '{quant_name}': run sweep with that quant type first")
+    fits = [r for r in cands if (budget_mb is None or r["footprint_mb"] <= budget_mb)
+            and (max_top1_drop is None or ref["top1"] - r["top1"] <= max_top1_drop + 1e-12)]
+    if not fits:
+        smallest = min(cands, key=lambda r: r["footprint_mb"])
+        best = max((r for r in cands if budget_mb is None or r["footprint_mb"] <= budget_mb),
+                   key=lambda r: r["top1"], default=None)
+        reach = (f"the best top-1 within it is {best['top1']:.4f} vs 16-bit {ref['top1']:.4f}" if best else
+                 f"the smallest configuration is {smallest['footprint_mb']:.3f} MB")
+        raise ValueError(f"no {quant_name} configuration fits budget_mb={budget_mb} and max_top1_drop={max_top1_drop}: "
+                         f"{reach}; loosen a budget")
+    key = (lambda r: (r["footprint_mb"], r["kl"])) if max_top1_drop is not None else (
+        lambda r: (r["kl"], r["footprint_mb"]))
+    pick = min(fits, key=key)
+    return {"quant": quant_name, "config": pick["config"], "keep_16bit": list(pick["keep_16bit"]),
+            "footprint_mb": pick["footprint_mb"], "top1": pick["top1"], "kl": pick["kl"],
+            "budget_mb": budget_mb, "max_top1_drop": max_top1_drop}
+
+
+def verify(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], quant_name: str,
+           batches: list, device: torch.device, configs: list[Config], chosen: str, seed: int = 0) -> list[dict]:
+    """Score `configs` on (held-out) batches; each row also gives chosen minus that configuration in
+    top-1 and in KL, with paired bootstrap intervals (the same images resampled for both)."""
+    scorer = _Scorer(checkpoint, model_cfg, batches, device)
+    outs = [(config, kept, logits, size)
+            for config, kept, logits, size in scorer.run(quant_config(quant_cfg, quant_name), configs)]
+    by_name = {config[0]: logits for config, _, logits, _ in outs}
+    if chosen not in by_name:
+        raise ValueError(f"chosen configuration '{chosen}' is not among {list(by_name)}")
+    hits = lambda logits: (logits.argmax(1) == scorer.labels).astype(float)
+    rows = []
+    for config, kept, logits, size in outs:
+        row = _row(quant_name, config, "check", scorer, logits, size, seed, len(kept))
+        d1 = metrics.paired_bootstrap_diff(hits(by_name[chosen]), hits(logits), seed=seed)
+        dk = metrics.paired_bootstrap_diff(metrics.kl_per_image(scorer.ref, by_name[chosen]),
+                                           metrics.kl_per_image(scorer.ref, logits), seed=seed)
+        rows.append({**row, "chosen": config[0] == chosen, **dict(zip(("d_top1", "d_top1_lo", "d_top1_hi"), d1)),
+                     **dict(zip(("d_kl", "d_kl_lo", "d_kl_hi"), dk))})
+    return rows
+
+
+def pareto_front(rows: list[dict], value: str = "top1", higher_is_better: bool = True) -> list[dict]:
+    """The rows no other row beats on both footprint (smaller) and `value`, by increasing footprint."""
+    sign = 1 if higher_is_better else -1
+    front, best = [], -np.inf
+    for r in sorted(rows, key=lambda r: (r["footprint_mb"], -sign * r[value])):
+        if sign * r[value] > best:
+            front.append(r)
+            best = sign * r[value]
+    return front

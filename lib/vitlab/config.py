@@ -144,6 +144,11 @@ def _validate_cross(params: dict[str, Any]) -> None:
     if params["speed"]["torchao"] != "none" and params["quant"]["bits"] != 16:
         raise ParamsError(f"speed.torchao '{params['speed']['torchao']}' quantizes the 16-bit model itself: "
                           f"set quant.bits: 16 (it is {params['quant']['bits']}), or speed.torchao: none")
+    ab = params["ablation"]
+    if ab["budget_mb"] is not None and ab["budget_mb"] <= 0:
+        raise ParamsError(f"ablation.budget_mb must be a positive size in MB or null, got {ab['budget_mb']}")
+    if ab["max_top1_drop_pt"] is not None and not 0 <= ab["max_top1_drop_pt"] <= 100:
+        raise ParamsError(f"ablation.max_top1_drop_pt is in top-1 points (0 to 100) or null, got {ab['max_top1_drop_pt']}")
     for name in ("valid_fraction", "test_fraction"):
         if not 0 < params["data"][name] < 0.5:
             raise ParamsError(f"data.{name} must lie between 0 and 0.5, got {params['data'][name]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import io
 from pathlib import Path
+from typing import Any
 
 import ipywidgets as W
 import torch
@@ -63,15 +64,16 @@ def test_images(run_dir: Path, n: int = 12) -> list[tuple[str, Image.Image]]:
     return [(f"#{i}: {splits.class_names[splits.test[i][1]]}", splits.test[i][0]) for i in range(min(n, len(splits.test)))]
 
 
-def result_html(top: list[tuple[str, float]], ms: float, variant: str) -> str:
-    """Top-k classes as labelled probability bars, and the latency of the prediction."""
+def result_html(top: list[tuple[str, float]], ms: float, variant: str, source: str = "") -> str:
+    """Top-k classes of one image (named by `source`) as labelled probability bars, and the latency."""
     bars = "".join(
         f'<div class="vitlab-row" style="display:flex;align-items:center;margin:3px 0">'
         f'<span class="vitlab-class" style="width:180px;font-family:sans-serif">{html.escape(name)}</span>'
         f'<span style="background:#4c72b0;height:14px;width:{max(p * 260, 1):.0f}px"></span>'
         f'<span style="margin-left:6px;font-family:monospace">{p:.1%}</span></div>'
         for name, p in top)
-    return (f'<div class="vitlab-result"><b>{html.escape(variant)}</b> · latency {ms:.2f} ms (batch 1)'
+    about = f'<span class="vitlab-source">{html.escape(source)}</span> · ' if source else ""
+    return (f'<div class="vitlab-result">{about}<b>{html.escape(variant)}</b> · latency {ms:.2f} ms (batch 1)'
             f"{bars}</div>")
 
 
@@ -81,11 +83,16 @@ def _thumbnail(image: Image.Image, size: int = 160) -> bytes:
     return buf.getvalue()
 
 
-def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None) -> W.VBox:
-    """The widget: run and variant dropdowns, upload or test-image picker, image, top-5 bars, latency."""
+def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None, first: Path | None = None) -> W.VBox:
+    """The widget: run and variant dropdowns, upload or test-image picker, image, top-5 bars, latency.
+
+    `first`: the run selected at the start (default: the newest finished one)."""
     device = device or models.resolve_device("auto")
     predictor = Predictor(device)
     run_dirs = finished_runs(runs_dir)
+    if first is not None and Path(first) in run_dirs:
+        run_dirs.remove(Path(first))
+        run_dirs.insert(0, Path(first))
     if not run_dirs:
         return W.VBox([W.HTML(f"<b>No run with a finished quantize step under {runs_dir}.</b> "
                               "Run one first: <code>python -m vitlab run params/offline.yaml</code>")])
@@ -95,21 +102,26 @@ def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None
     upload = W.FileUpload(accept="image/*", multiple=False, description="Upload image")
     picture = W.Image(format="png", width=160, height=160)
     result = W.HTML()
-    state: dict[str, Image.Image | None] = {"image": None}
+    result.add_class("vitlab-demo-result")
+    state: dict[str, Any] = {"image": None, "source": ""}
 
     def show() -> None:
         if state["image"] is None:
             return
         top, ms = predictor.predict(run_pick.value, variant_pick.value, state["image"])
-        result.value = result_html(top, ms, f"{run_pick.value.name} · {variant_pick.value}")
+        result.value = result_html(top, ms, f"{run_pick.value.name} · {variant_pick.value}", state["source"])
 
     def on_run(_=None) -> None:
+        # ipywidgets 8 selects nothing when options are replaced: select the first ones, which shows a prediction.
         variant_pick.options = list(variants(run_pick.value))
+        variant_pick.index = 0
         sample_pick.options = [(label, img) for label, img in test_images(run_pick.value)]
+        sample_pick.index = 0
 
     def on_sample(change) -> None:
         if change["new"] is not None:
-            state["image"] = change["new"]
+            label = next(name for name, img in sample_pick.options if img is change["new"])
+            state["image"], state["source"] = change["new"], f"test image {label}"
             picture.value = _thumbnail(change["new"])
             show()
 
@@ -118,7 +130,7 @@ def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None
         if not files:
             return
         try:
-            state["image"] = data.open_image(bytes(files[0]["content"]))
+            state["image"], state["source"] = data.open_image(bytes(files[0]["content"])), f"uploaded {files[0]['name']}"
         except data.DataError:
             state["image"] = None
             result.value = (f'<div class="vitlab-error" style="color:#b00020"><b>{html.escape(files[0]["name"])}</b> '

@@ -47,7 +47,7 @@ def latency_stats(ms: Sequence[float]) -> dict[str, float]:
 
 
 def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of a 0/1 vector (e.g. per-image top-1 hits)."""
+    """Percentile bootstrap interval of the mean of per-image values (top-1 hits as 0/1, KL in nats)."""
     rng = np.random.default_rng(seed)
     correct = np.asarray(correct, dtype=float)
     means = rng.choice(correct, size=(n_boot, correct.size), replace=True).mean(1)
@@ -66,8 +66,13 @@ def paired_bootstrap_diff(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed
     return float(a.mean() - b.mean()), float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))
 
 
-def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """Mean KL(softmax(ref) || softmax(logits)) in nats: how far a variant's predictions drift from the reference."""
+def kl_per_image(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(logits)) in nats, per image: how far a variant's predictions drift."""
     log_p = log_softmax(ref_logits.astype(np.float64), axis=1)
     log_q = log_softmax(logits.astype(np.float64), axis=1)
-    return float((np.exp(log_p) * (log_p - log_q)).sum(1).mean())
+    return (np.exp(log_p) * (log_p - log_q)).sum(1)
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL over the images (see kl_per_image)."""
+    return float(kl_per_image(ref_logits, logits).mean())

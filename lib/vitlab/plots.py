@@ -80,10 +80,77 @@ def component_breakdown(rows: pd.DataFrame) -> plt.Figure:
 
 
 def sensitivity(rows: pd.DataFrame, value: str = "kl") -> plt.Figure:
-    """Per-layer sensitivity: the metric when all but one layer is quantized, per quantization type."""
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    sns.barplot(data=rows, x="layer", y=value, hue="quant", ax=ax)
-    ax.set(xlabel="encoder layer kept in 16-bit (all others quantized)", ylabel=value,
-           title=f"per-layer sensitivity ({value})")
+    """Per-layer sensitivity: the metric (with its bootstrap 95% interval) when all but one layer is
+    quantized, one bar per quantization type; the all-quantized level as a dashed line."""
+    layers = rows[rows["kind"] == "single layer"].astype({"layer": int})
+    kinds = list(dict.fromkeys(layers["quant"]))
+    width = 0.8 / len(kinds)
+    colors = sns.color_palette(n_colors=len(kinds))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * layers["layer"].nunique() * len(kinds) + 2), 3.8))
+    for i, (q, color) in enumerate(zip(kinds, colors)):
+        d = layers[layers["quant"] == q].sort_values("layer")
+        x = d["layer"] + (i - (len(kinds) - 1) / 2) * width
+        err = [d[value] - d[f"{value}_lo"], d[f"{value}_hi"] - d[value]]
+        ax.bar(x, d[value], width, color=color, label=f"{q}, keep one layer")
+        ax.errorbar(x, d[value], yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=2)
+        base = rows[(rows["quant"] == q) & (rows["config"] == "all quantized")]
+        if not base.empty:
+            ax.axhline(base[value].iloc[0], color=color, ls="--", lw=1, label=f"{q}, all quantized")
+    ref = rows[rows["config"] == "16-bit"]
+    if value != "kl" and not ref.empty:
+        ax.axhline(ref[value].iloc[0], color="black", ls=":", lw=1, label="16-bit")
+    ax.set_xticks(sorted(layers["layer"].unique()))
+    label = {"kl": "KL to the 16-bit logits (nats)", "top1": "top-1"}.get(value, value)
+    ax.set(xlabel="encoder layer kept in 16-bit (all others quantized)", ylabel=label,
+           title=f"per-layer sensitivity ({value}), bootstrap 95% intervals")
+    if value == "top1":
+        lo = layers["top1_lo"].min()
+        ax.set_ylim(max(0, lo - 0.05), min(1, layers["top1_hi"].max() + 0.02))
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+KIND_STYLE = {"16-bit": ("black", "s"), "all quantized": ("tab:red", "X"), "single layer": ("tab:blue", "o"),
+              "group": ("tab:purple", "D"), "greedy": ("tab:green", "^")}
+
+
+def pareto(rows: pd.DataFrame, choices: dict[str, dict], front: dict[str, dict[str, list[dict]]]) -> plt.Figure:
+    """Top-1 and KL against memory footprint for every tried configuration, one row of panels per
+    quantization type; the Pareto front as a step line, the size budget dashed, the choice starred.
+
+    `choices[q]` is `ablation.choose`'s answer for quant type q; `front[q][value]` the front's rows.
+    """
+    quants = list(choices)
+    fig, axes = plt.subplots(len(quants), 2, figsize=(11, 3.9 * len(quants)), squeeze=False)
+    ref = rows[rows["config"] == "16-bit"].iloc[0]
+    for (ax_acc, ax_kl), q in zip(axes, quants):
+        d = pd.concat([rows[rows["quant"] == q], rows[rows["config"] == "16-bit"]])
+        for ax, value in ((ax_acc, "top1"), (ax_kl, "kl")):
+            for kind, (color, marker) in KIND_STYLE.items():
+                k = d[d["kind"] == kind]
+                if value == "kl":
+                    k = k[k["kl"] > 0]  # the 16-bit model has KL 0: off a log axis
+                if k.empty:
+                    continue
+                ax.errorbar(k["footprint_mb"], k[value], yerr=[k[value] - k[f"{value}_lo"], k[f"{value}_hi"] - k[value]],
+                            fmt=marker, color=color, ms=7, elinewidth=0.8, capsize=2, alpha=0.85, label=kind)
+            f = pd.DataFrame(front[q][value])
+            f = f[f[value] > 0] if value == "kl" else f
+            ax.step(f["footprint_mb"], f[value], where="post", color="grey", lw=1, zorder=0, label="Pareto front")
+            pick = d[d["config"] == choices[q]["config"]].iloc[0]
+            ax.scatter([pick["footprint_mb"]], [pick[value]], marker="*", s=380, facecolor="gold",
+                       edgecolor="black", zorder=5, label=f"chosen ({pick['config']}: keep {pick['keep_16bit']})")
+            if choices[q].get("budget_mb") is not None:
+                ax.axvline(choices[q]["budget_mb"], color="tab:orange", ls="--", lw=1, label="size budget")
+            ax.set(xlabel="memory footprint (MB)")
+        for _, g in d[d["kind"] == "group"].iterrows():
+            ax_kl.annotate(g["config"].removeprefix("keep "), (g["footprint_mb"], g["kl"]), textcoords="offset points",
+                           xytext=(6, 4), fontsize=7, color="tab:purple")
+        ax_acc.axhline(ref["top1"], color="black", ls=":", lw=1, label="16-bit top-1")
+        ax_acc.set(ylabel=f"top-1 ({d['n'].iloc[0]} images)",
+                   title=f"{q}: top-1 vs size (bootstrap 95%)")
+        ax_kl.set(ylabel="KL to 16-bit (nats, log)", yscale="log", title=f"{q}: KL vs size (bootstrap 95%)")
+        ax_kl.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return fig

@@ -16,6 +16,7 @@ class Collected:
     latency: pd.DataFrame = field(default_factory=pd.DataFrame)
     profile: pd.DataFrame = field(default_factory=pd.DataFrame)
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)
+    choices: dict[str, dict] = field(default_factory=dict)  # run label -> the ablation's choice per quant type
 
 
 def _labels(run_dirs: list[Path]) -> dict[Path, str]:
@@ -29,7 +30,7 @@ def collect(run_dirs: list[Path]) -> Collected:
     """Status of every run (failed ones included) and the results of the steps that finished."""
     run_dirs = [r for r in run_dirs if runs.manifest(r)["variant"] != "report"]
     labels = _labels(run_dirs)
-    status, acc, lat, prof, sens = [], [], [], [], []
+    status, acc, lat, prof, sens, choices = [], [], [], [], [], {}
     for r in run_dirs:
         man = runs.manifest(r)
         status.append({"run": r.name, "label": labels[r], "status": man["status"],
@@ -46,5 +47,6 @@ def collect(run_dirs: list[Path]) -> Collected:
                 prof.append(tag(res["profile"]))
         if man["steps"].get("ablation", {}).get("status") == "ok":
             sens.append(pd.DataFrame(runs.read_json(r / "ablation" / "sensitivity.json")).assign(run=labels[r]))
+            choices[labels[r]] = runs.read_json(r / "ablation" / "choice.json")["choices"]
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens))
+    return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens), choices)
