@@ -45,7 +45,7 @@ def keep(fig, name):
 
 
 display(Markdown(f"**{len(data.status)} runs** under `{runs_root}`"))
-data.status
+data.status.set_index("run")
 
 # %% [markdown]
 # ## Accuracy on the test split
@@ -63,7 +63,7 @@ else:
 
 # %%
 if not data.latency.empty:
-    both = data.latency.merge(data.accuracy[["label", "top1"]], on="label").assign(model=lambda d: d["label"])
+    both = data.latency.merge(data.accuracy[["label", "top1", "top1_lo", "top1_hi"]], on="label").assign(model=lambda d: d["label"])
     for bs in sorted(both["batch_size"].unique()):
         keep(plots.accuracy_vs_latency(both, int(bs)), f"accuracy_vs_latency_bs{bs}.png")
 

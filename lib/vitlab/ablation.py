@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from . import infer, metrics, models, quant
@@ -61,12 +62,17 @@ class _Scorer:
         return quant.resolve_keep(self._base, keep)
 
     def run(self, qcfg: dict[str, Any], configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
-        for name, layer, keep in tqdm(configs, desc=quant.describe(qcfg), leave=False):
-            kept = self.resolve(keep)
-            model = quant.quantize(self.checkpoint, qcfg, self.model_cfg, self.device, kept)
-            logits, _ = infer.predict(model, self.batches, self.device, self.attn, desc=name)
-            yield (name, layer, keep), kept, logits, models.parameter_bytes(model)
-            del model
+        # One bar over the configurations: a loading and a predict bar per quantized copy would bury the notebook.
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            for name, layer, keep in tqdm(configs, desc=quant.describe(qcfg), leave=False):
+                kept = self.resolve(keep)
+                model = quant.quantize(self.checkpoint, qcfg, self.model_cfg, self.device, kept)
+                logits, _ = infer.predict(model, self.batches, self.device, self.attn, progress=False)
+                yield (name, layer, keep), kept, logits, models.parameter_bytes(model)
+                del model
+        finally:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _row(qname: str, config: Config, kind: str, scorer: _Scorer, logits: np.ndarray, footprint: int, seed: int,

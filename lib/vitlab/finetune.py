@@ -10,9 +10,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import BitsAndBytesConfig, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
-from . import attention, models
+from . import attention, models, quant
 
 
 def lora_targets(model: nn.Module, which: str | list[str]) -> list[str]:
@@ -36,9 +36,8 @@ def build(model_cfg: dict[str, Any], ft_cfg: dict[str, Any], class_names: list[s
     """The model to train: the plain model (full), a LoRA model, or LoRA on a 4-bit NF4 base (qlora)."""
     method = ft_cfg["method"]
     if method == "qlora":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=models.DTYPES[model_cfg["dtype"]],
-                               llm_int8_skip_modules=["classifier"])
+        # QLoRA's base: NF4 with double quantization, computing in the model's 16-bit dtype.
+        q = quant.bnb_config({"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": model_cfg["dtype"]}, [])
         model = models.build(model_cfg, class_names, dtype=torch.float32, quantization_config=q, device=device)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:

@@ -20,13 +20,13 @@ def input_dtype(model: nn.Module) -> torch.dtype:
 
 @torch.inference_mode()
 def predict(model: nn.Module, batches: Iterable, device: torch.device, attention_name: str = "sdpa",
-            desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+            desc: str = "predict", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Float32 logits and integer labels over every batch of (pixel_values, labels)."""
     model.eval()
     dtype = input_dtype(model)
     logits, labels = [], []
     with attention.kernel(attention_name):
-        for x, y in tqdm(batches, desc=desc, leave=False):
+        for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
             out = model(pixel_values=x.to(device, dtype)).logits
             logits.append(out.float().cpu())
             labels.append(torch.as_tensor(y))

@@ -33,15 +33,18 @@ def training_curves(history: list[dict]) -> plt.Figure:
 
 
 def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int) -> plt.Figure:
-    """top-1 against p50 latency at one batch size; one point per model."""
+    """top-1 (with its bootstrap 95% interval) against p50 latency at one batch size; one point per model.
+    The latency axis starts at 0, so distances read as ratios."""
     d = rows[rows["batch_size"] == batch_size]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.scatterplot(data=d, x="p50_ms", y="top1", hue="model", style="model", s=120, ax=ax)
-    for _, r in d.iterrows():
-        ax.annotate(r["model"], (r["p50_ms"], r["top1"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set(xlabel=f"p50 latency at batch {batch_size} (ms)", ylabel="top-1 (test)",
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    markers = "osDX^vP*"
+    for (i, (_, r)), color in zip(enumerate(d.iterrows()), sns.color_palette(n_colors=len(d))):
+        ax.errorbar(r["p50_ms"], r["top1"], yerr=[[r["top1"] - r["top1_lo"]], [r["top1_hi"] - r["top1"]]],
+                    fmt=markers[i % len(markers)], ms=9, capsize=3, color=color, label=r["model"])
+    ax.set_xlim(left=0, right=d["p50_ms"].max() * 1.15)
+    ax.set(xlabel=f"p50 latency at batch {batch_size} (ms)", ylabel="top-1 (test, bootstrap 95%)",
            title=f"accuracy vs latency, batch {batch_size}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -151,6 +154,9 @@ def pareto(rows: pd.DataFrame, choices: dict[str, dict], front: dict[str, dict[s
         ax_acc.set(ylabel=f"top-1 ({d['n'].iloc[0]} images)",
                    title=f"{q}: top-1 vs size (bootstrap 95%)")
         ax_kl.set(ylabel="KL to 16-bit (nats, log)", yscale="log", title=f"{q}: KL vs size (bootstrap 95%)")
-        ax_kl.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+        handles, labels = ax_kl.get_legend_handles_labels()
+        more_handles, more_labels = ax_acc.get_legend_handles_labels()
+        legend = dict(zip(labels + more_labels, handles + more_handles))  # one entry per label, both panels
+        ax_kl.legend(legend.values(), legend.keys(), fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return fig
