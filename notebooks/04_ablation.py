@@ -91,9 +91,7 @@ pd.DataFrame(choices).T
 # front (no other configuration is both smaller and better), the star the choice.
 
 # %%
-fronts = {q: {v: ablation.pareto_front([r for r in records if r["quant"] in (q, "16-bit")], v, v == "top1")
-              for v in ("top1", "kl")} for q in choices}
-plots.save(plots.pareto(rows, choices, fronts), out / "pareto.png");
+plots.save(plots.pareto(rows, choices), out / "pareto.png");
 
 # %% [markdown]
 # ## The choice on held-out images, against the seeds' heuristics

@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitlab import ablation, plots, report, runs
+from vitlab import plots, report, runs
 from vitlab.config import REPO_ROOT
 
 out = runs.step_dir(run_dir, "report") if run_dir else Path("report")
@@ -110,10 +110,7 @@ if not data.sensitivity.empty:
         fig = plots.sensitivity(rows, "kl")
         fig.axes[0].set_title(f"per-layer sensitivity (KL), {run}")
         keep(fig, f"sensitivity_{run}.png")
-        records = rows.to_dict("records")
-        fronts = {q: {v: ablation.pareto_front([r for r in records if r["quant"] in (q, "16-bit")], v, v == "top1")
-                      for v in ("top1", "kl")} for q in data.choices[run]}
-        keep(plots.pareto(rows, data.choices[run], fronts), f"pareto_{run}.png")
+        keep(plots.pareto(rows, data.choices[run]), f"pareto_{run}.png")
         display(pd.DataFrame(data.choices[run]).T[["keep_16bit", "footprint_mb", "top1", "kl", "budget_mb",
                                                   "max_top1_drop"]])
 

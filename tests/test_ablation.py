@@ -1,12 +1,10 @@
 import pytest
-import torch
 
 from vitlab import ablation
 
-CPU = torch.device("cpu")
-MODEL = {"id": None, "config": {}, "attention": "sdpa", "dtype": "float32"}
-Q = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "int8_threshold": 6.0,
-     "keep_16bit": []}
+from .test_quant import CPU, MODEL as BF16_MODEL, Q
+
+MODEL = {**BF16_MODEL, "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from . import ablation
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 
@@ -118,12 +120,10 @@ KIND_STYLE = {"16-bit": ("black", "s"), "all quantized": ("tab:red", "X"), "sing
               "group": ("tab:purple", "D"), "greedy": ("tab:green", "^")}
 
 
-def pareto(rows: pd.DataFrame, choices: dict[str, dict], front: dict[str, dict[str, list[dict]]]) -> plt.Figure:
-    """Top-1 and KL against memory footprint for every tried configuration, one row of panels per
-    quantization type; the Pareto front as a step line, the size budget dashed, the choice starred.
-
-    `choices[q]` is `ablation.choose`'s answer for quant type q; `front[q][value]` the front's rows.
-    """
+def pareto(rows: pd.DataFrame, choices: dict[str, dict]) -> plt.Figure:
+    """Top-1 and KL against memory footprint for every configuration the ablation tried (its rows), one
+    row of panels per quantization type; the Pareto front as a step line, the size budget dashed, the
+    choice starred. `choices[q]` is `ablation.choose`'s answer for quant type q."""
     quants = list(choices)
     fig, axes = plt.subplots(len(quants), 2, figsize=(11, 3.9 * len(quants)), squeeze=False)
     ref = rows[rows["config"] == "16-bit"].iloc[0]
@@ -138,7 +138,7 @@ def pareto(rows: pd.DataFrame, choices: dict[str, dict], front: dict[str, dict[s
                     continue
                 ax.errorbar(k["footprint_mb"], k[value], yerr=[k[value] - k[f"{value}_lo"], k[f"{value}_hi"] - k[value]],
                             fmt=marker, color=color, ms=7, elinewidth=0.8, capsize=2, alpha=0.85, label=kind)
-            f = pd.DataFrame(front[q][value])
+            f = pd.DataFrame(ablation.pareto_front(d.to_dict("records"), value, higher_is_better=value == "top1"))
             f = f[f[value] > 0] if value == "kl" else f
             ax.step(f["footprint_mb"], f[value], where="post", color="grey", lw=1, zorder=0, label="Pareto front")
             pick = d[d["config"] == choices[q]["config"]].iloc[0]
