@@ -103,26 +103,10 @@ plots.save(plots.pareto(rows, choices), out / "pareto.png");
 # %%
 verify = budgets["verify_split"]
 verify_batches = list(ds.loader(verify, params["eval"]["batch_size"]))
-n_layers = int(rows["layer"].max()) + 1
-named = lambda c: f"greedy {c['keep_16bit']}" if c["keep_16bit"] else "all quantized"
 checks = []
 for q, c in choices.items():
-    heur = ablation.heuristics(n_layers)
-    chosen = f"chosen: {named(c)}"
-    budget = " and ".join(([f"≤ {c['budget_mb']:.3f} MB"] if c["budget_mb"] is not None else []) +
-                          ([f"≤ {c['max_top1_drop'] * 100:g} pt top-1 loss"] if c["max_top1_drop"] is not None else []))
-    checks += [{**r, "comparison": f"budget {budget}"} for r in ablation.verify(
-        checkpoint, params["model"], params["quant"], q, verify_batches, device,
-        [h for h in heur if h[2] != c["keep_16bit"]] + [(chosen, None, c["keep_16bit"])], chosen, params["seed"])]
-    for name, layer, keep in heur[1:]:
-        size = rows[(rows["quant"] == q) & (rows["config"] == name)]["footprint_mb"]
-        if size.empty:  # a heuristic the sweep did not measure (layer 21 of a small model)
-            continue
-        match = ablation.choose(records, q, budget_mb=float(size.iloc[0]))
-        mine = f"{named(match)} at that size"
-        checks += [{**r, "comparison": f"size of {name}"} for r in ablation.verify(
-            checkpoint, params["model"], params["quant"], q, verify_batches, device,
-            [(name, layer, keep), (mine, None, match["keep_16bit"])], mine, params["seed"])]
+    checks += ablation.check_choice(checkpoint, params["model"], params["quant"], c, records, verify_batches, device,
+                                    params["seed"])
 runs.write_json(out / "choice.json", {"choices": choices, "verify_split": verify, "checks": checks})
 checks = pd.DataFrame(checks)
 checks.set_index(["quant", "comparison", "config"])[[

@@ -77,19 +77,28 @@ def test_choose_under_an_accuracy_budget_takes_the_smallest_that_fits(rows):
         ablation.choose(rows, "nf4")
 
 
-def test_verify_gives_paired_differences_against_the_choice(checkpoint, digits_data):
+def test_check_choice_gives_paired_differences_against_the_heuristics(rows, checkpoint, digits_data):
     held_out = list(digits_data.loader("test", 100))[:1]
-    configs = ablation.heuristics(3) + [("chosen", None, [0])]
-    checks = ablation.verify(checkpoint, MODEL, Q, "nf4", held_out, CPU, configs, "chosen")
-    assert [r["config"] for r in checks] == ["all quantized", "keep first+last", "chosen"]
-    chosen = checks[-1]
-    assert chosen["chosen"] and chosen["d_top1"] == 0 and chosen["d_kl"] == 0
-    for r in checks:
-        assert r["d_top1_lo"] <= r["d_top1"] <= r["d_top1_hi"] and r["d_kl_lo"] <= r["d_kl"] <= r["d_kl_hi"]
-        assert r["d_top1"] == pytest.approx(chosen["top1"] - r["top1"])
-        assert r["d_kl"] == pytest.approx(chosen["kl"] - r["kl"])
-    with pytest.raises(ValueError, match="not among"):
-        ablation.verify(checkpoint, MODEL, Q, "nf4", held_out, CPU, configs[:1], "chosen")
+    c = by_config(rows)
+    choice = ablation.choose(rows, "nf4", budget_mb=c["greedy 1"]["footprint_mb"] + 1e-6)
+    checks = ablation.check_choice(checkpoint, MODEL, Q, choice, rows, held_out, CPU)
+    groups = list(dict.fromkeys(r["comparison"] for r in checks))
+    assert groups[0].startswith("budget") and groups[1:] == ["size of keep first+last"]
+    first = [r for r in checks if r["comparison"] == groups[0]]
+    assert [r["config"] for r in first][-1].startswith("chosen") and "keep first+last" in [r["config"] for r in first]
+    match = ablation.choose(rows, "nf4", budget_mb=c["keep first+last"]["footprint_mb"])
+    same_size = [r for r in checks if r["comparison"] == groups[1]]
+    assert [r["config"] for r in same_size] == ["keep first+last", f"greedy {match['keep_16bit']} at that size"
+                                                if match["keep_16bit"] else "all quantized at that size"]
+    for group in groups:
+        mine = [r for r in checks if r["comparison"] == group and r["chosen"]]
+        assert len(mine) == 1
+        chosen = mine[0]
+        assert chosen["d_top1"] == 0 and chosen["d_kl"] == 0
+        for r in (r for r in checks if r["comparison"] == group):
+            assert r["d_top1_lo"] <= r["d_top1"] <= r["d_top1_hi"] and r["d_kl_lo"] <= r["d_kl"] <= r["d_kl_hi"]
+            assert r["d_top1"] == pytest.approx(chosen["top1"] - r["top1"])
+            assert r["d_kl"] == pytest.approx(chosen["kl"] - r["kl"])
 
 
 def test_pareto_front_holds_every_undominated_configuration(rows):

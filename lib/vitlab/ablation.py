@@ -4,8 +4,8 @@ Each configuration quantizes the merged checkpoint with some block linears kept 
 is scored against the 16-bit model on the same images: top-1, top-5 and the KL divergence of
 its logits (far less noisy than accuracy on a few hundred images), each with a bootstrap interval.
 The choice walks the layers in order of measured KL saved per MB, measures every prefix of that
-order, and picks under a size budget or a top-1 budget; `verify` then scores it on held-out images
-against other configurations with paired bootstrap intervals.
+order, and picks under a size budget or a top-1 budget; `check_choice` then scores it on held-out
+images against the seeds' heuristics with paired bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -166,26 +166,53 @@ def choose(rows: list[dict], quant_name: str, budget_mb: float | None = None,
             "budget_mb": budget_mb, "max_top1_drop": max_top1_drop}
 
 
-def verify(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], quant_name: str,
-           batches: list, device: torch.device, configs: list[Config], chosen: str, seed: int = 0) -> list[dict]:
-    """Score `configs` on (held-out) batches; each row also gives chosen minus that configuration in
-    top-1 and in KL, with paired bootstrap intervals (the same images resampled for both)."""
+def _label(keep: list) -> str:
+    return f"greedy {keep}" if keep else "all quantized"
+
+
+def _budget_label(choice: dict) -> str:
+    parts = [f"≤ {choice['budget_mb']:.3f} MB"] if choice["budget_mb"] is not None else []
+    parts += [f"≤ {choice['max_top1_drop'] * 100:g} pt top-1 loss"] if choice["max_top1_drop"] is not None else []
+    return "budget " + " and ".join(parts)
+
+
+def check_choice(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], choice: dict,
+                 rows: list[dict], batches: list, device: torch.device, seed: int = 0) -> list[dict]:
+    """`choose`'s answer on (held-out) batches, against the seeds' heuristics; and, for each heuristic the
+    sweep measured, the greedy configuration at exactly that heuristic's size against it.
+
+    Rows come in comparison groups (`comparison`; `chosen` marks the greedy one); `d_top1` / `d_kl` are
+    greedy minus that configuration with paired bootstrap intervals (the same images resampled for
+    both). Each distinct keep_16bit is quantized once.
+    """
+    q = choice["quant"]
+    n_layers = max(int(r["layer"]) for r in rows if r["kind"] == "single layer") + 1
+    heur = heuristics(n_layers)
+    groups = [(_budget_label(choice), (f"chosen: {_label(choice['keep_16bit'])}", None, choice["keep_16bit"]),
+               [h for h in heur if h[2] != choice["keep_16bit"]])]
+    for h in heur[1:]:
+        measured = [r for r in rows if r["quant"] == q and r["config"] == h[0]]
+        if measured:
+            match = choose(rows, q, budget_mb=measured[0]["footprint_mb"])
+            groups.append((f"size of {h[0]}", (f"{_label(match['keep_16bit'])} at that size", None,
+                                               match["keep_16bit"]), [h]))
+    distinct = {repr(c[2]): c for _, mine, others in groups for c in [*others, mine]}
     scorer = _Scorer(checkpoint, model_cfg, batches, device)
-    outs = [(config, kept, logits, size)
-            for config, kept, logits, size in scorer.run(quant_config(quant_cfg, quant_name), configs)]
-    by_name = {config[0]: logits for config, _, logits, _ in outs}
-    if chosen not in by_name:
-        raise ValueError(f"chosen configuration '{chosen}' is not among {list(by_name)}")
+    scored = {repr(c[2]): (kept, logits, size)
+              for c, kept, logits, size in scorer.run(quant_config(quant_cfg, q), list(distinct.values()))}
     hits = lambda logits: (logits.argmax(1) == scorer.labels).astype(float)
-    rows = []
-    for config, kept, logits, size in outs:
-        row = _row(quant_name, config, "check", scorer, logits, size, seed, len(kept))
-        d1 = metrics.paired_bootstrap_diff(hits(by_name[chosen]), hits(logits), seed=seed)
-        dk = metrics.paired_bootstrap_diff(metrics.kl_per_image(scorer.ref, by_name[chosen]),
-                                           metrics.kl_per_image(scorer.ref, logits), seed=seed)
-        rows.append({**row, "chosen": config[0] == chosen, **dict(zip(("d_top1", "d_top1_lo", "d_top1_hi"), d1)),
-                     **dict(zip(("d_kl", "d_kl_lo", "d_kl_hi"), dk))})
-    return rows
+    out = []
+    for comparison, mine, others in groups:
+        greedy = scored[repr(mine[2])][1]
+        for config in [*others, mine]:
+            kept, logits, size = scored[repr(config[2])]
+            d1 = metrics.paired_bootstrap_diff(hits(greedy), hits(logits), seed=seed)
+            dk = metrics.paired_bootstrap_diff(metrics.kl_per_image(scorer.ref, greedy),
+                                               metrics.kl_per_image(scorer.ref, logits), seed=seed)
+            out.append({**_row(q, config, "check", scorer, logits, size, seed, len(kept)), "comparison": comparison,
+                        "chosen": config is mine, **dict(zip(("d_top1", "d_top1_lo", "d_top1_hi"), d1)),
+                        **dict(zip(("d_kl", "d_kl_lo", "d_kl_hi"), dk))})
+    return out
 
 
 def pareto_front(rows: list[dict], value: str = "top1", higher_is_better: bool = True) -> list[dict]:
