@@ -15,8 +15,16 @@ RESULTS = Path(__file__).parent / "results"
 FIGURES = Path(__file__).parents[1] / "figures"
 
 
+# Results written before the benchmarks shared vitlab.evaluate named these columns differently.
+OLD_NAMES = {"variant": "model", "rel_err_vs_first": "logits_rel_err", "rel_err_vs_bf16": "logits_rel_err"}
+
+
 def load(name: str) -> dict:
-    return json.loads((RESULTS / name).read_text())
+    data = json.loads((RESULTS / name).read_text())
+    for key in ("rows", "kernels", "accuracy"):
+        if key in data:
+            data[key] = [{OLD_NAMES.get(k, k): v for k, v in row.items()} for row in data[key]]
+    return data
 
 
 def provenance(meta: dict) -> str:
@@ -25,7 +33,7 @@ def provenance(meta: dict) -> str:
     commit = str(meta["git"]["commit"])[:8] if meta["git"]["commit"] else "see git log of benchmarks/results"
     return (f"{meta['device']['name']}, torch {v['torch']}, transformers {v['transformers']}, bitsandbytes "
             f"{v['bitsandbytes']}, torchao {v.get('torchao')}; commit: {commit}; weights: "
-            f"{meta['weights']}; command: `python benchmarks/{'matrix' if 'archs' in meta['args'] else 'fast'}.py "
+            f"{meta['weights']}; command: `python benchmarks/{'precision_attention' if 'archs' in meta['args'] else 'speed_paths'}.py "
             + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in meta["args"].items() if k not in ("out",)) + "`")
 
 
@@ -38,7 +46,7 @@ def matrix() -> str:
     p95 = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="p95_ms")
     p99 = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="p99_ms")
     mean = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="mean_ms")
-    sizes = ok.groupby(["arch", "precision"])[["disk_mb", "footprint_mb", "rel_err_vs_bf16"]].first()
+    sizes = ok.groupby(["arch", "precision"])[["disk_mb", "footprint_mb", "logits_rel_err"]].first()
     peak = ok.groupby(["arch", "precision"])["peak_mem_mb"].max()
     for arch in ok["arch"].unique():
         d = ok[(ok["arch"] == arch) & (ok["attention"] == "sdpa")].assign(model=lambda x: x["precision"] + " · sdpa")
@@ -72,24 +80,24 @@ def speed_paths() -> str:
         data = load(name)
         rows = pd.DataFrame(data["rows"])
         ok = rows[rows["p50_ms"].notna()].astype({"batch_size": int})
-        stock = ok[ok["variant"] == "stock"].set_index("batch_size")["p50_ms"]
-        ok = ok.assign(speedup=lambda d: d.apply(lambda r: stock[r["batch_size"]] / r["p50_ms"], axis=1))
-        table = ok.pivot_table(index="variant", columns="batch_size", values=["p50_ms", "speedup"], sort=False)
-        sizes = ok.groupby("variant", sort=False)[["disk_mb", "rel_err_vs_first"]].first()
+        stock = ok[ok["model"] == "stock"].set_index("batch_size")["p50_ms"]
+        ok = ok.assign(speedup=lambda d: d["batch_size"].map(stock) / d["p50_ms"])
+        table = ok.pivot_table(index="model", columns="batch_size", values=["p50_ms", "speedup"], sort=False)
+        sizes = ok.groupby("model", sort=False)[["disk_mb", "logits_rel_err"]].first()
         parts += [f"## {name}", provenance(data["meta"]), table.round(3).to_markdown(), sizes.round(3).to_markdown()]
         if "error" in rows and rows["error"].notna().any():
             errors = rows[rows["error"].notna()].assign(error=lambda d: d["error"].str.split("\n").str[0])
-            parts += ["Paths that failed (first line of the error):", errors[["variant", "error"]].to_markdown(index=False)]
+            parts += ["Paths that failed (first line of the error):", errors[["model", "error"]].to_markdown(index=False)]
         if data["accuracy"]:
             parts += ["Accuracy of each path on the offline digits model (test split, 270 images, GPU):",
                       pd.DataFrame(data["accuracy"]).round(4).to_markdown(index=False)]
         kernels = pd.DataFrame(data["kernels"])
         if not kernels.empty:
-            top = kernels.groupby("variant", sort=False).head(5)
+            top = kernels.groupby("model", sort=False).head(5)
             parts += [f"Top kernels per forward at batch {int(kernels['batch_size'].iloc[0])}:",
-                      top[["variant", "kernel", "ms_per_forward", "calls_per_forward"]].round(3).to_markdown(index=False)]
+                      top[["model", "kernel", "ms_per_forward", "calls_per_forward"]].round(3).to_markdown(index=False)]
         if name == "fast_h100_d.json":
-            fig = plots.throughput_vs_batch(ok.assign(model=ok["variant"]))
+            fig = plots.throughput_vs_batch(ok)
             fig.axes[0].set_title("ViT-L/16 speed paths, H100")
             plots.save(fig, FIGURES / "h100_speed_paths.png")
     return "\n\n".join(parts)

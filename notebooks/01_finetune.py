@@ -12,10 +12,11 @@
 
 # %% [markdown]
 # # 01 · Fine-tune
-# Train a ViT classifier: LoRA or QLoRA adapters on a pretrained checkpoint, or every weight
-# (`finetune.method: full`, the offline default, which starts from a random init). Writes the
-# adapter, a merged 16-bit checkpoint (safetensors + image processor), the training curves and
-# `metrics.json` into `<run>/finetune/`.
+# Every later step compares against the model this step makes, so it is trained once and saved as
+# a plain 16-bit checkpoint. LoRA or QLoRA adapt a pretrained checkpoint through small adapters
+# (QLoRA on a 4-bit base, to fit a large model in little memory); `finetune.method: full` trains
+# every weight (the offline default, which starts from a random init). The adapters are merged into
+# the weights, so quantization and evaluation see an ordinary ViT.
 
 # %% tags=["parameters"]
 params_file = "params/offline.yaml"  # read when the notebook is opened by hand
@@ -29,45 +30,50 @@ from IPython.display import Markdown, display
 from vitlab import data, finetune, models, plots, runs
 
 params, run_dir, out, device = runs.open_step("finetune", params, run_dir, params_file)
-display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **method** `{params['finetune']['method']}` "
-                 f"· **model** `{params['model']['id'] or 'random init from model.config'}`"))
+settings = models.ModelSettings.from_params(params["model"])
+ft = params["finetune"]
+display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **method** `{ft['method']}` "
+                 f"· **model** `{settings.id or 'random init from model.config'}` · **attention** `{settings.attention}`"))
 
 # %% [markdown]
 # ## Data
+# The image processor of the model fixes the input size and normalisation; training images are
+# augmented (random resized crops, flips), validation and test images only resized and centre-cropped.
 
 # %%
-processor = models.load_processor(params["model"])
+processor = models.load_processor(settings)
 ds = data.for_model(params["data"], params["seed"], processor)
 pd.DataFrame({"images": {s: len(ds.splits[s]) for s in data.SPLITS}}).T.assign(
     classes=len(ds.class_names), image_size=ds.image_size)
 
 # %% [markdown]
 # ## Model
+# How many weights are trained is the main cost of a method: LoRA trains a few percent.
 
 # %%
-model = finetune.build(params["model"], params["finetune"], ds.class_names, device)
+model = finetune.build(settings, ft, ds.class_names, device)
 trainable, total = finetune.trainable_parameters(model)
 print(f"{type(model).__name__}: {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
 
 # %% [markdown]
 # ## Training
+# AdamW with linear warm-up and cosine decay, bf16 autocast on GPUs that have it; the validation
+# split is scored after every epoch, to see over- or under-fitting in the curves.
 
 # %%
-ft = params["finetune"]
-history = finetune.train(model, ds.loader("train", ft["batch_size"]), ds.loader("valid", ft["batch_size"]),
-                         ft, device, params["model"]["attention"])
+history = finetune.train(model, ds.loader("train", ft["batch_size"]), ds.loader("valid", ft["batch_size"]), ft, device)
 pd.DataFrame(history).set_index("epoch").round(4)
 
 # %%
-fig = plots.training_curves(history)
-plots.save(fig, out / "training_curves.png")
+plots.save(plots.training_curves(history), runs.path(run_dir, "training_curves"));
 
 # %% [markdown]
 # ## Save: adapter, merged 16-bit checkpoint, metrics
+# The merged checkpoint (safetensors + image processor) loads like a hub model: `model.id: <its path>`.
 
 # %%
-finetune.save(model, processor, params["model"], ds.class_names, ft["method"], out)
-runs.write_json(out / "metrics.json", {
+finetune.save(model, processor, settings, ds.class_names, ft["method"], out)
+runs.write_json(runs.path(run_dir, "train_metrics"), {
     "method": ft["method"], "trainable_params": trainable, "total_params": total,
     "class_names": ds.class_names, "history": history,
     "final": {k: history[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},

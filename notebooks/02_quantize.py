@@ -12,10 +12,11 @@
 
 # %% [markdown]
 # # 02 · Quantize
-# Load the merged 16-bit checkpoint of the fine-tune step and quantize it with bitsandbytes as
-# `quant` asks: LLM.int8 (`bits: 8`) or 4-bit NF4/FP4 (`bits: 4`, optionally double-quantized),
-# keeping the layers of `quant.keep_16bit` in 16-bit. Writes the quantized model (bitsandbytes
-# serialisation), its sizes and a per-layer table into `<run>/quantize/`.
+# The fine-tuned model is quantized after training (no retraining), the way a user would load it
+# with transformers' bitsandbytes integration: LLM.int8 (`bits: 8`) or 4-bit NF4/FP4 (`bits: 4`,
+# optionally double-quantized). `quant.keep_16bit` leaves chosen layers in 16-bit, because some
+# layers lose more to rounding than others (04_ablation measures which). The quantized model is
+# saved as bitsandbytes serialises it, for evaluate and the demo.
 
 # %% tags=["parameters"]
 params_file = "params/offline.yaml"  # read when the notebook is opened by hand
@@ -24,22 +25,21 @@ run_dir = None  # ...and the run folder
 
 # %%
 import pandas as pd
-import torch
-import transformers
 from IPython.display import Markdown, display
 
-from vitlab import data, infer, models, quant, runs
+from vitlab import data, evaluate, infer, models, quant, runs
 
 params, run_dir, out, device = runs.open_step("quantize", params, run_dir, params_file)
-checkpoint = run_dir / "finetune" / "model"
-q = params["quant"]
-display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **quantization** `{quant.describe(q)}` "
-                 f"· **keep_16bit** `{q['keep_16bit']}`"))
+settings = models.ModelSettings.from_params(params["model"])
+q = quant.QuantSettings.from_params(params["quant"])
+checkpoint = runs.path(run_dir, "checkpoint")
+display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **quantization** `{q.describe()}` "
+                 f"· **keep_16bit** `{list(q.keep_16bit) if not isinstance(q.keep_16bit, str) else q.keep_16bit}`"))
 
 # %%
-base = models.load_checkpoint(checkpoint, models.DTYPES[params["model"]["dtype"]], params["model"]["attention"], device)
-keep = quant.resolve_keep(base, q["keep_16bit"])
-model = quant.quantize(checkpoint, q, params["model"], device, keep)
+base = models.load_checkpoint(checkpoint, settings, device)
+keep = quant.resolve_keep(base, q.keep_16bit)
+model = quant.quantize(checkpoint, q, settings, device, keep)
 table = quant.layer_table(model)
 table.groupby(["component", "class", "weight_dtype"]).agg(modules=("module", "count"), bytes=("bytes", "sum"))
 
@@ -52,33 +52,23 @@ with pd.option_context("display.max_rows", 400):
 
 # %% [markdown]
 # ## Save and compare with the 16-bit model
-# Sizes: on disk (the saved folder) and in memory (parameters, buffers and quantization state).
-# Output drift on a test batch: relative L2 error of the logits and top-1 agreement.
+# A smaller model is only worth having if it still predicts like the original: sizes on disk and
+# in memory, and the drift of its logits on a test batch (relative L2 error, top-1 agreement, KL).
 
 # %%
-model.save_pretrained(str(out / "model"))
-transformers.AutoImageProcessor.from_pretrained(checkpoint).save_pretrained(str(out / "model"))
-table.to_csv(out / "layers.csv", index=False)
+quant.save(model, checkpoint, runs.path(run_dir, "quantized"))
+table.to_csv(runs.path(run_dir, "layers"), index=False)
 
 ds = data.for_checkpoint(params["data"], params["seed"], checkpoint)
-x, _ = next(iter(ds.loader("test", params["eval"]["batch_size"])))
-ref, _ = infer.predict(base, [(x, torch.zeros(len(x)))], device, params["model"]["attention"])
-got, _ = infer.predict(model, [(x, torch.zeros(len(x)))], device, params["model"]["attention"])
-drift = {"rel_l2_logits": float(((got - ref) ** 2).sum() ** 0.5 / (ref ** 2).sum() ** 0.5),
-         "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()), "images": len(x)}
-
-summary = {
-    "quantization": quant.describe(q), "bits": q["bits"], "keep_16bit": q["keep_16bit"], "kept_modules": keep,
-    "quantized_modules": int(table["quantized"].sum()), "linear_modules": len(table),
-    "disk_bytes": quant.dir_bytes(out / "model"), "disk_bytes_16bit": quant.dir_bytes(checkpoint),
-    "footprint_bytes": models.parameter_bytes(model), "footprint_bytes_16bit": models.parameter_bytes(base),
-    **drift,
-}
-runs.write_json(out / "quant.json", summary)
-pd.DataFrame([
-    {"model": "16-bit (fine-tune step)", "disk MB": summary["disk_bytes_16bit"] / 2**20,
-     "memory MB": summary["footprint_bytes_16bit"] / 2**20, "rel. L2 error of logits": 0.0, "top-1 agreement": 1.0},
-    {"model": f"{quant.describe(q)} (this step)", "disk MB": summary["disk_bytes"] / 2**20,
-     "memory MB": summary["footprint_bytes"] / 2**20, "rel. L2 error of logits": drift["rel_l2_logits"],
-     "top-1 agreement": drift["top1_agreement"]},
-]).set_index("model").round(4)
+batch = [next(iter(ds.loader("test", params["eval"]["batch_size"])))]
+ref, _ = infer.predict(base, batch, device)
+rows = [evaluate.measure(base, "16-bit (fine-tune step)", batch, device, len(ds.class_names), params["seed"], checkpoint, ref)[0],
+        evaluate.measure(model, f"{q.describe()} (this step)", batch, device, len(ds.class_names), params["seed"],
+                         runs.path(run_dir, "quantized"), ref)[0]]
+summary = {"quantization": q.describe(), "bits": q.bits, "keep_16bit": params["quant"]["keep_16bit"], "kept_modules": keep,
+           "quantized_modules": int(table["quantized"].sum()), "linear_modules": len(table), "images": len(batch[0][0]),
+           "disk_mb": rows[1]["disk_mb"], "disk_mb_16bit": rows[0]["disk_mb"],
+           "footprint_mb": rows[1]["footprint_mb"], "footprint_mb_16bit": rows[0]["footprint_mb"],
+           **{k: rows[1][k] for k in ("logits_rel_err", "top1_agreement", "kl_to_ref")}}
+runs.write_json(runs.path(run_dir, "quant_summary"), summary)
+pd.DataFrame(rows).set_index("model")[["disk_mb", "footprint_mb", "logits_rel_err", "top1_agreement", "kl_to_ref"]].round(4)

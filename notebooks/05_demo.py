@@ -12,13 +12,13 @@
 
 # %% [markdown]
 # # 05 · Demo
-# Pick a run and one of its models (16-bit or quantized), then upload an image or pick one from the
-# test split: the top-5 classes appear with their probabilities and the latency of that prediction.
-# Open this notebook in JupyterLab and run all cells.
+# Numbers in a table are one thing; seeing a model name the flower in your own photo, and how long
+# it took, is another. Pick a run and one of its models (16-bit or the quantized / sped-up variant),
+# then upload an image or pick one from the test split: the top-5 classes appear with their
+# probabilities and the latency of that prediction. Open this notebook in JupyterLab and run all cells.
 
 # %% tags=["parameters"]
-params_file = "params/offline.yaml"  # unused here; kept so every step notebook takes the same parameters
-params = None
+params = None  # under `vitlab run`: the run's params (its `device` is used)
 run_dir = None  # the run to show first; None: every finished run under runs/
 
 # %%

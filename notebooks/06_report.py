@@ -12,38 +12,26 @@
 
 # %% [markdown]
 # # vitlab report: every run, compared
-# Accuracy against latency, size against memory, throughput against batch size, where the forward
-# pass spends its time, and which layers tolerate quantization. Each figure names the runs it
-# comes from; the first table lists every run, failed ones included, with its status.
+# One run answers one question; the trade-offs only show side by side. Accuracy against latency,
+# size against memory, throughput against batch size, where the forward pass spends its time, and
+# which layers tolerate quantization. Each figure names the runs it comes from; the first table
+# lists every run, failed ones included, with its status.
 
 # %% tags=["parameters"]
-params_file = "params/defaults.yaml"  # unused; every notebook takes the same parameters
-params = None
-run_dir = None  # this report's own folder (figures go to <run_dir>/report/)
 run_dirs = None  # run folders to compare; None: every run under runs_root
 runs_root = "runs"
-publish = False  # also copy the figures to figures/
 
 # %%
-import shutil
 from pathlib import Path
 
 import pandas as pd
 from IPython.display import Markdown, display
 
 from vitlab import plots, report, runs
-from vitlab.config import REPO_ROOT
 
-out = runs.step_dir(run_dir, "report") if run_dir else Path("report")
 sources = [Path(r) for r in run_dirs] if run_dirs else runs.list_runs(runs_root)
 data = report.collect(sources)
-figures = []
-
-
-def keep(fig, name):
-    figures.append(plots.save(fig, out / name))
-
-
+keep = lambda fig, name: plots.save(fig, Path(report.FIGURES) / name)
 display(Markdown(f"**{len(data.status)} runs** under `{runs_root}`"))
 data.status.set_index("run")
 
@@ -55,7 +43,7 @@ data.status.set_index("run")
 if data.accuracy.empty:
     display(Markdown("_No run has a finished evaluate step yet._"))
 else:
-    display(data.accuracy.set_index("label")[["top1", "top1_lo", "top1_hi", "top5", "f1_macro", "f1_weighted",
+    display(data.accuracy.set_index("model")[["top1", "top1_lo", "top1_hi", "top5", "f1_macro", "f1_weighted",
                                               "disk_mb", "footprint_mb", "device"]].round(4))
 
 # %% [markdown]
@@ -63,7 +51,7 @@ else:
 
 # %%
 if not data.latency.empty:
-    both = data.latency.merge(data.accuracy[["label", "top1", "top1_lo", "top1_hi"]], on="label").assign(model=lambda d: d["label"])
+    both = data.latency.merge(data.accuracy[["model", "top1", "top1_lo", "top1_hi"]], on="model")
     for bs in sorted(both["batch_size"].unique()):
         keep(plots.accuracy_vs_latency(both, int(bs)), f"accuracy_vs_latency_bs{bs}.png")
 
@@ -73,26 +61,24 @@ if not data.latency.empty:
 
 # %%
 if not data.latency.empty:
-    keep(plots.throughput_vs_batch(data.latency.assign(model=lambda d: d["label"])), "throughput_vs_batch.png")
-    display(data.latency.pivot_table(index="label", columns="batch_size", values="p50_ms").round(3))
+    keep(plots.throughput_vs_batch(data.latency), "throughput_vs_batch.png")
+    display(data.latency.pivot_table(index="model", columns="batch_size", values="p50_ms").round(3))
 
 # %% [markdown]
 # ## Size against memory
 
 # %%
 if not data.accuracy.empty:
-    peak = data.latency.groupby("label")["peak_mem_mb"].max()
-    keep(plots.size_vs_memory(data.accuracy.assign(model=lambda d: d["label"]).join(peak, on="label")),
-         "size_vs_memory.png")
+    peak = data.latency.groupby("model")["peak_mem_mb"].max()
+    keep(plots.size_vs_memory(data.accuracy.join(peak, on="model")), "size_vs_memory.png")
 
 # %% [markdown]
 # ## Where the forward pass goes
 
 # %%
 if not data.profile.empty:
-    prof = data.profile.assign(model=lambda d: d["label"])
-    prof.attrs["clock"] = "/".join(sorted(prof["clock"].unique()))
-    keep(plots.component_breakdown(prof), "component_breakdown.png")
+    data.profile.attrs["clock"] = "/".join(sorted(data.profile["clock"].unique()))
+    keep(plots.component_breakdown(data.profile), "component_breakdown.png")
 
 # %% [markdown]
 # ## Per-layer quantization sensitivity, and the mixed-precision choice
@@ -113,11 +99,3 @@ if not data.sensitivity.empty:
         keep(plots.pareto(rows, data.choices[run]), f"pareto_{run}.png")
         display(pd.DataFrame(data.choices[run]).T[["keep_16bit", "footprint_mb", "top1", "kl", "budget_mb",
                                                   "max_top1_drop"]])
-
-# %%
-if publish:
-    target = REPO_ROOT / "figures"
-    target.mkdir(exist_ok=True)
-    for f in figures:
-        shutil.copy(f, target / f.name)
-    display(Markdown(f"published {len(figures)} figures to `figures/`"))

@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny real ViT, small real images (scikit-learn digits), resolved smoke params."""
+"""Shared fixtures: a tiny real ViT, small real images (scikit-learn digits), resolved smoke params,
+typed model and quantization settings, an ImageFolder tree, and the smoke run made by the real runner."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitlab import config, data, models, runs
+from vitlab import config, data, models, quant, runs
 
 TINY = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
         "intermediate_size": 64}
@@ -28,19 +30,35 @@ def params(smoke_params) -> dict:
 
 
 @pytest.fixture(scope="session")
-def digits_data(smoke_params) -> data.Data:
-    return data.for_model(smoke_params["data"], 0, models.load_processor({"id": None, "config": TINY}))
+def f32() -> models.ModelSettings:
+    """float32 weights, transformers' SDPA attention: the tiny checkpoint as saved."""
+    return models.ModelSettings(id=None, dtype=torch.float32, attention="sdpa", config=dict(TINY))
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, digits_data) -> str:
+def bf16(f32) -> models.ModelSettings:
+    return models.ModelSettings(id=None, dtype=torch.bfloat16, attention="sdpa", config=dict(TINY))
+
+
+@pytest.fixture(scope="session")
+def nf4() -> quant.QuantSettings:
+    """NF4 with double quantization computing in bfloat16, nothing kept in 16-bit: params/defaults.yaml's quant."""
+    return quant.QuantSettings.from_params(config.defaults()["quant"])
+
+
+@pytest.fixture(scope="session")
+def digits_data(smoke_params, f32) -> data.Data:
+    return data.for_model(smoke_params["data"], 0, models.load_processor(f32))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, digits_data, f32) -> str:
     """A tiny ViT saved with save_pretrained: the local-directory path a user would pass as model.id."""
     torch.manual_seed(0)
-    cfg = {"id": None, "config": TINY, "attention": "sdpa", "dtype": "float32"}
-    model = models.build(cfg, digits_data.class_names)
+    model = models.build(f32, digits_data.class_names)
     path = tmp_path_factory.mktemp("ckpt") / "tiny-vit"
     model.save_pretrained(str(path))
-    models.load_processor(cfg).save_pretrained(str(path))
+    models.load_processor(f32).save_pretrained(str(path))
     return str(path)
 
 
@@ -48,6 +66,21 @@ def checkpoint(tmp_path_factory, digits_data) -> str:
 def test_batch(digits_data) -> torch.Tensor:
     x, _ = next(iter(digits_data.loader("test", 16)))
     return x
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory, digits_data) -> Path:
+    """A real ImageFolder tree (root/{train,valid,test}/<class>/*.png) written from digit images."""
+    root = tmp_path_factory.mktemp("folder")
+    for split in data.SPLITS:
+        ds = digits_data.splits[split]
+        for i in range(len(ds)):
+            image, label = ds[i]
+            path = root / split / f"c{label}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+    (root / "cat_to_name.json").write_text(json.dumps({f"c{k}": f"digit {k}" for k in range(10)}))
+    return root
 
 
 def vitlab(*args: str) -> subprocess.CompletedProcess:

@@ -1,10 +1,9 @@
 import pytest
+import torch
 
 from vitlab import ablation
 
-from .test_quant import CPU, MODEL as BF16_MODEL, Q
-
-MODEL = {**BF16_MODEL, "dtype": "float32"}
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +12,8 @@ def batches(digits_data):
 
 
 @pytest.fixture(scope="module")
-def rows(checkpoint, batches):
-    return ablation.sweep(checkpoint, MODEL, Q, ["nf4"], batches, CPU)
+def rows(checkpoint, f32, nf4, batches):
+    return ablation.sweep(checkpoint, f32, nf4, ["nf4"], batches, CPU)
 
 
 def by_config(rows):
@@ -61,27 +60,38 @@ def test_choose_under_a_size_budget_takes_the_lowest_kl_that_fits(rows):
 
 def test_choose_under_an_accuracy_budget_takes_the_smallest_that_fits(rows):
     c = by_config(rows)
+    ref = c["16-bit"]["top1"]
     cands = [r for r in rows if r["quant"] == "nf4" and r["kind"] in ("all quantized", "greedy")]
-    loose = ablation.choose(rows, "nf4", max_top1_drop=1.0)
-    assert loose["config"] == "all quantized"
-    worst = max(c["16-bit"]["top1"] - r["top1"] for r in cands)
-    best = min(c["16-bit"]["top1"] - r["top1"] for r in cands)
-    pick = ablation.choose(rows, "nf4", max_top1_drop=max(best, 0.0))
-    fits = [r for r in cands if c["16-bit"]["top1"] - r["top1"] <= max(best, 0.0) + 1e-12]
-    assert pick["footprint_mb"] == min(r["footprint_mb"] for r in fits)
-    if best > 0:
-        with pytest.raises(ValueError, match="loosen a budget"):
-            ablation.choose(rows, "nf4", max_top1_drop=best / 2)
-    assert worst >= best
+    assert ablation.choose(rows, "nf4", max_top1_drop=1.0)["config"] == "all quantized"  # any loss allowed: smallest
+    for drop in sorted({max(ref - r["top1"], 0.0) for r in cands}):
+        pick = ablation.choose(rows, "nf4", max_top1_drop=drop)
+        fits = [r for r in cands if ref - r["top1"] <= drop + 1e-12]
+        assert pick["footprint_mb"] == min(r["footprint_mb"] for r in fits) and ref - pick["top1"] <= drop + 1e-12
+    # An accuracy budget that only the 16-bit model meets: every quantized configuration is refused.
+    best_loss = min(ref - r["top1"] for r in cands)
+    with pytest.raises(ValueError, match="loosen a budget"):
+        ablation.choose(rows, "nf4", max_top1_drop=best_loss - 1e-3)
     with pytest.raises(ValueError, match="needs a size budget"):
         ablation.choose(rows, "nf4")
 
 
-def test_check_choice_gives_paired_differences_against_the_heuristics(rows, checkpoint, digits_data):
+def test_choose_all_applies_the_default_budget_and_writes_a_runnable_params_file(rows, smoke_params):
+    from vitlab import config
+    budgets = {**smoke_params["ablation"], "quant_types": ["nf4"]}
+    c = by_config(rows)
+    (choice,) = ablation.choose_all(rows, budgets).values()
+    smallest, full = c["all quantized"]["footprint_mb"], c["16-bit"]["footprint_mb"]
+    assert choice["budget_mb"] == pytest.approx(smallest + (full - smallest) / 4)
+    mixed = ablation.mixed_params(smoke_params, choice)
+    assert mixed["variant"] == "smoke_nf4_mixed" and mixed["quant"]["keep_16bit"] == choice["keep_16bit"]
+    config.validate(mixed)
+
+
+def test_check_choice_gives_paired_differences_against_the_heuristics(rows, checkpoint, digits_data, f32, nf4):
     held_out = list(digits_data.loader("test", 100))[:1]
     c = by_config(rows)
     choice = ablation.choose(rows, "nf4", budget_mb=c["greedy 1"]["footprint_mb"] + 1e-6)
-    checks = ablation.check_choice(checkpoint, MODEL, Q, choice, rows, held_out, CPU)
+    checks = ablation.check_choice(checkpoint, f32, nf4, choice, rows, held_out, CPU)
     groups = list(dict.fromkeys(r["comparison"] for r in checks))
     assert groups[0].startswith("budget") and groups[1:] == ["size of keep first+last"]
     first = [r for r in checks if r["comparison"] == groups[0]]
@@ -99,6 +109,9 @@ def test_check_choice_gives_paired_differences_against_the_heuristics(rows, chec
             assert r["d_top1_lo"] <= r["d_top1"] <= r["d_top1_hi"] and r["d_kl_lo"] <= r["d_kl"] <= r["d_kl_hi"]
             assert r["d_top1"] == pytest.approx(chosen["top1"] - r["top1"])
             assert r["d_kl"] == pytest.approx(chosen["kl"] - r["kl"])
+    lines = ablation.verdicts(checks)
+    assert len(lines) == sum(not r["chosen"] for r in checks)
+    assert all(("a tie" in l) != ("a real difference" in l) for l in lines)
 
 
 def test_pareto_front_holds_every_undominated_configuration(rows):

@@ -5,8 +5,8 @@ from vitlab import bench, models
 CPU = torch.device("cpu")
 
 
-def test_latency_sweep_rows(checkpoint):
-    model = models.load_checkpoint(checkpoint, torch.float32, "sdpa", CPU)
+def test_latency_sweep_rows(checkpoint, f32):
+    model = models.load_checkpoint(checkpoint, f32, CPU)
     rows = bench.latency_sweep(model, [1, 4], 16, CPU, warmup=1, iters=5, labels={"model": "tiny"})
     assert [r["batch_size"] for r in rows] == [1, 4]
     for r in rows:
@@ -15,8 +15,8 @@ def test_latency_sweep_rows(checkpoint):
         assert r["throughput_img_s"] == r["batch_size"] / r["p50_ms"] * 1e3
 
 
-def test_profile_breakdown_covers_every_component(checkpoint):
-    model = models.load_checkpoint(checkpoint, torch.float32, "sdpa", CPU)
+def test_profile_breakdown_covers_every_component(checkpoint, f32):
+    model = models.load_checkpoint(checkpoint, f32, CPU)
     x = bench.random_batch(model, 4, 16, CPU)
     table = bench.profile_components(model, x, iters=2)
     assert list(table["component"]) == ["patch_embed", "attention", "mlp", "norm", "classifier", "other"]

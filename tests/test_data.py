@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -9,21 +7,6 @@ from vitlab.data import DataError
 
 CFG = {"source": "imagefolder", "root": None, "max_per_class": None, "max_samples": None, "hflip": False,
        "num_workers": 0, "valid_fraction": 0.15, "test_fraction": 0.15}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, digits_data):
-    """A real ImageFolder tree (root/{train,valid,test}/<class>/*.png) written from digit images."""
-    root = tmp_path_factory.mktemp("folder")
-    for split in data.SPLITS:
-        ds = digits_data.splits[split]
-        for i in range(len(ds)):
-            image, label = ds[i]
-            path = root / split / f"c{label}" / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
-    (root / "cat_to_name.json").write_text(json.dumps({f"c{k}": f"digit {k}" for k in range(10)}))
-    return root
 
 
 def test_digits_splits_are_stratified_and_seeded(smoke_params):

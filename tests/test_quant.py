@@ -8,14 +8,11 @@ from vitlab import models, quant
 from vitlab.quant import QuantError
 
 CPU = torch.device("cpu")
-MODEL = {"id": None, "config": {}, "attention": "sdpa", "dtype": "bfloat16"}
-Q = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "int8_threshold": 6.0,
-     "keep_16bit": []}
 
 
 @pytest.fixture(scope="module")
-def base(checkpoint):
-    return models.load_checkpoint(checkpoint, torch.bfloat16, "sdpa", CPU)
+def base(checkpoint, bf16):
+    return models.load_checkpoint(checkpoint, bf16, CPU)
 
 
 def _logits(model, x):
@@ -24,9 +21,9 @@ def _logits(model, x):
 
 
 @pytest.mark.parametrize("bits, cls, bound", [(8, bnb.nn.Linear8bitLt, 0.05), (4, bnb.nn.Linear4bit, 0.25)])
-def test_quantized_modules_sizes_and_outputs(checkpoint, base, test_batch, bits, cls, bound):
+def test_quantized_modules_sizes_and_outputs(checkpoint, base, test_batch, bf16, nf4, bits, cls, bound):
     keep = quant.resolve_keep(base, [1])
-    model = quant.quantize(checkpoint, {**Q, "bits": bits}, MODEL, CPU, keep)
+    model = quant.quantize(checkpoint, nf4.replace(bits=bits), bf16, CPU, keep)
     for name, module in model.named_modules():
         if name in keep or name == "classifier":
             assert type(module) is nn.Linear, name
@@ -49,17 +46,18 @@ def test_keep_16bit_selectors(base):
         quant.resolve_keep(base, ["dense_h_to_4h"])
 
 
-def test_saved_quantized_model_reloads_identically(checkpoint, tmp_path, test_batch):
-    model = quant.quantize(checkpoint, Q, MODEL, CPU)
-    model.save_pretrained(str(tmp_path / "q"))
-    again = models.load_checkpoint(tmp_path / "q", torch.bfloat16, "sdpa", CPU)
+def test_saved_quantized_model_reloads_identically(checkpoint, tmp_path, test_batch, bf16, nf4):
+    model = quant.quantize(checkpoint, nf4, bf16, CPU)
+    quant.save(model, checkpoint, tmp_path / "q")
+    assert (tmp_path / "q" / "preprocessor_config.json").is_file()
+    again = models.load_checkpoint(tmp_path / "q", bf16, CPU)
     assert isinstance(again.vit.layers[0].mlp.fc1, bnb.nn.Linear4bit)
     torch.testing.assert_close(_logits(again, test_batch), _logits(model, test_batch))
-    assert quant.dir_bytes(tmp_path / "q") < quant.dir_bytes(checkpoint)
+    assert models.disk_bytes(tmp_path / "q") < models.disk_bytes(checkpoint)
 
 
-def test_layer_table_reports_every_linear(checkpoint, base):
-    model = quant.quantize(checkpoint, {**Q, "bits": 8}, MODEL, CPU, quant.resolve_keep(base, [0]))
+def test_layer_table_reports_every_linear(checkpoint, base, bf16, nf4):
+    model = quant.quantize(checkpoint, nf4.replace(bits=8), bf16, CPU, quant.resolve_keep(base, [0]))
     table = quant.layer_table(model)
     assert len(table) == 3 * 6 + 1
     assert table.set_index("module").loc["classifier", "quantized"] == False  # noqa: E712
@@ -67,7 +65,15 @@ def test_layer_table_reports_every_linear(checkpoint, base):
     assert set(table.loc[table["quantized"], "weight_dtype"]) == {"int8"}
 
 
-def test_sixteen_bits_is_the_plain_checkpoint(checkpoint):
-    model = quant.quantize(checkpoint, {**Q, "bits": 16}, MODEL, CPU)
+def test_sixteen_bits_is_the_plain_checkpoint(checkpoint, bf16, nf4):
+    model = quant.quantize(checkpoint, nf4.replace(bits=16), bf16, CPU)
     assert isinstance(model, ViTForImageClassification)
     assert not any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules())
+
+
+def test_settings_are_typed_once_from_params(nf4):
+    from vitlab import config
+    assert nf4.bits == 4 and nf4.compute_dtype is torch.bfloat16 and nf4.keep_16bit == () and nf4.describe() == "nf4+dq"
+    q = quant.QuantSettings.from_params(config.resolve(config.PARAMS_DIR / "int8_sdpa.yaml")["quant"])
+    assert q.describe() == "int8" and q.replace(bits=16).describe() == "16-bit"
+    assert quant.QuantSettings.from_params({**config.defaults()["quant"], "keep_16bit": "first_last"}).keep_16bit == "first_last"

@@ -4,10 +4,11 @@ import json
 import nbformat
 import yaml
 
-from vitlab import config, runs
+import pytest
+
+from vitlab import config, demo, report, runs
 
 from .conftest import vitlab
-from .test_data import folder  # noqa: F401  (an ImageFolder tree written from digit images)
 
 
 def _errors(notebook):
@@ -23,21 +24,26 @@ def test_smoke_run_executes_every_step(smoke_run):
     assert man["versions"]["torch"] and man["versions"]["bitsandbytes"] and man["device"]["type"] == "cpu"
     assert "commit" in man["git"]
     for step in man["steps"]:
-        notebook = smoke_run / runs.NOTEBOOKS[step].replace(".py", ".ipynb")
+        notebook = smoke_run / runs.STEPS[step].notebook.replace(".py", ".ipynb")
         assert notebook.is_file() and not _errors(notebook)
     params = yaml.safe_load((smoke_run / "params.yaml").read_text())
     assert params == config.resolve(config.PARAMS_DIR / "smoke.yaml")
 
 
 def test_smoke_run_artifacts(smoke_run):
-    history = json.loads((smoke_run / "finetune" / "metrics.json").read_text())["history"]
-    assert len(history) == 2 and (smoke_run / "finetune" / "training_curves.png").is_file()
-    q = json.loads((smoke_run / "quantize" / "quant.json").read_text())
-    assert q["quantization"] == "nf4+dq" and q["disk_bytes"] < q["disk_bytes_16bit"]
-    assert q["footprint_bytes"] < q["footprint_bytes_16bit"] and q["quantized_modules"] == 12
-    res = json.loads((smoke_run / "evaluate" / "results.json").read_text())
+    for step, spec in runs.STEPS.items():  # every declared product exists (the adapter only for LoRA methods)
+        for name in spec.products:
+            assert name == "adapter" or runs.path(smoke_run, name).exists(), name
+    history = json.loads(runs.path(smoke_run, "train_metrics").read_text())["history"]
+    assert len(history) == 2
+    q = json.loads(runs.path(smoke_run, "quant_summary").read_text())
+    assert q["quantization"] == "nf4+dq" and q["disk_mb"] < q["disk_mb_16bit"]
+    assert q["footprint_mb"] < q["footprint_mb_16bit"] and q["quantized_modules"] == 12
+    assert 0 < q["logits_rel_err"] < 1 and 0 <= q["top1_agreement"] <= 1
+    res = json.loads(runs.path(smoke_run, "results").read_text())
     assert [a["model"] for a in res["accuracy"]] == ["16-bit (float32)", "nf4+dq"]
     assert all(a["n"] == 200 and 0 <= a["top1"] <= a["top5"] <= 1 for a in res["accuracy"])
+    assert res["accuracy"][1]["top1_agreement"] > 0.5 and res["accuracy"][1]["logits_rel_err"] > 0
     assert sorted((r["model"], r["batch_size"]) for r in res["latency"]) == [
         ("16-bit (float32)", 1), ("16-bit (float32)", 4), ("nf4+dq", 1), ("nf4+dq", 4)]
     assert {p["component"] for p in res["profile"]} >= {"patch_embed", "attention", "mlp", "norm"}
@@ -61,20 +67,52 @@ def test_smoke_run_artifacts(smoke_run):
         assert mixed["quant"]["bits"] == (4 if q == "nf4" else 8)
 
 
-def test_report_renders_every_run(smoke_run):
+def test_the_models_of_a_run_are_labelled_once(smoke_run):
+    (base, variant) = runs.models_of(smoke_run)
+    assert (base.label, variant.label) == ("16-bit (float32)", "nf4+dq")
+    assert base.path == runs.path(smoke_run, "checkpoint") and variant.path == runs.path(smoke_run, "quantized")
+    assert not variant.speed.active
+    res = json.loads(runs.path(smoke_run, "results").read_text())
+    assert [a["model"] for a in res["accuracy"]] == list(demo.variants(smoke_run))  # evaluate and the demo agree
+
+
+def test_report_renders_every_run_and_is_not_a_run(smoke_run, tmp_path):
     runs_dir = smoke_run.parent
     proc = vitlab("report", "--runs-dir", str(runs_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report_dir = [r for r in runs.list_runs(runs_dir) if runs.manifest(r)["variant"] == "report"][0]
+    assert runs.list_runs(runs_dir) == [smoke_run]  # no params or manifest of its own
+    (report_dir,) = (runs_dir / "reports").iterdir()
     html = (report_dir / "06_report.html").read_text()
-    assert "smoke" in html and "def keep" not in html  # code hidden
-    for fig in ("throughput_vs_batch.png", f"sensitivity_{runs.manifest(smoke_run)['variant']}.png",
-                f"pareto_{runs.manifest(smoke_run)['variant']}.png"):
-        assert (report_dir / "report" / fig).is_file()
+    assert "smoke" in html and "keep = lambda" not in html  # code hidden
+    for fig in ("throughput_vs_batch.png", "sensitivity_smoke.png", "pareto_smoke.png"):
+        assert (report_dir / report.FIGURES / fig).is_file()
     assert not _errors(report_dir / "06_report.ipynb")
+    target = tmp_path / "published"
+    (target).mkdir()
+    (target / "pareto_smoke.png").write_bytes(b"old")
+    published = dict(report.publish(report_dir, target))
+    assert published["pareto_smoke.png"] is True and published["throughput_vs_batch.png"] is False
+    assert (target / "pareto_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_failed_step_marks_the_run_and_resume_finishes_it(tmp_path, folder):  # noqa: F811
+def test_a_hand_opened_step_finds_the_newest_run_with_what_it_needs(smoke_run, tmp_path):
+    """In JupyterLab the notebook has no run_dir: finetune starts a new run, later steps use the newest
+    run of the variant whose needed steps finished."""
+    params, run_dir, out, device = runs.open_step("evaluate", None, None, "params/smoke.yaml", smoke_run.parent)
+    assert run_dir == smoke_run and out == smoke_run / "evaluate" and device.type == "cpu"
+    params, run_dir, out, _ = runs.open_step("finetune", None, None, "params/smoke.yaml", tmp_path)
+    assert runs.list_runs(tmp_path) == [run_dir] and runs.manifest(run_dir)["steps"] == {"finetune": {"status": "pending"}}
+    with pytest.raises(runs.RunError, match="has finished finetune;"):
+        runs.open_step("quantize", None, None, "params/offline.yaml", tmp_path)
+
+
+def test_steps_without_what_they_need_are_refused_before_any_folder(tmp_path):
+    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "evaluate")
+    assert proc.returncode == 2 and "finetune" in proc.stderr and "quantize" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_step_marks_the_run_and_resume_finishes_it(tmp_path, folder):
     root = tmp_path / "flowers-like"
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path / "runs"), "--steps", "finetune,quantize",
                   "--set", "data.source=imagefolder", "--set", f"data.root={root}")
@@ -83,7 +121,7 @@ def test_failed_step_marks_the_run_and_resume_finishes_it(tmp_path, folder):  # 
     man = runs.manifest(run_dir)
     assert man["status"] == "failed" and man["failed_step"] == "finetune"
     assert "train/<class>" in man["steps"]["finetune"]["error"] and man["steps"]["quantize"]["status"] == "pending"
-    assert not (run_dir / "finetune" / "metrics.json").exists()
+    assert not runs.path(run_dir, "train_metrics").exists()
 
     root.symlink_to(folder)  # the data set arrives; resume runs what did not finish
     proc = vitlab("run", "--resume", str(run_dir))
@@ -97,7 +135,7 @@ def test_speed_variant_runs_through_the_evaluate_step(tmp_path):
                   "--set", "quant.bits=16", "--set", "speed.compile=linears")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (run_dir,) = runs.list_runs(tmp_path)
-    res = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    res = json.loads(runs.path(run_dir, "results").read_text())
     a, b = res["accuracy"]
     assert b["model"] == "float32 + compile linears" and a["top1"] == b["top1"]
     assert {r["model"] for r in res["latency"]} == {a["model"], b["model"]}

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, runs
+from . import config, report, runs
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -19,10 +19,10 @@ def _run(args: argparse.Namespace) -> int:
         if not args.params:
             raise config.ParamsError("give a params file (e.g. params/offline.yaml) or --resume RUN_DIR")
         params = config.resolve(args.params, args.set)
-        steps = args.steps.split(",") if args.steps else params["steps"]
-        params["steps"] = steps
-        config.validate(params)
-        run_dir = runs.create(params, args.runs_dir, steps)
+        if args.steps:
+            params["steps"] = args.steps.split(",")
+            config.validate(params)
+        run_dir = runs.create(params, args.runs_dir)
     print(f"[vitlab] run folder: {run_dir}", flush=True)
     man = runs.execute(run_dir)
     print(f"[vitlab] {man['status']}: {run_dir}", flush=True)
@@ -30,16 +30,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    params = config.resolve(config.PARAMS_DIR / "defaults.yaml", ["variant=report", "steps=[report]"])
-    run_dir = runs.create(params, args.runs_dir, ["report"])
-    print(f"[vitlab] report folder: {run_dir}", flush=True)
-    sources = [str(Path(p).resolve()) for p in args.runs] or None
-    man = runs.execute(run_dir, extra={"run_dirs": sources, "runs_root": str(Path(args.runs_dir).resolve()),
-                                       "publish": args.publish})
-    if man["status"] == "ok":
-        html = runs.render_html(run_dir / "06_report.ipynb")
-        print(f"[vitlab] report: {html}", flush=True)
-    return 0 if man["status"] == "ok" else 1
+    sources = [Path(p).resolve() for p in args.runs] or runs.list_runs(args.runs_dir)
+    for source in sources:
+        runs.manifest(source)  # fails clearly on a folder that is not a run
+    try:
+        html = report.render(sources, Path(args.runs_dir).resolve())
+    except Exception as e:  # papermill's execution error carries the failing cell's exception
+        print(f"vitlab: report failed: {getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}",
+              file=sys.stderr)
+        return 1
+    print(f"[vitlab] report: {html}", flush=True)
+    if args.publish:
+        for name, replaced in report.publish(html.parent):
+            print(f"[vitlab] published figures/{name}{' (replaced the existing file)' if replaced else ''}", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ images against the seeds' heuristics with paired bootstrap intervals.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,16 +18,19 @@ import transformers
 from tqdm.auto import tqdm
 
 from . import infer, metrics, models, quant
+from .models import ModelSettings
+from .quant import QuantSettings
 
 QUANT_TYPES = {"nf4": {"bits": 4, "type": "nf4"}, "fp4": {"bits": 4, "type": "fp4"}, "int8": {"bits": 8}}
 
 Config = tuple[str, "int | None", "list | str"]  # (name, encoder layer or None, keep_16bit)
 
 
-def quant_config(base: dict[str, Any], name: str) -> dict[str, Any]:
+def quant_settings(base: QuantSettings, name: str) -> QuantSettings:
+    """`base` (the run's quant settings: double quant, compute dtype, threshold) as quant type `name`."""
     if name not in QUANT_TYPES:
         raise ValueError(f"unknown ablation quant type '{name}'; choose from {list(QUANT_TYPES)}")
-    return {**copy.deepcopy(base), **QUANT_TYPES[name]}
+    return base.replace(**QUANT_TYPES[name])
 
 
 def configurations(n_layers: int) -> list[Config]:
@@ -49,11 +51,10 @@ def heuristics(n_layers: int) -> list[Config]:
 class _Scorer:
     """The 16-bit reference on a fixed set of batches, and quantized variants scored against it."""
 
-    def __init__(self, checkpoint: str | Path, model_cfg: dict[str, Any], batches: list, device: torch.device):
-        self.checkpoint, self.model_cfg, self.batches, self.device = checkpoint, model_cfg, batches, device
-        self.attn = model_cfg["attention"]
-        base = models.load_checkpoint(checkpoint, models.DTYPES[model_cfg["dtype"]], self.attn, device)
-        self.ref, self.labels = infer.predict(base, batches, device, self.attn, desc="16-bit")
+    def __init__(self, checkpoint: str | Path, settings: ModelSettings, batches: list, device: torch.device):
+        self.checkpoint, self.settings, self.batches, self.device = checkpoint, settings, batches, device
+        base = models.load_checkpoint(checkpoint, settings, device)
+        self.ref, self.labels = infer.predict(base, batches, device, desc="16-bit")
         self.n_layers = len(models.encoder_layers(base)[1])
         self.ref_bytes = models.parameter_bytes(base)
         self._base = base
@@ -61,14 +62,14 @@ class _Scorer:
     def resolve(self, keep: list | str) -> list[str]:
         return quant.resolve_keep(self._base, keep)
 
-    def run(self, qcfg: dict[str, Any], configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
+    def run(self, q: QuantSettings, configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
         # One bar over the configurations: a loading and a predict bar per quantized copy would bury the notebook.
         transformers.utils.logging.disable_progress_bar()
         try:
-            for name, layer, keep in tqdm(configs, desc=quant.describe(qcfg), leave=False):
+            for name, layer, keep in tqdm(configs, desc=q.describe(), leave=False):
                 kept = self.resolve(keep)
-                model = quant.quantize(self.checkpoint, qcfg, self.model_cfg, self.device, kept)
-                logits, _ = infer.predict(model, self.batches, self.device, self.attn, progress=False)
+                model = quant.quantize(self.checkpoint, q, self.settings, self.device, kept)
+                logits, _ = infer.predict(model, self.batches, self.device, progress=False)
                 yield (name, layer, keep), kept, logits, models.parameter_bytes(model)
                 del model
         finally:
@@ -95,25 +96,20 @@ def _kind(name: str) -> str:
     return "single layer" if name.startswith("keep layer") else "group"
 
 
-def sweep(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], quant_types: list[str],
-          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0,
-          configs: list[Config] | None = None, greedy: bool = True) -> list[dict]:
-    """Score each configuration (default: `configurations`) for every quant type against the 16-bit model.
-
-    With `greedy`, also measure every prefix of `greedy_order` (configs "greedy 1", "greedy 2", ...):
-    the candidates `choose` picks from.
-    """
-    scorer = _Scorer(checkpoint, model_cfg, batches, device)
+def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, quant_types: list[str],
+          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0) -> list[dict]:
+    """Score every `configurations` entry for each quant type against the 16-bit model, then every
+    prefix of `greedy_order` (configs "greedy 1", "greedy 2", ...): the candidates `choose` picks from."""
+    scorer = _Scorer(checkpoint, settings, batches, device)
     rows = [_row("16-bit", ("16-bit", None, []), "16-bit", scorer, scorer.ref, scorer.ref_bytes, seed)]
     for qname in quant_types:
-        qcfg = quant_config(quant_cfg, qname)
-        for config, kept, logits, size in scorer.run(qcfg, configs or configurations(scorer.n_layers)):
+        q = quant_settings(base, qname)
+        for config, kept, logits, size in scorer.run(q, configurations(scorer.n_layers)):
             rows.append(_row(qname, config, _kind(config[0]), scorer, logits, size, seed, len(kept)))
-        if greedy:
-            order = greedy_order(rows, qname)
-            path = [(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)]
-            for config, kept, logits, size in scorer.run(qcfg, path):
-                rows.append(_row(qname, config, "greedy", scorer, logits, size, seed, len(kept)))
+        order = greedy_order(rows, qname)
+        path = [(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)]
+        for config, kept, logits, size in scorer.run(q, path):
+            rows.append(_row(qname, config, "greedy", scorer, logits, size, seed, len(kept)))
     return rows
 
 
@@ -166,6 +162,46 @@ def choose(rows: list[dict], quant_name: str, budget_mb: float | None = None,
             "budget_mb": budget_mb, "max_top1_drop": max_top1_drop}
 
 
+def choose_all(rows: list[dict], ablation_params: dict[str, Any]) -> dict[str, dict]:
+    """`choose` for every quant type of the `ablation` params. With neither budget set, the size budget is
+    a quarter of the way from fully quantized to 16-bit: enough room to keep the most sensitive layers."""
+    drop = None if ablation_params["max_top1_drop_pt"] is None else ablation_params["max_top1_drop_pt"] / 100
+    full = next(r for r in rows if r["config"] == "16-bit")["footprint_mb"]
+    choices = {}
+    for q in ablation_params["quant_types"]:
+        budget = ablation_params["budget_mb"]
+        if budget is None and drop is None:
+            smallest = next(r for r in rows if r["quant"] == q and r["config"] == "all quantized")["footprint_mb"]
+            budget = smallest + (full - smallest) / 4
+        choices[q] = choose(rows, q, budget, drop)
+    return choices
+
+
+def mixed_params(params: dict[str, Any], choice: dict) -> dict[str, Any]:
+    """The run's params with `quant` set to the choice: a params file `vitlab run` takes."""
+    return {**params, "variant": f"{params['variant']}_{choice['quant']}_mixed",
+            "quant": {**params["quant"], **QUANT_TYPES[choice["quant"]], "keep_16bit": choice["keep_16bit"]}}
+
+
+def verdicts(checks: list[dict]) -> list[str]:
+    """One sentence per comparison of `check_choice`: the top-1 difference (a tie when its paired interval
+    holds 0) and whether the KL is lower, higher or indistinguishable."""
+    lines = []
+    groups = list(dict.fromkeys((c["quant"], c["comparison"]) for c in checks))
+    for q, comparison in groups:
+        group = [c for c in checks if (c["quant"], c["comparison"]) == (q, comparison)]
+        mine = next(c for c in group if c["chosen"])
+        for r in (c for c in group if not c["chosen"]):
+            tie = r["d_top1_lo"] <= 0 <= r["d_top1_hi"]
+            kl_word = "lower" if r["d_kl_hi"] < 0 else "higher" if r["d_kl_lo"] > 0 else "indistinguishable"
+            lines.append(f"**{q}**, {comparison}: *{mine['config']}* ({mine['footprint_mb']:.3f} MB) vs *{r['config']}* "
+                         f"({r['footprint_mb']:.3f} MB): top-1 {r['d_top1'] * 100:+.2f} pt "
+                         f"[{r['d_top1_lo'] * 100:+.2f}, {r['d_top1_hi'] * 100:+.2f}] "
+                         f"({'a tie' if tie else 'a real difference'}); "
+                         f"KL {kl_word}: {r['d_kl']:+.2e} [{r['d_kl_lo']:+.2e}, {r['d_kl_hi']:+.2e}]")
+    return lines
+
+
 def _label(keep: list) -> str:
     return f"greedy {keep}" if keep else "all quantized"
 
@@ -176,7 +212,7 @@ def _budget_label(choice: dict) -> str:
     return "budget " + " and ".join(parts)
 
 
-def check_choice(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: dict[str, Any], choice: dict,
+def check_choice(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, choice: dict,
                  rows: list[dict], batches: list, device: torch.device, seed: int = 0) -> list[dict]:
     """`choose`'s answer on (held-out) batches, against the seeds' heuristics; and, for each heuristic the
     sweep measured, the greedy configuration at exactly that heuristic's size against it.
@@ -197,9 +233,9 @@ def check_choice(checkpoint: str | Path, model_cfg: dict[str, Any], quant_cfg: d
             groups.append((f"size of {h[0]}", (f"{_label(match['keep_16bit'])} at that size", None,
                                                match["keep_16bit"]), [h]))
     distinct = {repr(c[2]): c for _, mine, others in groups for c in [*others, mine]}
-    scorer = _Scorer(checkpoint, model_cfg, batches, device)
+    scorer = _Scorer(checkpoint, settings, batches, device)
     scored = {repr(c[2]): (kept, logits, size)
-              for c, kept, logits, size in scorer.run(quant_config(quant_cfg, q), list(distinct.values()))}
+              for c, kept, logits, size in scorer.run(quant_settings(base, q), list(distinct.values()))}
     hits = lambda logits: (logits.argmax(1) == scorer.labels).astype(float)
     out = []
     for comparison, mine, others in groups:

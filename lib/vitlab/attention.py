@@ -1,14 +1,15 @@
-"""Attention kernels: one `model.attention` param for every step.
+"""Attention kernels: one `model.attention` param, set on the model once when it is loaded.
 
 `eager` and `sdpa` are transformers' own implementations; `sdpa_flash`, `sdpa_efficient` and
 `sdpa_cudnn` run transformers' SDPA path with one PyTorch backend forced (so a kernel that cannot
 run raises instead of silently falling back); `flash_attention_2` is the `flash-attn` package.
+`apply` makes the choice part of the model: a forced backend is entered by the model's own forward,
+so every caller (training, prediction, timing, CUDA-graph capture, peft wrappers) gets it.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import importlib.util
-from typing import Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,8 +36,8 @@ def hf_implementation(name: str) -> str:
     return {"eager": "eager", "flash_attention_2": "flash_attention_2"}.get(name, "sdpa")
 
 
-def check_supported(name: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Fail early, naming the fix, when `name` cannot run on `device` with `dtype`."""
+def check_supported(name: str, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Fail early, naming the fix, when `name` cannot run on `device` (with `dtype`, when known)."""
     hf_implementation(name)
     if name in GPU_ONLY and device.type != "cuda":
         raise AttentionError(f"attention '{name}' needs a CUDA GPU; on {device.type} use 'sdpa' or 'eager'")
@@ -45,7 +46,7 @@ def check_supported(name: str, device: torch.device, dtype: torch.dtype) -> None
         if major < 8:
             raise AttentionError(f"attention '{name}' needs an Ampere or newer GPU (SM80+); "
                                  f"{torch.cuda.get_device_name(device)} is SM{major}{minor}: use 'sdpa' or 'sdpa_efficient'")
-        if name != "sdpa_cudnn" and dtype not in (torch.float16, torch.bfloat16):
+        if dtype is not None and name != "sdpa_cudnn" and dtype not in (torch.float16, torch.bfloat16):
             raise AttentionError(f"attention '{name}' runs in float16/bfloat16 only, the model computes in "
                                  f"{dtype}: set model.dtype (or quant.compute_dtype) to bfloat16")
     if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -54,24 +55,44 @@ def check_supported(name: str, device: torch.device, dtype: torch.dtype) -> None
                              "or use 'sdpa_flash' (PyTorch's built-in FlashAttention-2 kernel)")
 
 
-@contextlib.contextmanager
-def kernel(name: str) -> Iterator[None]:
-    """Wrap a forward pass so that the chosen SDPA backend, and only it, may run."""
-    backend = FORCED_BACKENDS.get(name)
-    if backend is None:
-        yield
-        return
-    try:
-        with sdpa_kernel([backend]):
-            yield
-    except RuntimeError as e:
-        if "No available kernel" in str(e):
-            raise AttentionError(f"PyTorch could not run attention '{name}' on these inputs ({e}); "
-                                 "use 'sdpa' to let PyTorch pick a kernel") from e
-        raise
+def _forced(forward, name: str):
+    backend = FORCED_BACKENDS[name]
+
+    @functools.wraps(forward)
+    def forward_with_backend(*args, **kwargs):
+        try:
+            with sdpa_kernel([backend]):
+                return forward(*args, **kwargs)
+        except RuntimeError as e:
+            if "No available kernel" in str(e) or "no kernel" in str(e).lower():
+                raise AttentionError(f"PyTorch could not run attention '{name}' on these inputs ({str(e)[:300]}); "
+                                     "use 'sdpa' to let PyTorch pick a kernel") from e
+            raise
+    return forward_with_backend
 
 
 def apply(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """Switch a loaded transformers model to the attention implementation `name` needs."""
+    """Make `name` the attention of a loaded transformers model: its implementation, and for a forced
+    SDPA backend, a forward that enters that backend. Applying again replaces the earlier choice."""
     model.set_attn_implementation(hf_implementation(name))
+    # The forward as loaded: None, or an instance-level one (accelerate's device hooks). Kept once, so
+    # a second apply replaces the first instead of nesting inside it.
+    original = model.__dict__.setdefault("_vitlab_forward", model.__dict__.get("forward"))
+    if name in FORCED_BACKENDS:
+        model.forward = _forced(original or type(model).forward.__get__(model), name)
+    elif original is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = original
+    model._vitlab_attention = name
     return model
+
+
+def of(model: torch.nn.Module) -> str:
+    """The vitlab attention name a model was loaded with (under peft, compile and CUDA-graph wrappers)."""
+    while not hasattr(model, "_vitlab_attention"):
+        inner = getattr(model, "base_model", None) or getattr(model, "model", None) or getattr(model, "_orig_mod", None)
+        if inner is None or inner is model:
+            return hf_implementation(getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa")
+        model = inner
+    return model._vitlab_attention

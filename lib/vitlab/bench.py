@@ -1,7 +1,7 @@
 """Latency, throughput, memory and a profiler breakdown of a model's forward pass.
 
-One function per measurement, each returning rows. Timings: warm-up iterations first, then one
-timing per iteration (CUDA events on a GPU, perf_counter on the CPU); report medians and tails.
+One function per measurement, each returning one flat row or a table. Timings: warm-up iterations
+first, then one timing per iteration (CUDA events on a GPU, perf_counter on the CPU); medians and tails.
 """
 from __future__ import annotations
 
@@ -19,12 +19,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm.auto import tqdm
 
-from . import attention, metrics, models
+from . import metrics, models
 from .infer import input_dtype
-
-# Kineto logs "gpuGetDeviceCount failed" as an ERROR whenever a CUDA build of torch profiles on a
-# machine without a GPU; it is harmless and reads like a failure in the executed notebooks.
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 COMPONENTS = ("patch_embed", "attention", "mlp", "norm", "classifier")
 # bitsandbytes kernels that turn packed weights back into 16-bit (4-bit) or scale int8 results.
@@ -38,47 +34,55 @@ def random_batch(model: nn.Module, batch_size: int, image_size: int, device: tor
 
 
 @torch.inference_mode()
-def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int,
-                 attention_name: str = "sdpa") -> list[float]:
+def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> list[float]:
     """Per-iteration forward latency in ms, after `warmup` untimed iterations."""
     cuda = x.device.type == "cuda"
-    with attention.kernel(attention_name):
-        for _ in range(warmup):
-            model(pixel_values=x)
+    for _ in range(warmup):
+        model(pixel_values=x)
+    if cuda:
+        torch.cuda.synchronize(x.device)
+    times = []
+    for _ in range(iters):
         if cuda:
-            torch.cuda.synchronize(x.device)
-        times = []
-        for _ in range(iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(pixel_values=x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                model(pixel_values=x)
-                times.append((time.perf_counter() - t0) * 1e3)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(pixel_values=x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            model(pixel_values=x)
+            times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
+def latency(model: nn.Module, batch_size: int, image_size: int, device: torch.device, warmup: int,
+            iters: int) -> dict[str, Any]:
+    """One flat row for one batch size: latency statistics, throughput (img/s at the median) and peak
+    GPU memory (None on the CPU)."""
+    x = random_batch(model, batch_size, image_size, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = metrics.latency_stats(time_forward(model, x, warmup, iters))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"batch_size": batch_size, **stats, "throughput_img_s": batch_size / stats["p50_ms"] * 1e3,
+            "peak_mem_mb": peak}
+
+
 def latency_sweep(model: nn.Module, batch_sizes: list[int], image_size: int, device: torch.device,
-                  warmup: int, iters: int, attention_name: str = "sdpa", labels: dict[str, Any] | None = None) -> list[dict]:
-    """One row per batch size (each carrying `labels`): latency statistics, throughput (img/s at the
-    median) and peak GPU memory."""
-    rows = []
-    for bs in tqdm(batch_sizes, desc="latency", leave=False):
-        x = random_batch(model, bs, image_size, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        stats = metrics.latency_stats(time_forward(model, x, warmup, iters, attention_name))
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        rows.append({**(labels or {}), "batch_size": bs, **stats, "throughput_img_s": bs / stats["p50_ms"] * 1e3,
-                     "peak_mem_mb": peak})
-        del x
-    return rows
+                  warmup: int, iters: int, labels: dict[str, Any] | None = None) -> list[dict]:
+    """`latency` at every batch size, each row carrying `labels`."""
+    return [{**(labels or {}), **latency(model, bs, image_size, device, warmup, iters)}
+            for bs in tqdm(batch_sizes, desc="latency", leave=False)]
+
+
+def _quiet_kineto() -> None:
+    # Kineto logs "gpuGetDeviceCount failed" as an ERROR whenever a CUDA build of torch profiles on a
+    # machine without a GPU; it is harmless and reads like a failure in the executed notebooks. It
+    # reads this when the profiler first starts, so setting it here, before the first trace, suffices.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 
 def _annotate(model: nn.Module) -> list:
@@ -103,7 +107,7 @@ def _annotate(model: nn.Module) -> list:
 
 
 @torch.inference_mode()
-def profile_components(model: nn.Module, x: torch.Tensor, iters: int, attention_name: str = "sdpa",
+def profile_components(model: nn.Module, x: torch.Tensor, iters: int,
                        trace_path: str | Path | None = None) -> pd.DataFrame:
     """Forward time per component (device time on a GPU, CPU time otherwise), averaged over `iters`.
 
@@ -111,20 +115,20 @@ def profile_components(model: nn.Module, x: torch.Tensor, iters: int, attention_
     is bitsandbytes' (de)quantisation kernels, already counted inside their component.
     """
     cuda = x.device.type == "cuda"
+    _quiet_kineto()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with attention.kernel(attention_name):
-        model(pixel_values=x)  # warm-up outside the trace
-        handles = _annotate(model)
-        try:
-            with profile(activities=activities) as prof:
-                for _ in range(iters):
-                    with record_function("vitlab::forward"):
-                        model(pixel_values=x)
-                if cuda:
-                    torch.cuda.synchronize(x.device)
-        finally:
-            for h in handles:
-                h.remove()
+    model(pixel_values=x)  # warm-up outside the trace
+    handles = _annotate(model)
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(iters):
+                with record_function("vitlab::forward"):
+                    model(pixel_values=x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+    finally:
+        for h in handles:
+            h.remove()
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
     # Only CPU-side ranges: key_averages() would merge in the GPU-timeline copy of each range (its
@@ -154,6 +158,7 @@ def profile_components(model: nn.Module, x: torch.Tensor, iters: int, attention_
 @torch.inference_mode()
 def kernel_table(model: nn.Module, x: torch.Tensor, iters: int = 3, top: int = 12) -> pd.DataFrame:
     """The GPU kernels of a forward pass by total device time per forward: what a speed-up must beat."""
+    _quiet_kineto()
     model(pixel_values=x)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):

@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = REPO_ROOT / "params"
 DEFAULTS_FILE = PARAMS_DIR / "defaults.yaml"
 
-STEPS = ("finetune", "quantize", "evaluate", "ablation", "demo", "report")
+STEPS = ("finetune", "quantize", "evaluate", "ablation", "demo")  # runs.STEPS declares what each reads and writes
 ATTENTION = ("eager", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attention_2")
 CHOICES: dict[str, tuple] = {
     "model.attention": ATTENTION,
@@ -34,7 +34,7 @@ CHOICES: dict[str, tuple] = {
 # Dicts whose keys are not ours to fix: model.config is handed to transformers' ViTConfig.
 FREE_FORM = {"model.config"}
 # Keys that take more than one type; _validate_cross checks them.
-MIXED_TYPE = {"quant.keep_16bit", "model.id"}
+MIXED_TYPE = {"quant.keep_16bit", "model.id", "finetune.lora.target_modules"}
 
 
 class ParamsError(ValueError):
@@ -136,6 +136,10 @@ def _validate_cross(params: dict[str, Any]) -> None:
             raise ParamsError(f"unknown parameter 'model.config.{key}' (not a ViTConfig field){hint}")
     if not isinstance(params["model"]["id"], (str, type(None))):
         raise ParamsError(f"model.id must be a hub id or a directory (a string) or null, got {params['model']['id']!r}")
+    targets = params["finetune"]["lora"]["target_modules"]
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise ParamsError(f"finetune.lora.target_modules must be 'auto', 'attention', a module name (fc1) or a list of "
+                          f"names ([q_proj, v_proj]), got {targets!r}")
     keep = params["quant"]["keep_16bit"]
     if not isinstance(keep, (list, str)):
         raise ParamsError("quant.keep_16bit must be a list of layer indices / name patterns, or 'first_last'")

@@ -11,25 +11,21 @@ import torch
 import transformers
 from PIL import Image
 
-from . import data, infer, models, quant, runs
+from . import data, evaluate, infer, models, runs, speed
 
 
 def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
-    """Runs whose quantize step finished, newest first."""
-    return [r for r in reversed(runs.list_runs(runs_dir)) if runs.step_ok(r, "quantize")]
+    """Runs that hold every model the demo shows (the steps it needs finished), newest first."""
+    return [r for r in reversed(runs.list_runs(runs_dir)) if all(runs.done(r, s) for s in runs.STEPS["demo"].needs)]
 
 
-def variants(run_dir: Path) -> dict[str, Path]:
-    """The models of a run: the merged 16-bit checkpoint and, if quantized, the quantized one."""
-    params = runs.load_params(run_dir)
-    out = {f"16-bit ({params['model']['dtype']})": run_dir / "finetune" / "model"}
-    if params["quant"]["bits"] != 16:
-        out[quant.describe(params["quant"])] = run_dir / "quantize" / "model"
-    return out
+def variants(run_dir: Path) -> dict[str, runs.RunModel]:
+    """The models of a run by label, as evaluate names them."""
+    return {m.label: m for m in runs.models_of(run_dir)}
 
 
 class Predictor:
-    """Loads each (run, variant) model once and classifies single images with it."""
+    """Loads each (run, variant) model once, as evaluate runs it, and classifies single images with it."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -38,27 +34,27 @@ class Predictor:
     def _load(self, run_dir: Path, variant: str) -> tuple:
         key = (run_dir, variant)
         if key not in self._models:
-            params = runs.load_params(run_dir)
-            path = variants(run_dir)[variant]
-            model = models.load_checkpoint(path, models.DTYPES[params["model"]["dtype"]], params["model"]["attention"],
-                                           self.device)
-            processor = transformers.AutoImageProcessor.from_pretrained(path)
+            entry = variants(run_dir)[variant]
+            settings = models.ModelSettings.from_params(runs.load_params(run_dir)["model"])
+            model = evaluate.load(entry, settings, self.device)
+            processor = transformers.AutoImageProcessor.from_pretrained(entry.path)
             size = processor.size.get("height") or processor.size.get("shortest_edge")
             transform = data.transforms(size, processor.image_mean, processor.image_std, train=False)
-            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            self._models[key] = (model, transform, names, params["model"]["attention"])
+            config = speed.unwrapped(model).config
+            names = [config.id2label[i] for i in range(config.num_labels)]
+            self._models[key] = (model, transform, names)
         return self._models[key]
 
     def predict(self, run_dir: Path, variant: str, image: Image.Image) -> tuple[list[tuple[str, float]], float]:
-        model, transform, names, attn = self._load(run_dir, variant)
-        infer.top_k(model, image, transform, names, self.device, attn)  # first call pays one-off set-up costs
-        return infer.top_k(model, image, transform, names, self.device, attn)
+        model, transform, names = self._load(run_dir, variant)
+        infer.top_k(model, image, transform, names, self.device)  # first call pays one-off set-up costs
+        return infer.top_k(model, image, transform, names, self.device)
 
 
 def test_images(run_dir: Path, n: int = 12) -> list[tuple[str, Image.Image]]:
     """The first n images of the run's test split with their true class names."""
     params = runs.load_params(run_dir)
-    processor = transformers.AutoImageProcessor.from_pretrained(run_dir / "finetune" / "model")
+    processor = transformers.AutoImageProcessor.from_pretrained(runs.path(run_dir, "checkpoint"))
     splits = data.load_splits(params["data"], params["seed"],
                               processor.size.get("height") or processor.size.get("shortest_edge"))
     return [(f"#{i}: {splits.class_names[splits.test[i][1]]}", splits.test[i][0]) for i in range(min(n, len(splits.test)))]

@@ -12,16 +12,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from . import attention, models, quant
+from . import models, quant
+from .models import ModelSettings
 
 
 def lora_targets(model: nn.Module, which: str | list[str]) -> list[str]:
-    """Leaf names of the linear layers LoRA adapts, found in the model (q_proj..fc2 or query..dense)."""
+    """Leaf names of the linear layers LoRA adapts, found in the model (q_proj..fc2 or query..dense):
+    `auto` (every block linear), `attention` (q/k/v/o), one leaf name, or a list of them."""
     if which == "auto":
         names = models.block_linears(model)
     elif which == "attention":
         names = models.attention_linears(model)
     else:
+        which = [which] if isinstance(which, str) else list(which)
         available = {n.rsplit(".", 1)[-1] for n in models.block_linears(model)}
         unknown = sorted(set(which) - available)
         if unknown:
@@ -31,17 +34,18 @@ def lora_targets(model: nn.Module, which: str | list[str]) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n in names})
 
 
-def build(model_cfg: dict[str, Any], ft_cfg: dict[str, Any], class_names: list[str],
+def build(settings: ModelSettings, ft_cfg: dict[str, Any], class_names: list[str],
           device: torch.device) -> nn.Module:
     """The model to train: the plain model (full), a LoRA model, or LoRA on a 4-bit NF4 base (qlora)."""
     method = ft_cfg["method"]
     if method == "qlora":
         # QLoRA's base: NF4 with double quantization, computing in the model's 16-bit dtype.
-        q = quant.bnb_config({"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": model_cfg["dtype"]}, [])
-        model = models.build(model_cfg, class_names, dtype=torch.float32, quantization_config=q, device=device)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        q = quant.bnb_config(quant.QuantSettings(bits=4, type="nf4", double_quant=True, compute_dtype=settings.dtype), [])
+        model = models.build(settings, class_names, dtype=torch.float32, quantization_config=q, device=device)
+        model = prepare_model_for_kbit_training(models.generic_cpu_4bit(model, every_layer=True),
+                                                use_gradient_checkpointing=False)
     else:
-        model = models.build(model_cfg, class_names, dtype=torch.float32).to(device)
+        model = models.build(settings, class_names, dtype=torch.float32).to(device)
     if method == "full":
         return model
     lora = ft_cfg["lora"]
@@ -70,7 +74,7 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def _epoch(model: nn.Module, batches: DataLoader, device: torch.device, amp: torch.dtype | None,
-           attention_name: str, optimizer: torch.optim.Optimizer | None = None, scheduler=None,
+           optimizer: torch.optim.Optimizer | None = None, scheduler=None,
            scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0, desc: str = "") -> dict:
     training = optimizer is not None
     model.train(training)
@@ -78,8 +82,7 @@ def _epoch(model: nn.Module, batches: DataLoader, device: torch.device, amp: tor
     bar = tqdm(batches, desc=desc, leave=False)
     for x, y in bar:
         x, y = x.to(device), torch.as_tensor(y).to(device)
-        with torch.set_grad_enabled(training), attention.kernel(attention_name), \
-                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(pixel_values=x).logits
             loss = nn.functional.cross_entropy(logits.float(), y)
         if training:
@@ -104,7 +107,7 @@ def _epoch(model: nn.Module, batches: DataLoader, device: torch.device, amp: tor
 
 
 def train(model: nn.Module, train_loader: DataLoader, valid_loader: DataLoader, ft_cfg: dict[str, Any],
-          device: torch.device, attention_name: str = "sdpa") -> list[dict[str, float]]:
+          device: torch.device) -> list[dict[str, float]]:
     """Train for ft_cfg['epochs']; one row per epoch with train/val loss and accuracy."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=ft_cfg["lr"], weight_decay=ft_cfg["weight_decay"])
@@ -114,16 +117,16 @@ def train(model: nn.Module, train_loader: DataLoader, valid_loader: DataLoader, 
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     history = []
     for epoch in tqdm(range(1, ft_cfg["epochs"] + 1), desc="epochs"):
-        tr = _epoch(model, train_loader, device, amp, attention_name, optimizer, scheduler, scaler,
-                    ft_cfg["max_grad_norm"], desc=f"train {epoch}")
+        tr = _epoch(model, train_loader, device, amp, optimizer, scheduler, scaler, ft_cfg["max_grad_norm"],
+                    desc=f"train {epoch}")
         with torch.no_grad():
-            va = _epoch(model, valid_loader, device, amp, attention_name, desc=f"valid {epoch}")
+            va = _epoch(model, valid_loader, device, amp, desc=f"valid {epoch}")
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
                         "val_loss": va["loss"], "val_acc": va["acc"], "lr": scheduler.get_last_lr()[0]})
     return history
 
 
-def merged(model: nn.Module, model_cfg: dict[str, Any], class_names: list[str], method: str,
+def merged(model: nn.Module, settings: ModelSettings, class_names: list[str], method: str,
            adapter_dir: Path | None) -> nn.Module:
     """A plain ViT with the adapter folded into 16-bit weights (in model.dtype), on the CPU."""
     if method == "full":
@@ -132,19 +135,19 @@ def merged(model: nn.Module, model_cfg: dict[str, Any], class_names: list[str], 
         out = model.merge_and_unload()
     else:
         # A 4-bit base cannot take merged weights: merge the saved adapter into the 16-bit base instead.
-        base = models.build(model_cfg, class_names, dtype=torch.float32)
+        base = models.build(settings, class_names, dtype=torch.float32)
         out = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return out.to("cpu", models.DTYPES[model_cfg["dtype"]]).eval()
+    return out.to("cpu", settings.dtype).eval()
 
 
-def save(model: nn.Module, processor, model_cfg: dict[str, Any], class_names: list[str], method: str,
+def save(model: nn.Module, processor, settings: ModelSettings, class_names: list[str], method: str,
          out_dir: Path) -> nn.Module:
     """Write adapter/ (LoRA methods) and model/ (merged 16-bit safetensors + processor); return the merged model."""
     adapter_dir = None
     if method != "full":
         adapter_dir = out_dir / "adapter"
         model.save_pretrained(str(adapter_dir))
-    merged_model = merged(model, model_cfg, class_names, method, adapter_dir)
+    merged_model = merged(model, settings, class_names, method, adapter_dir)
     merged_model.save_pretrained(str(out_dir / "model"), safe_serialization=True)
     processor.save_pretrained(str(out_dir / "model"))
     return merged_model

@@ -10,8 +10,6 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import attention
-
 
 def input_dtype(model: nn.Module) -> torch.dtype:
     """The dtype pixel values must have: that of the patch embedding (16-bit or float32)."""
@@ -19,34 +17,32 @@ def input_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, batches: Iterable, device: torch.device, attention_name: str = "sdpa",
-            desc: str = "predict", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: nn.Module, batches: Iterable, device: torch.device, desc: str = "predict",
+            progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Float32 logits and integer labels over every batch of (pixel_values, labels)."""
     model.eval()
     dtype = input_dtype(model)
     logits, labels = [], []
-    with attention.kernel(attention_name):
-        for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
-            out = model(pixel_values=x.to(device, dtype)).logits
-            logits.append(out.float().cpu())
-            labels.append(torch.as_tensor(y))
+    for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        out = model(pixel_values=x.to(device, dtype)).logits
+        logits.append(out.float().cpu())
+        labels.append(torch.as_tensor(y))
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 @torch.inference_mode()
 def top_k(model: nn.Module, image: Image.Image, transform, class_names: list[str], device: torch.device,
-          attention_name: str = "sdpa", k: int = 5) -> tuple[list[tuple[str, float]], float]:
+          k: int = 5) -> tuple[list[tuple[str, float]], float]:
     """The k most probable classes of one image with their probabilities, and the forward's latency in ms."""
     model.eval()
     x = transform(image).unsqueeze(0).to(device, input_dtype(model))
-    with attention.kernel(attention_name):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        logits = model(pixel_values=x).logits
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        ms = (time.perf_counter() - start) * 1e3
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    logits = model(pixel_values=x).logits
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ms = (time.perf_counter() - start) * 1e3
     probs = logits.float().softmax(-1)[0].cpu()
     values, idx = probs.topk(min(k, len(class_names)))
     return [(class_names[i], float(v)) for v, i in zip(values, idx)], ms

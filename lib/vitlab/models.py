@@ -6,6 +6,7 @@ under `vit.layers`), so encoder layers, linear layers and components are discove
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,25 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 class ModelError(RuntimeError):
     """A checkpoint that cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The `model` params with their strings resolved once: what to load, in which dtype, with which attention."""
+    id: str | None
+    dtype: torch.dtype
+    attention: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, model_params: dict[str, Any]) -> "ModelSettings":
+        attention.hf_implementation(model_params["attention"])  # an unknown name fails here, not at load
+        return cls(id=model_params["id"], dtype=DTYPES[model_params["dtype"]], attention=model_params["attention"],
+                   config=dict(model_params.get("config") or {}))
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,15 +60,15 @@ def _offline_hint(model_id: str, error: Exception) -> ModelError:
         "`model.config` to train a small ViT from scratch (see params/offline.yaml).")
 
 
-def load_processor(model_cfg: dict[str, Any]) -> ViTImageProcessor:
+def load_processor(settings: ModelSettings) -> ViTImageProcessor:
     """The checkpoint's image processor (resize size, normalisation), or a plain one for a config model."""
-    if model_cfg["id"] is None:
-        size = model_cfg["config"].get("image_size", 224)
+    if settings.id is None:
+        size = settings.config.get("image_size", 224)
         return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     try:
-        return AutoImageProcessor.from_pretrained(model_cfg["id"])
+        return AutoImageProcessor.from_pretrained(settings.id)
     except OSError as e:
-        raise _offline_hint(model_cfg["id"], e) from e
+        raise _offline_hint(settings.id, e) from e
 
 
 def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassification:
@@ -61,33 +81,54 @@ def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassificati
         raise _offline_hint(str(path), e) from e
 
 
-def build(model_cfg: dict[str, Any], class_names: list[str], dtype: torch.dtype = torch.float32,
+def build(settings: ModelSettings, class_names: list[str], dtype: torch.dtype = torch.float32,
           quantization_config: BitsAndBytesConfig | None = None,
           device: torch.device | None = None) -> ViTForImageClassification:
-    """A classifier with len(class_names) outputs: from model.id (hub or local dir) or random init."""
+    """A classifier to train, with len(class_names) outputs: from `settings.id` (hub or local dir) or random
+    init, in `dtype` (float32 for training; `settings.dtype` is what the trained model is saved in)."""
     labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
               "label2id": {c: i for i, c in enumerate(class_names)}}
-    impl = attention.hf_implementation(model_cfg["attention"])
-    if model_cfg["id"] is None:
-        config = ViTConfig(**model_cfg["config"], **labels)
+    impl = attention.hf_implementation(settings.attention)
+    if settings.id is None:
+        config = ViTConfig(**settings.config, **labels)
         config._attn_implementation = impl
-        return ViTForImageClassification(config).to(dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl, "ignore_mismatched_sizes": True, **labels}
-    if quantization_config is not None:
-        kwargs.update(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
-    return _from_pretrained(model_cfg["id"], **kwargs)
+        model = ViTForImageClassification(config).to(dtype)
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl, "ignore_mismatched_sizes": True, **labels}
+        if quantization_config is not None:
+            kwargs.update(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
+        model = generic_cpu_4bit(_from_pretrained(settings.id, **kwargs))
+    return attention.apply(model, settings.attention)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype, attention_name: str, device: torch.device,
+def load_checkpoint(path: str | Path, settings: ModelSettings, device: torch.device,
                     quantization_config: BitsAndBytesConfig | None = None) -> ViTForImageClassification:
-    """A checkpoint written by vitlab (16-bit or already quantized) on `device`, in eval mode."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention.hf_implementation(attention_name)}
+    """A checkpoint written by vitlab (16-bit or already quantized) on `device`, in eval mode, computing in
+    `settings.dtype` with `settings.attention` (checked against the device first)."""
+    attention.check_supported(settings.attention, device, settings.dtype)
+    kwargs: dict[str, Any] = {"dtype": settings.dtype, "attn_implementation": attention.hf_implementation(settings.attention)}
     if quantization_config is not None or _is_quantized(path):
         kwargs.update(device_map={"": str(device)})
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
-        return _from_pretrained(path, **kwargs).eval()
-    return _from_pretrained(path, **kwargs).to(device).eval()
+        model = generic_cpu_4bit(_from_pretrained(path, **kwargs))
+    else:
+        model = _from_pretrained(path, **kwargs).to(device)
+    return attention.apply(model, settings.attention).eval()
+
+
+def generic_cpu_4bit(model: nn.Module, every_layer: bool = False) -> nn.Module:
+    """Keep bitsandbytes' generic CPU kernel where its AVX512-BF16 one breaks (bitsandbytes 0.50.2, on CPUs
+    that have the instructions): it repacks 4-bit weights in blocks of 64 input and 32 output features and
+    fails on narrower layers (reshape to [N, 0]); and once an eval pass has repacked them, training on
+    them fails (in-place bias add on a tensor that needs grad). So: narrow layers always, `every_layer`
+    for models that train (QLoRA). Layers of real ViTs (multiples of 64) keep the fast path at inference."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(module, "support_avx512bf16_for_cpu", False) and state is not None and (
+                every_layer or module.in_features % state.blocksize or module.out_features % 32):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _is_quantized(path: str | Path) -> bool:
@@ -160,3 +201,9 @@ def parameter_bytes(model: nn.Module) -> int:
         if isinstance(scb, torch.Tensor):
             total += scb.numel() * scb.element_size()
     return total
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes of a saved model folder (or file) on disk."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

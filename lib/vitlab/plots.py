@@ -1,6 +1,8 @@
-"""Figures shared by the notebooks. Each function takes tidy rows and returns a matplotlib Figure."""
+"""Figures shared by the notebooks. Each function takes tidy rows (a `model` column names what is
+compared) and returns a matplotlib Figure drawn in vitlab's seaborn style."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -9,7 +11,15 @@ import seaborn as sns
 
 from . import ablation
 
-sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _styled(draw):
+    """Draw in seaborn's whitegrid style without changing the caller's matplotlib settings."""
+    @functools.wraps(draw)
+    def styled(*args, **kwargs):
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook"), sns.color_palette("deep"):
+            return draw(*args, **kwargs)
+    return styled
 
 
 def save(fig: plt.Figure, path: str | Path) -> Path:
@@ -19,6 +29,7 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+@_styled
 def training_curves(history: list[dict]) -> plt.Figure:
     h = pd.DataFrame(history)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -34,6 +45,7 @@ def training_curves(history: list[dict]) -> plt.Figure:
     return fig
 
 
+@_styled
 def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int) -> plt.Figure:
     """top-1 (with its bootstrap 95% interval) against p50 latency at one batch size; one point per model.
     The latency axis starts at 0, so distances read as ratios."""
@@ -51,6 +63,7 @@ def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int) -> plt.Figure:
     return fig
 
 
+@_styled
 def size_vs_memory(rows: pd.DataFrame) -> plt.Figure:
     """Disk size and in-memory footprint (and peak GPU memory where measured), per model."""
     cols = [c for c in ("disk_mb", "footprint_mb", "peak_mem_mb") if c in rows and rows[c].notna().any()]
@@ -63,6 +76,7 @@ def size_vs_memory(rows: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+@_styled
 def throughput_vs_batch(rows: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=rows, x="batch_size", y="throughput_img_s", hue="model", marker="o", ax=ax)
@@ -71,6 +85,7 @@ def throughput_vs_batch(rows: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+@_styled
 def component_breakdown(rows: pd.DataFrame) -> plt.Figure:
     """Stacked forward time per component, one bar per model."""
     d = rows[~rows["component"].str.startswith(("bnb", "dequant"))]
@@ -84,6 +99,7 @@ def component_breakdown(rows: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+@_styled
 def sensitivity(rows: pd.DataFrame, value: str = "kl") -> plt.Figure:
     """Per-layer sensitivity: the metric (with its bootstrap 95% interval) when all but one layer is
     quantized, one bar per quantization type; the all-quantized level as a dashed line."""
@@ -120,6 +136,7 @@ KIND_STYLE = {"16-bit": ("black", "s"), "all quantized": ("tab:red", "X"), "sing
               "group": ("tab:purple", "D"), "greedy": ("tab:green", "^")}
 
 
+@_styled
 def pareto(rows: pd.DataFrame, choices: dict[str, dict]) -> plt.Figure:
     """Top-1 and KL against memory footprint for every configuration the ablation tried (its rows), one
     row of panels per quantization type; the Pareto front as a step line, the size budget dashed, the

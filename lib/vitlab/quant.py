@@ -5,30 +5,65 @@ it with) from the merged 16-bit checkpoint; `keep_16bit` becomes its list of mod
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig
+from transformers import AutoImageProcessor, BitsAndBytesConfig
 
 from . import models
-from .models import DTYPES
-
-
-# bitsandbytes logs a line on every int8 matmul whose input is not float16; it casts, as designed.
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-    lambda record: "inputs will be cast" not in record.getMessage())
+from .models import DTYPES, ModelSettings
 
 
 class QuantError(ValueError):
     """A quantization setting that does not fit the model."""
 
 
-def resolve_keep(model: nn.Module, keep: list[Any] | str) -> list[str]:
+@dataclass(frozen=True)
+class QuantSettings:
+    """The `quant` params, typed: bits 16 (none), 8 (LLM.int8) or 4 (`type` nf4/fp4)."""
+    bits: int
+    type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+    int8_threshold: float = 6.0
+    keep_16bit: tuple | str = ()
+
+    @classmethod
+    def from_params(cls, quant_params: dict[str, Any]) -> "QuantSettings":
+        keep = quant_params["keep_16bit"]
+        return cls(bits=quant_params["bits"], type=quant_params["type"], double_quant=quant_params["double_quant"],
+                   compute_dtype=DTYPES[quant_params["compute_dtype"]], int8_threshold=quant_params["int8_threshold"],
+                   keep_16bit=keep if isinstance(keep, str) else tuple(keep))
+
+    def replace(self, **changes: Any) -> "QuantSettings":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        if self.bits == 16:
+            return "16-bit"
+        if self.bits == 8:
+            return "int8"
+        return self.type + ("+dq" if self.double_quant else "")
+
+
+class _CastNotice(logging.Filter):
+    """bitsandbytes logs a line on every int8 matmul whose input is not float16; it casts, as designed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
+_CAST_NOTICE = _CastNotice()
+
+
+def resolve_keep(model: nn.Module, keep: tuple | list | str) -> list[str]:
     """Qualified names of the block linears kept in 16-bit.
 
     `keep` holds encoder-layer indices (negative ones count from the end), regexes searched in module
@@ -54,38 +89,34 @@ def resolve_keep(model: nn.Module, keep: list[Any] | str) -> list[str]:
     return [n for n in names if n in kept]
 
 
-def bnb_config(quant_cfg: dict[str, Any], keep: list[str]) -> BitsAndBytesConfig | None:
-    """transformers' BitsAndBytesConfig for `quant`, or None for 16-bit."""
-    bits = quant_cfg["bits"]
-    if bits == 16:
+def bnb_config(q: QuantSettings, keep: list[str]) -> BitsAndBytesConfig | None:
+    """transformers' BitsAndBytesConfig for `q`, or None for 16-bit."""
+    if q.bits == 16:
         return None
     # The classifier is tiny and decides the output: always 16-bit, as is usual for bnb.
     skip = ["classifier", *keep]
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=quant_cfg["int8_threshold"],
-                                  llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg["type"],
-                              bnb_4bit_use_double_quant=quant_cfg["double_quant"],
-                              bnb_4bit_compute_dtype=DTYPES[quant_cfg["compute_dtype"]],
-                              llm_int8_skip_modules=skip)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.int8_threshold, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=q.compute_dtype, llm_int8_skip_modules=skip)
 
 
-def describe(quant_cfg: dict[str, Any]) -> str:
-    bits = quant_cfg["bits"]
-    if bits == 16:
-        return "16-bit"
-    if bits == 8:
-        return "int8"
-    return quant_cfg["type"] + ("+dq" if quant_cfg["double_quant"] else "")
-
-
-def quantize(checkpoint: str | Path, quant_cfg: dict[str, Any], model_cfg: dict[str, Any],
-             device: torch.device, keep: list[str] | None = None) -> nn.Module:
-    """Load the 16-bit checkpoint quantized as `quant_cfg` asks (keep: resolved 16-bit module names)."""
-    if quant_cfg["bits"] != 16 and device.type not in ("cpu", "cuda"):
+def quantize(checkpoint: str | Path, q: QuantSettings, settings: ModelSettings, device: torch.device,
+             keep: list[str] | None = None) -> nn.Module:
+    """Load the 16-bit checkpoint quantized as `q` asks (keep: resolved 16-bit module names)."""
+    if q.bits != 16 and device.type not in ("cpu", "cuda"):
         raise QuantError(f"bitsandbytes quantization runs on cpu or cuda, not {device.type}")
-    return models.load_checkpoint(checkpoint, DTYPES[model_cfg["dtype"]], model_cfg["attention"], device,
-                                  quantization_config=bnb_config(quant_cfg, keep or []))
+    cast_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _CAST_NOTICE not in cast_log.filters:
+        cast_log.addFilter(_CAST_NOTICE)
+    return models.load_checkpoint(checkpoint, settings, device, quantization_config=bnb_config(q, keep or []))
+
+
+def save(model: nn.Module, checkpoint: str | Path, out: str | Path) -> Path:
+    """The quantized model (bitsandbytes serialisation) with the 16-bit checkpoint's image processor beside it."""
+    model.save_pretrained(str(out))
+    AutoImageProcessor.from_pretrained(str(checkpoint)).save_pretrained(str(out))
+    return Path(out)
 
 
 def layer_table(model: nn.Module) -> pd.DataFrame:
@@ -94,18 +125,13 @@ def layer_table(model: nn.Module) -> pd.DataFrame:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        weight = module.weight
         rows.append({
             "module": name,
             "layer": models.layer_index(model, name),
             "component": models.component(name),
             "class": type(module).__name__,
             "quantized": type(module).__name__ != "Linear",
-            "weight_dtype": str(weight.dtype).replace("torch.", ""),
+            "weight_dtype": str(module.weight.dtype).replace("torch.", ""),
             "bytes": models.parameter_bytes(module),
         })
     return pd.DataFrame(rows)
-
-
-def dir_bytes(path: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

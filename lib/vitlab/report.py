@@ -1,16 +1,30 @@
-"""Gather the results of many run folders into tables for the report notebook."""
+"""The cross-run report: gather the results of many run folders into tables, render them to HTML.
+
+The report is not a run: it has no params and no manifest. `vitlab report` executes 06_report into
+runs/reports/<YYYY-MM-DD_HHMMSS>/ and renders it to HTML with the code hidden; `--publish` copies
+its figures to figures/ and says which tracked files it replaced.
+"""
 from __future__ import annotations
 
+import datetime as dt
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from . import runs
+from .config import REPO_ROOT
+
+NOTEBOOK = "06_report.py"
+FIGURES = "figures"  # inside a report folder
+PUBLISHED = REPO_ROOT / "figures"
 
 
 @dataclass
 class Collected:
+    """Tables over runs. accuracy/latency/profile have `run` (the run's label) and `model` (run label ·
+    model label), the column the figures in `plots` group by."""
     status: pd.DataFrame
     accuracy: pd.DataFrame = field(default_factory=pd.DataFrame)
     latency: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -28,7 +42,6 @@ def _labels(run_dirs: list[Path]) -> dict[Path, str]:
 
 def collect(run_dirs: list[Path]) -> Collected:
     """Status of every run (failed ones included) and the results of the steps that finished."""
-    run_dirs = [r for r in run_dirs if runs.manifest(r)["variant"] != "report"]
     labels = _labels(run_dirs)
     status, acc, lat, prof, sens, choices = [], [], [], [], [], {}
     for r in run_dirs:
@@ -37,16 +50,38 @@ def collect(run_dirs: list[Path]) -> Collected:
                        **{s: v["status"] for s, v in man["steps"].items()},
                        "failed": man.get("failed_step"), "device": man["device"]["name"],
                        "commit": (man["git"]["commit"] or "")[:8]})
-        if man["steps"].get("evaluate", {}).get("status") == "ok":
-            res = runs.read_json(r / "evaluate" / "results.json")
+        if runs.done(r, "evaluate"):
+            res = runs.read_json(runs.path(r, "results"))
             tag = lambda rows: pd.DataFrame(rows).assign(run=labels[r], device=res["device"],
-                                                         label=lambda d: labels[r] + " · " + d["model"])
+                                                         model=lambda d: labels[r] + " · " + d["model"])
             acc.append(tag(res["accuracy"]))
             lat.append(tag(res["latency"]))
             if res["profile"]:
                 prof.append(tag(res["profile"]))
-        if man["steps"].get("ablation", {}).get("status") == "ok":
-            sens.append(pd.DataFrame(runs.read_json(r / "ablation" / "sensitivity.json")).assign(run=labels[r]))
-            choices[labels[r]] = runs.read_json(r / "ablation" / "choice.json")["choices"]
+        if runs.done(r, "ablation"):
+            sens.append(pd.DataFrame(runs.read_json(runs.path(r, "sensitivity"))).assign(run=labels[r]))
+            choices[labels[r]] = runs.read_json(runs.path(r, "choice"))["choices"]
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens), choices)
+
+
+def render(run_dirs: list[Path], runs_root: Path) -> Path:
+    """Execute the report notebook over `run_dirs` into a new folder under runs_root/reports; its HTML."""
+    out = Path(runs_root) / "reports" / dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    suffix = 1
+    while out.exists():
+        suffix += 1
+        out = out.with_name(f"{out.name.split('-')[0]}-{suffix}")
+    out.mkdir(parents=True)
+    notebook = runs.execute_notebook(NOTEBOOK, out, {"run_dirs": [str(r) for r in run_dirs], "runs_root": str(runs_root)})
+    return runs.render_html(notebook)
+
+
+def publish(report_dir: Path, target: Path = PUBLISHED) -> list[tuple[str, bool]]:
+    """Copy a report's figures into `target`; (file name, whether it replaced a file there) for each."""
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for figure in sorted((report_dir / FIGURES).glob("*.png")):
+        copied.append((figure.name, (target / figure.name).exists()))
+        shutil.copy(figure, target / figure.name)
+    return copied

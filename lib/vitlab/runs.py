@@ -1,10 +1,13 @@
-"""Run folders: create them, record what made them, execute the step notebooks into them with papermill.
+"""Run folders: the contract of what each step reads and writes, creating and executing them.
 
 runs/<YYYY-MM-DD_HHMMSS>_<variant>/
     params.yaml        the resolved parameters
     manifest.json      status (running / ok / failed), per-step status, git commit, versions, device, times
     01_finetune.ipynb  the executed notebook of each step
-    finetune/ ...      each step's artifacts, found by later steps through this folder
+    finetune/ ...      each step's products, as STEPS declares them
+
+Every reader (the notebooks, the demo, the report, the benchmarks) finds a product with
+`path(run_dir, name)`, asks `done(run_dir, step)`, and lists the models of a run with `models_of`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,16 +33,92 @@ from .config import REPO_ROOT
 if TYPE_CHECKING:
     import torch
 
+    from .speed import SpeedSettings
+
 RUNS_DIR = REPO_ROOT / "runs"
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-NOTEBOOKS = {"finetune": "01_finetune.py", "quantize": "02_quantize.py", "evaluate": "03_evaluate.py",
-             "ablation": "04_ablation.py", "demo": "05_demo.py", "report": "06_report.py"}
 LIBRARIES = ("torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate", "numpy",
              "scikit-learn", "papermill", "jupytext", "flash-attn", "torchao")
 
 
+@dataclass(frozen=True)
+class Step:
+    notebook: str
+    needs: tuple[str, ...]  # steps whose products this one reads
+    products: dict[str, str]  # product name -> path inside the run folder
+
+
+STEPS: dict[str, Step] = {
+    "finetune": Step("01_finetune.py", (), {
+        "checkpoint": "finetune/model",  # merged 16-bit model + image processor (save_pretrained)
+        "adapter": "finetune/adapter",  # LoRA / QLoRA only
+        "train_metrics": "finetune/metrics.json",
+        "training_curves": "finetune/training_curves.png"}),
+    "quantize": Step("02_quantize.py", ("finetune",), {
+        "quantized": "quantize/model",  # bitsandbytes serialisation (the 16-bit model when quant.bits is 16)
+        "quant_summary": "quantize/quant.json",
+        "layers": "quantize/layers.csv"}),
+    "evaluate": Step("03_evaluate.py", ("finetune", "quantize"), {
+        "results": "evaluate/results.json",
+        "results_table": "evaluate/results.csv"}),
+    "ablation": Step("04_ablation.py", ("finetune",), {
+        "sensitivity": "ablation/sensitivity.json",
+        "sensitivity_table": "ablation/sensitivity.csv",
+        "choice": "ablation/choice.json"}),
+    "demo": Step("05_demo.py", ("finetune", "quantize"), {}),
+}
+assert tuple(STEPS) == config.STEPS
+PRODUCTS = {name: (step, rel) for step, s in STEPS.items() for name, rel in s.products.items()}
+
+
 class RunError(RuntimeError):
     """A run folder that is missing, incomplete or cannot be resumed."""
+
+
+def path(run_dir: str | Path, product: str) -> Path:
+    """Where product `product` (a name in STEPS) of run `run_dir` lives."""
+    if product not in PRODUCTS:
+        raise KeyError(f"unknown run product '{product}'; known: {sorted(PRODUCTS)}")
+    return Path(run_dir) / PRODUCTS[product][1]
+
+
+def step_folder(run_dir: str | Path, step: str) -> Path:
+    """The folder a step writes its products into."""
+    return Path(run_dir) / step
+
+
+def done(run_dir: str | Path, step: str) -> bool:
+    """Whether `step` of the run finished (its products are complete)."""
+    return manifest(run_dir)["steps"].get(step, {}).get("status") == "ok"
+
+
+def needs_of(steps: list[str]) -> list[str]:
+    """The steps `steps` read from but do not include: what must already be done in the run folder."""
+    return [n for s in steps for n in STEPS[s].needs if n not in steps]
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """One model a run holds: its label (used by every table, figure and the demo), where its weights are,
+    and the speed paths evaluate runs it with."""
+    label: str
+    path: Path
+    speed: "SpeedSettings"
+
+
+def models_of(run_dir: str | Path, params: dict[str, Any] | None = None) -> list[RunModel]:
+    """The models of a run: its merged 16-bit checkpoint, and the variant this run is about (quantized
+    and/or run a `speed` way) when it differs from that."""
+    from .quant import QuantSettings
+    from .speed import SpeedSettings
+
+    params = params or load_params(run_dir)
+    q, sp = QuantSettings.from_params(params["quant"]), SpeedSettings.from_params(params["speed"])
+    out = [RunModel(f"16-bit ({params['model']['dtype']})", path(run_dir, "checkpoint"), SpeedSettings())]
+    if q.bits != 16 or sp.active:
+        label = q.describe() if q.bits != 16 else params["model"]["dtype"]
+        out.append(RunModel(label + (f" + {sp.describe()}" if sp.active else ""), path(run_dir, "quantized"), sp))
+    return out
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -89,8 +169,12 @@ def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
-def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR, steps: list[str] | None = None) -> Path:
-    """A new dated run folder holding params.yaml and a manifest with every step pending."""
+def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR) -> Path:
+    """A new dated run folder holding params.yaml and a manifest with every step of `params["steps"]` pending."""
+    missing = needs_of(params["steps"])
+    if missing:
+        raise RunError(f"steps {params['steps']} read the products of {sorted(set(missing))}, which a new run does not "
+                       f"have: add them to the steps, or resume a run that has them (--resume RUN_DIR)")
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     run_dir = Path(runs_dir) / f"{stamp}_{params['variant']}"
     suffix = 1
@@ -99,9 +183,8 @@ def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR, steps: list[
         run_dir = Path(runs_dir) / f"{stamp}_{params['variant']}-{suffix}"
     run_dir.mkdir(parents=True)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    steps = steps or params["steps"]
     manifest = {"variant": params["variant"], "status": "pending", "seed": params["seed"], "created": _now(),
-                "steps": {s: {"status": "pending"} for s in steps}, **environment()}
+                "steps": {s: {"status": "pending"} for s in params["steps"]}, **environment()}
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
 
@@ -117,56 +200,45 @@ def load_params(run_dir: str | Path) -> dict[str, Any]:
     return yaml.safe_load((Path(run_dir) / "params.yaml").read_text())
 
 
-def step_dir(run_dir: str | Path, step: str) -> Path:
-    path = Path(run_dir) / step
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def step_ok(run_dir: str | Path, step: str) -> bool:
-    return manifest(run_dir)["steps"].get(step, {}).get("status") == "ok"
-
-
-def _execute_notebook(step: str, run_dir: Path, parameters: dict[str, Any]) -> None:
+def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any]) -> Path:
+    """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir."""
     import jupytext
     import papermill
 
-    nb = jupytext.read(NOTEBOOK_DIR / NOTEBOOKS[step])
+    nb = jupytext.read(NOTEBOOK_DIR / notebook)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    papermill.execute_notebook(nb, str(run_dir / NOTEBOOKS[step].replace(".py", ".ipynb")),
-                               parameters=parameters, kernel_name="python3", cwd=str(run_dir),
+    executed = out_dir / notebook.replace(".py", ".ipynb")
+    papermill.execute_notebook(nb, str(executed), parameters=parameters, kernel_name="python3", cwd=str(out_dir),
                                progress_bar=False, log_output=False)
+    return executed
 
 
-def execute(run_dir: str | Path, steps: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict:
+def execute(run_dir: str | Path) -> dict:
     """Execute the steps that are not `ok` yet, in order; stop at the first failure and mark the run failed."""
     run_dir = Path(run_dir).resolve()
     man = manifest(run_dir)
     params = load_params(run_dir)
-    steps = steps or list(man["steps"])
     man["status"], man["started"] = "running", man.get("started") or _now()
-    for step in steps:
-        man["steps"].setdefault(step, {"status": "pending"})
     write_json(run_dir / "manifest.json", man)
-    for step in steps:
+    for step in man["steps"]:
         entry = man["steps"][step]
         if entry["status"] == "ok":
             continue
         # A step re-runs from scratch: nothing half-written by an earlier attempt survives.
-        shutil.rmtree(run_dir / step, ignore_errors=True)
+        shutil.rmtree(step_folder(run_dir, step), ignore_errors=True)
         entry.update(status="running", started=_now(), error=None)
         write_json(run_dir / "manifest.json", man)
         print(f"[vitlab] {run_dir.name}: {step} ...", flush=True)
         t0 = time.perf_counter()
         try:
-            _execute_notebook(step, run_dir, {"params": params, "run_dir": str(run_dir), **(extra or {})})
+            execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)})
         except BaseException as e:  # KeyboardInterrupt too: the folder must say it did not finish
             error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
             entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
             man.update(status="failed", ended=_now(), failed_step=step)
             write_json(run_dir / "manifest.json", man)
             print(f"[vitlab] {run_dir.name}: {step} FAILED: {error}\n"
-                  f"[vitlab] see {run_dir / NOTEBOOKS[step].replace('.py', '.ipynb')}; "
+                  f"[vitlab] see {run_dir / STEPS[step].notebook.replace('.py', '.ipynb')}; "
                   f"resume with: python -m vitlab run --resume {run_dir}", file=sys.stderr, flush=True)
             if not isinstance(e, Exception):
                 raise
@@ -186,35 +258,32 @@ def list_runs(runs_dir: str | Path = RUNS_DIR) -> list[Path]:
     return sorted(p.parent for p in Path(runs_dir).glob("*/manifest.json"))
 
 
-def latest(variant: str, step: str, runs_dir: str | Path = RUNS_DIR) -> Path:
-    """The newest run of `variant` whose `step` finished."""
+def latest(variant: str, steps: tuple[str, ...], runs_dir: str | Path = RUNS_DIR) -> Path:
+    """The newest run of `variant` where every one of `steps` finished."""
     for run_dir in reversed(list_runs(runs_dir)):
-        man = manifest(run_dir)
-        if man["variant"] == variant and man["steps"].get(step, {}).get("status") == "ok":
+        if manifest(run_dir)["variant"] == variant and all(done(run_dir, s) for s in steps):
             return run_dir
-    raise RunError(f"no run of variant '{variant}' under {runs_dir} has a finished '{step}' step; "
+    raise RunError(f"no run of variant '{variant}' under {runs_dir} has finished {'/'.join(steps)}; "
                    f"run it first: python -m vitlab run params/{variant}.yaml")
 
 
-PREVIOUS = {"quantize": "finetune", "evaluate": "quantize", "ablation": "finetune", "demo": "quantize"}
-
-
 def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
-              params_file: str | Path) -> tuple[dict[str, Any], Path, Path, "torch.device"]:
+              params_file: str | Path, runs_dir: str | Path = RUNS_DIR) -> tuple[dict[str, Any], Path, Path, "torch.device"]:
     """What a step notebook starts with: (params, run folder, the step's output folder, device),
     with every random generator seeded from params.
 
     Under `vitlab run`, papermill passes params and run_dir. Opened by hand in JupyterLab, the
-    notebook resolves `params_file`, and works in a new run folder (finetune) or in the newest
-    run of that variant whose previous step finished.
+    notebook resolves `params_file`, and works in a new run folder (a step that needs none) or in
+    the newest run of that variant where the steps it needs finished.
     """
     if run_dir is None:
         params = config.resolve(REPO_ROOT / params_file)
-        if step in PREVIOUS:
-            run_dir = latest(params["variant"], PREVIOUS[step])
+        needs = STEPS[step].needs
+        if needs:
+            run_dir = latest(params["variant"], needs, runs_dir)
             params = load_params(run_dir)
         else:
-            run_dir = create(params, steps=[step])
+            run_dir = create({**params, "steps": [step]}, runs_dir)
     import transformers
 
     from .models import resolve_device
@@ -222,7 +291,9 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
     run_dir = Path(run_dir)
     params = params or load_params(run_dir)
     transformers.set_seed(params["seed"])
-    return params, run_dir, step_dir(run_dir, step), resolve_device(params["device"])
+    out = step_folder(run_dir, step)
+    out.mkdir(parents=True, exist_ok=True)
+    return params, run_dir, out, resolve_device(params["device"])
 
 
 def render_html(notebook: str | Path) -> Path:

@@ -1,5 +1,5 @@
-"""Speed paths beyond stock eager PyTorch: CUDA-graph replay, torch.compile, and torchao's
-tensor-core int8 / FP8 and int4 weight-only kernels (Hopper).
+"""Speed paths beyond stock eager PyTorch (the `speed` params): CUDA-graph replay, torch.compile,
+and torchao's tensor-core int8 / FP8 and int4 weight-only kernels (Hopper).
 
 bitsandbytes makes a model small; on a GPU its eager forward pays Python dispatch and a
 dequantisation per linear layer. These paths attack those costs. Each returns something called as
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention, models, quant
+from . import models
 
 TORCHAO = {
     "fp8": "Float8DynamicActivationFloat8WeightConfig",  # FP8 activations and weights, per-row scales
@@ -25,8 +26,31 @@ TORCHAO = {
 }
 
 
-class FastPathError(RuntimeError):
+class SpeedPathError(RuntimeError):
     """A speed path this machine or model cannot take."""
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The `speed` params: torchao quantization, then torch.compile, then CUDA-graph replay."""
+    torchao: str = "none"
+    compile: str = "none"
+    cuda_graph: bool = False
+
+    @classmethod
+    def from_params(cls, speed_params: dict[str, Any]) -> "SpeedSettings":
+        return cls(torchao=speed_params["torchao"], compile=speed_params["compile"],
+                   cuda_graph=speed_params["cuda_graph"])
+
+    @property
+    def active(self) -> bool:
+        return self.torchao != "none" or self.compile != "none" or self.cuda_graph
+
+    def describe(self) -> str:
+        parts = [f"torchao {self.torchao}"] if self.torchao != "none" else []
+        parts += [f"compile {self.compile}"] if self.compile != "none" else []
+        parts += ["cuda graph"] if self.cuda_graph else []
+        return " + ".join(parts)
 
 
 class CudaGraphed(nn.Module):
@@ -36,9 +60,9 @@ class CudaGraphed(nn.Module):
     and are overwritten by the next call (clone them to keep them).
     """
 
-    def __init__(self, model: nn.Module, attention_name: str = "sdpa", warmup: int = 3):
+    def __init__(self, model: nn.Module, warmup: int = 3):
         super().__init__()
-        self.model, self.attention_name, self.warmup = model, attention_name, warmup
+        self.model, self.warmup = model, warmup
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     @torch.inference_mode()
@@ -46,19 +70,19 @@ class CudaGraphed(nn.Module):
         static_x = x.clone()
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), attention.kernel(self.attention_name):
+        with torch.cuda.stream(side):
             for _ in range(self.warmup):  # lazy initialisation (cuBLAS handles, autotuning) before capture
                 self.model(pixel_values=static_x)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), attention.kernel(self.attention_name):
+        with torch.cuda.graph(graph):
             static_out = self.model(pixel_values=static_x).logits
         return graph, static_x, static_out
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
         if pixel_values.device.type != "cuda":
-            raise FastPathError("CUDA graphs need the model and inputs on a CUDA GPU")
+            raise SpeedPathError("CUDA graphs need the model and inputs on a CUDA GPU")
         key = (tuple(pixel_values.shape), pixel_values.dtype)
         if key not in self._graphs:
             self._graphs[key] = self._capture(pixel_values)
@@ -71,14 +95,14 @@ class CudaGraphed(nn.Module):
 def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
     """Quantize the encoder-block linears in place with torchao (the classifier stays 16-bit)."""
     if kind not in TORCHAO:
-        raise FastPathError(f"unknown torchao quantization '{kind}'; choose one of {list(TORCHAO)}")
+        raise SpeedPathError(f"unknown torchao quantization '{kind}'; choose one of {list(TORCHAO)}")
     if importlib.util.find_spec("torchao") is None:
-        raise FastPathError("torchao is not installed: `pip install torchao` (a release matching your torch)")
+        raise SpeedPathError("torchao is not installed: `pip install torchao` (a release matching your torch)")
     import torchao.quantization as tq
 
     device = next(model.parameters()).device
     if kind == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
-        raise FastPathError("FP8 matmuls need an Ada or Hopper GPU (SM89+)")
+        raise SpeedPathError("FP8 matmuls need an Ada or Hopper GPU (SM89+)")
     if kind == "fp8":
         config = tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
     elif kind == "int8dyn":
@@ -102,7 +126,7 @@ def compiled(model: nn.Module, mode: str | None = None, scope: str = "model") ->
     if scope == "model":
         return torch.compile(model, mode=mode, dynamic=False)
     if scope != "linears":
-        raise FastPathError(f"unknown compile scope '{scope}'; choose 'model' or 'linears'")
+        raise SpeedPathError(f"unknown compile scope '{scope}'; choose 'model' or 'linears'")
     names = [n for n, _ in model.named_modules()
              if "." in n and models.component(n) == "mlp" and models.component(n.rsplit(".", 1)[0]) != "mlp"]
     for name in names + models.attention_linears(model):
@@ -112,25 +136,14 @@ def compiled(model: nn.Module, mode: str | None = None, scope: str = "model") ->
     return model
 
 
-def is_active(speed_cfg: dict[str, Any]) -> bool:
-    return speed_cfg["torchao"] != "none" or speed_cfg["compile"] != "none" or speed_cfg["cuda_graph"]
-
-
-def describe(speed_cfg: dict[str, Any]) -> str:
-    parts = [f"torchao {speed_cfg['torchao']}"] if speed_cfg["torchao"] != "none" else []
-    parts += [f"compile {speed_cfg['compile']}"] if speed_cfg["compile"] != "none" else []
-    parts += ["cuda graph"] if speed_cfg["cuda_graph"] else []
-    return " + ".join(parts)
-
-
-def apply(model: nn.Module, speed_cfg: dict[str, Any], attention_name: str = "sdpa") -> nn.Module:
-    """The `speed` params on a loaded model: torchao quantization, then compile, then CUDA graphs."""
-    if speed_cfg["torchao"] != "none":
-        model = torchao_quantize(model, speed_cfg["torchao"])
-    if speed_cfg["compile"] != "none":
-        model = compiled(model, scope=speed_cfg["compile"])
-    if speed_cfg["cuda_graph"]:
-        model = CudaGraphed(model, attention_name)
+def apply(model: nn.Module, speed: SpeedSettings) -> nn.Module:
+    """The `speed` settings on a loaded model: torchao quantization, then compile, then CUDA graphs."""
+    if speed.torchao != "none":
+        model = torchao_quantize(model, speed.torchao)
+    if speed.compile != "none":
+        model = compiled(model, scope=speed.compile)
+    if speed.cuda_graph:
+        model = CudaGraphed(model)
     return model
 
 
@@ -149,4 +162,4 @@ def storage_bytes(model: nn.Module) -> int:
             torch.save(inner.state_dict(), Path(tmp) / "model.pt")
         else:
             inner.save_pretrained(tmp)
-        return quant.dir_bytes(tmp)
+        return models.disk_bytes(tmp)

@@ -1,0 +1,113 @@
+"""Evaluate models the way timm's validate.py and benchmark.py do: one function measures one model and
+returns one flat row; loops, tables and files sit around it.
+
+- `measure`: accuracy on a split (top-1/top-5/F1, bootstrap interval of top-1), size on disk and in
+  memory, and drift from a reference model's logits: one row per model.
+- `bench.latency`: latency percentiles, throughput and peak memory at one batch size: one row.
+- `evaluate_run`: both, plus a profile, for every model of a run folder (what 03_evaluate shows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import bench, infer, metrics, models, runs, speed
+from .models import ModelSettings
+
+
+def load(entry: runs.RunModel, settings: ModelSettings, device: torch.device) -> nn.Module:
+    """A model of a run as evaluate runs it: its saved weights, then its speed paths."""
+    model = models.load_checkpoint(entry.path, settings, device)
+    return speed.apply(model, entry.speed) if entry.speed.active else model
+
+
+def _torchao(model: nn.Module) -> bool:
+    return any(type(p).__module__.startswith("torchao") for p in speed.unwrapped(model).parameters())
+
+
+def sizes(model: nn.Module, saved: str | Path | None = None) -> dict[str, float | None]:
+    """Size on disk (the saved folder, or the model saved now) and in memory, in MB.
+
+    torchao changes the weights after loading: those are sized as saved now, and get no footprint
+    (its tensors report their outer dtype's element size, so no honest number comes from them)."""
+    changed = _torchao(model)
+    disk = speed.storage_bytes(model) if changed or saved is None else models.disk_bytes(saved)
+    footprint = None if changed else models.parameter_bytes(speed.unwrapped(model)) / 2**20
+    return {"disk_mb": disk / 2**20, "footprint_mb": footprint}
+
+
+def drift(ref_logits: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """How far a model's logits are from a reference's on the same images."""
+    return {"logits_rel_err": float(np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits)),
+            "top1_agreement": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
+            "kl_to_ref": metrics.kl_divergence(ref_logits, logits)}
+
+
+def measure(model: nn.Module, label: str, batches: Iterable, device: torch.device, num_classes: int, seed: int = 0,
+            saved: str | Path | None = None, ref_logits: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """One flat row for one model: accuracy with a bootstrap 95% interval of top-1, sizes, and (given a
+    reference's logits on the same batches) drift. Also returns the logits and labels."""
+    logits, labels = infer.predict(model, batches, device, desc=label)
+    lo, hi = metrics.bootstrap_ci(logits.argmax(1) == labels, seed=seed)
+    row = {"model": label, **metrics.classification(logits, labels, num_classes), "top1_lo": lo, "top1_hi": hi,
+           **sizes(model, saved)}
+    if ref_logits is not None:
+        row.update(drift(ref_logits, logits))
+    return row, logits, labels
+
+
+@dataclass
+class Evaluation:
+    """Everything 03_evaluate measures, as tables with a `model` column."""
+    accuracy: pd.DataFrame
+    latency: pd.DataFrame
+    profile: pd.DataFrame
+    kernels: dict[str, pd.DataFrame] = field(default_factory=dict)
+    confusions: dict[str, list[dict]] = field(default_factory=dict)
+
+    def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
+        """The run's `results` (every table, JSON) and `results_table` (latency rows joined with accuracy, CSV)."""
+        self.latency.merge(self.accuracy, on="model").to_csv(runs.path(run_dir, "results_table"), index=False)
+        runs.write_json(runs.path(run_dir, "results"), {
+            **meta, "accuracy": self.accuracy.to_dict("records"), "confusions": self.confusions,
+            "latency": self.latency.to_dict("records"), "profile": self.profile.to_dict("records"),
+            "kernels": {name: t.to_dict("records") for name, t in self.kernels.items()}})
+
+
+def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.device, out: Path) -> Evaluation:
+    """Every model of the run on the test split: `measure`, `bench.latency` at each of
+    eval.latency_batch_sizes, and a profile (by component for eager models; a kernel table on a GPU for
+    compiled or graph-replayed ones, whose insides module hooks cannot see)."""
+    ev, settings = params["eval"], ModelSettings.from_params(params["model"])
+    batches = data.loader("test", ev["batch_size"])
+    accuracy, latency, profiles, kernels, confusions = [], [], [], {}, {}
+    ref = None
+    for entry in runs.models_of(run_dir, params):
+        model = load(entry, settings, device)
+        row, logits, labels = measure(model, entry.label, batches, device, len(data.class_names), params["seed"],
+                                      entry.path, ref)
+        ref = logits if ref is None else ref
+        accuracy.append(row)
+        confusions[entry.label] = metrics.confused_pairs(labels, logits.argmax(1), data.class_names)
+        latency += [{"model": entry.label, **bench.latency(model, bs, data.image_size, device, ev["warmup"], ev["iters"])}
+                    for bs in ev["latency_batch_sizes"]]
+        if ev["profile"]:
+            x = bench.random_batch(model, ev["profile_batch_size"], data.image_size, device)
+            if not entry.speed.active:
+                trace = out / f"trace_{len(profiles)}.json" if device.type == "cuda" else None
+                table = bench.profile_components(model, x, ev["profile_iters"], trace)
+                profiles.append(table.assign(model=entry.label, forward_ms=table.attrs["forward_ms"],
+                                             clock=table.attrs["clock"]))
+            elif device.type == "cuda":
+                kernels[entry.label] = bench.kernel_table(model, x)
+        del model
+    profile = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
+    if not profile.empty:
+        profile.attrs["clock"] = profile["clock"].iloc[0]
+    return Evaluation(pd.DataFrame(accuracy), pd.DataFrame(latency), profile, kernels, confusions)
