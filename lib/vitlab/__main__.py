@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from . import config, report, runs
+from .data import DataError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -46,6 +47,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flowers102_layout(args: argparse.Namespace) -> int:
+    from . import data
+
+    target = data.flowers102_layout(args.source, args.target)
+    n = len(list((target / "flowers-102" / "jpg").iterdir()))
+    print(f"[vitlab] {target}: torchvision's Flowers102 layout, {n} images linked; use it with "
+          f"--set data.source=flowers102 --set data.root={target}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--publish", action="store_true", help="also copy the figures to figures/")
     rep.add_argument("--runs-dir", default=str(runs.RUNS_DIR))
     rep.set_defaults(func=_report)
+    lay = sub.add_parser("flowers102-layout", help="link a train/valid/test Flowers-102 copy into torchvision's layout")
+    lay.add_argument("source", help="a copy laid out as train/ valid/ test/ <class>/ with official_split/*.mat")
+    lay.add_argument("target", help="where flowers-102/ is made (use it as data.root with data.source: flowers102)")
+    lay.set_defaults(func=_flowers102_layout)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (config.ParamsError, runs.RunError) as e:
+    except (config.ParamsError, runs.RunError, DataError) as e:
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,6 @@ so every caller (training, prediction, timing, CUDA-graph capture, peft wrappers
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -55,20 +54,23 @@ def check_supported(name: str, device: torch.device, dtype: torch.dtype | None =
                              "or use 'sdpa_flash' (PyTorch's built-in FlashAttention-2 kernel)")
 
 
-def _forced(forward, name: str):
-    backend = FORCED_BACKENDS[name]
+class _ForcedForward:
+    """A model's forward run inside one forced SDPA backend. An object rather than a closure, so that
+    `copy.deepcopy` of the model (EMA, peft's modules_to_save) points the copy at the copy."""
 
-    @functools.wraps(forward)
-    def forward_with_backend(*args, **kwargs):
+    def __init__(self, module: torch.nn.Module, name: str, original=None):
+        self.module, self.name, self.original = module, name, original
+
+    def __call__(self, *args, **kwargs):
+        forward = self.original or type(self.module).forward.__get__(self.module)
         try:
-            with sdpa_kernel([backend]):
+            with sdpa_kernel([FORCED_BACKENDS[self.name]]):
                 return forward(*args, **kwargs)
         except RuntimeError as e:
             if "No available kernel" in str(e) or "no kernel" in str(e).lower():
-                raise AttentionError(f"PyTorch could not run attention '{name}' on these inputs ({str(e)[:300]}); "
+                raise AttentionError(f"PyTorch could not run attention '{self.name}' on these inputs ({str(e)[:300]}); "
                                      "use 'sdpa' to let PyTorch pick a kernel") from e
             raise
-    return forward_with_backend
 
 
 def apply(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -79,7 +81,7 @@ def apply(model: torch.nn.Module, name: str) -> torch.nn.Module:
     # a second apply replaces the first instead of nesting inside it.
     original = model.__dict__.setdefault("_vitlab_forward", model.__dict__.get("forward"))
     if name in FORCED_BACKENDS:
-        model.forward = _forced(original or type(model).forward.__get__(model), name)
+        model.forward = _ForcedForward(model, name, original)
     elif original is None:
         model.__dict__.pop("forward", None)
     else:

@@ -25,6 +25,8 @@ CHOICES: dict[str, tuple] = {
     "data.source": ("flowers102", "imagefolder", "digits"),
     "finetune.method": ("lora", "qlora", "full"),
     "finetune.mixed_precision": ("auto", "bf16", "fp16", "no"),
+    "finetune.select": ("last", "best_valid"),
+    "data.pipeline": ("pil", "gpu"),
     "quant.bits": (16, 8, 4),
     "quant.type": ("nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,16 +49,39 @@ class Data:
     eval_transform: Callable
     num_workers: int
     seed: int
+    cfg: dict[str, Any] = field(default_factory=dict)
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+    _on_device: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def class_names(self) -> list[str]:
         return self.splits.class_names
 
     def loader(self, split: str, batch_size: int) -> DataLoader:
-        """Batches of (pixel_values, labels); the train split is shuffled and augmented."""
+        """Batches of (pixel_values, labels) through PIL and torchvision v2 on the CPU; the train split is
+        shuffled and augmented. The reference path: evaluation always uses it."""
         train = split == "train"
         ds = Transformed(self.splits[split], self.train_transform if train else self.eval_transform)
         return loader(ds, batch_size, shuffle=train, num_workers=self.num_workers, seed=self.seed)
+
+    def batches(self, split: str, batch_size: int, device: "torch.device"):
+        """Training and validation batches by `data.pipeline`: `loader`, or the split decoded once onto
+        `device` and augmented there (`gpu_data.GpuBatches`)."""
+        if self.cfg.get("pipeline", "pil") == "pil":
+            return self.loader(split, batch_size)
+        from . import gpu_data
+
+        if split not in self._on_device:
+            sources, labels = images_and_labels(self.splits[split])
+            short_side = round(self.image_size / 0.875)  # as the eval transform resizes
+            crop = short_side if split == "train" else self.image_size  # room for random crops in training
+            self._on_device[split] = (gpu_data.decode(sources, short_side, crop, device), torch.as_tensor(labels))
+        images, labels = self._on_device[split]
+        augment = gpu_data.Augment(crop_scale=tuple(self.cfg["crop_scale"]), hflip=self.cfg["hflip"],
+                                   trivial_augment=self.cfg["trivial_augment"], random_erasing=self.cfg["random_erasing"])
+        return gpu_data.GpuBatches(images, labels, self.image_size, self.mean, self.std, batch_size, split == "train",
+                                   augment, self.seed)
 
 
 class LabeledImages(Dataset):
@@ -84,6 +107,20 @@ class Transformed(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image, label = self.base[i]
         return self.transform(image), label
+
+
+def images_and_labels(ds: Dataset) -> tuple[list, list[int]]:
+    """The files (or, for in-memory data sets, PIL images) of a split and their labels, without decoding."""
+    if isinstance(ds, Subset):
+        sources, labels = images_and_labels(ds.dataset)
+        return [sources[i] for i in ds.indices], [labels[i] for i in ds.indices]
+    if isinstance(ds, LabeledImages):
+        return ds.images, ds.targets
+    if hasattr(ds, "samples"):  # ImageFolder
+        return [p for p, _ in ds.samples], [t for _, t in ds.samples]
+    if hasattr(ds, "_image_files"):  # torchvision Flowers102
+        return [str(p) for p in ds._image_files], list(ds._labels)
+    raise DataError(f"data.pipeline gpu cannot read the images of a {type(ds).__name__}; use data.pipeline: pil")
 
 
 def open_image(source: str | Path | bytes) -> Image.Image:
@@ -142,20 +179,49 @@ def _imagefolder(cfg: dict[str, Any]) -> Splits:
     return Splits(sets["train"], sets["valid"], sets["test"], names)
 
 
+FLOWERS102_FILES = ("imagelabels.mat", "setid.mat")
+
+
 def _flowers102(cfg: dict[str, Any]) -> Splits:
+    """torchvision's Flowers102 with the official split (train 1,020 / val 1,020 / test 6,149). A data.root
+    that already holds its layout (flowers-102/jpg/ + the two .mat files) loads without a download."""
     from torchvision.datasets import Flowers102
 
     root = resolve_path(cfg["root"])
+    present = (root / "flowers-102" / "jpg").is_dir() and all((root / "flowers-102" / f).is_file() for f in FLOWERS102_FILES)
     try:
-        sets = {s: Flowers102(str(root), split=("val" if s == "valid" else s), download=True) for s in SPLITS}
+        sets = {s: Flowers102(str(root), split=("val" if s == "valid" else s), download=not present, loader=_checked_loader)
+                for s in SPLITS}
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise DataError(
-            f"could not download Oxford Flowers-102 into {root} ({e}). Without a network, copy the data set "
-            "there (flowers-102/ as torchvision lays it out), or use `data.source: imagefolder` with "
+            f"could not download Oxford Flowers-102 into {root} ({e}). Without a network, put torchvision's layout "
+            "there (flowers-102/jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat; `python -m vitlab flowers102-layout "
+            "SRC DST` builds it with links from a train/valid/test copy), or use `data.source: imagefolder` with "
             "data.root holding train/ valid/ test/ class folders, or `data.source: digits` (offline).") from e
     for ds in sets.values():
         ds.targets = list(ds._labels)
     return Splits(sets["train"], sets["valid"], sets["test"], list(sets["train"].classes))
+
+
+def flowers102_layout(source: str | Path, target: str | Path) -> Path:
+    """torchvision's Flowers102 layout under `target` (flowers-102/jpg/image_NNNNN.jpg and the two .mat
+    files), as symbolic links into `source`: a copy laid out as train/valid/test/<class>/image_NNNNN.jpg
+    with official_split/{imagelabels,setid}.mat beside it (the seeds' layout). Nothing is copied."""
+    source, base = Path(source).resolve(), Path(target) / "flowers-102"
+    missing = [f for f in FLOWERS102_FILES if not (source / "official_split" / f).is_file()]
+    if missing or not all((source / s).is_dir() for s in SPLITS):
+        raise DataError(f"{source} is not a Flowers-102 copy in the seeds' layout: it needs train/ valid/ test/ "
+                        f"class folders and official_split/{{{','.join(FLOWERS102_FILES)}}}")
+    (base / "jpg").mkdir(parents=True, exist_ok=True)
+    for f in FLOWERS102_FILES:
+        link = base / f
+        if not link.exists():
+            link.symlink_to(source / "official_split" / f)
+    for image in source.glob("*/*/image_*.jpg"):
+        link = base / "jpg" / image.name
+        if not link.exists():
+            link.symlink_to(image)
+    return Path(target)
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -187,9 +253,10 @@ def for_model(data_cfg: dict[str, Any], seed: int, processor) -> Data:
     size = processor.size.get("height") or processor.size.get("shortest_edge")
     splits = load_splits(data_cfg, seed, size)
     mean, std = processor.image_mean, processor.image_std
-    train = transforms(size, mean, std, train=True, hflip=data_cfg["hflip"], crop_scale=data_cfg["crop_scale"])
-    return Data(splits, size, train,
-                transforms(size, mean, std, train=False), data_cfg["num_workers"], seed)
+    train = transforms(size, mean, std, train=True, hflip=data_cfg["hflip"], crop_scale=data_cfg["crop_scale"],
+                       trivial_augment=data_cfg["trivial_augment"], random_erasing=data_cfg["random_erasing"])
+    return Data(splits, size, train, transforms(size, mean, std, train=False), data_cfg["num_workers"], seed,
+                data_cfg, mean, std)
 
 
 def for_checkpoint(data_cfg: dict[str, Any], seed: int, checkpoint: str | Path) -> Data:
@@ -218,12 +285,16 @@ def load_splits(data_cfg: dict[str, Any], seed: int, image_size: int) -> Splits:
 # --- transforms ------------------------------------------------------------------------------------
 
 def transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-               hflip: bool = True, crop_scale: Sequence[float] = (0.5, 1.0)) -> v2.Compose:
-    """torchvision v2 pipeline: random resized crop (+ flip) for training, resize + centre crop for eval."""
+               hflip: bool = True, crop_scale: Sequence[float] = (0.5, 1.0), trivial_augment: bool = False,
+               random_erasing: float = 0.0) -> v2.Compose:
+    """torchvision v2 pipeline: random resized crop (+ flip, TrivialAugmentWide, random erasing) for
+    training, resize + centre crop for eval."""
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     if train:
         head = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
         head += [v2.RandomHorizontalFlip()] if hflip else []
+        head += [v2.TrivialAugmentWide()] if trivial_augment else []
+        tail += [v2.RandomErasing(p=random_erasing, value=0)] if random_erasing else []
     else:
         # The usual 0.875 crop ratio (224 from 256).
         head = [v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -73,18 +74,30 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _epoch(model: nn.Module, batches: DataLoader, device: torch.device, amp: torch.dtype | None,
-           optimizer: torch.optim.Optimizer | None = None, scheduler=None,
-           scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0, desc: str = "") -> dict:
+def _mixer(ft_cfg: dict[str, Any], num_classes: int):
+    """MixUp and/or CutMix (torchvision v2, one of them per batch) turning labels into soft targets, or None."""
+    from torchvision.transforms import v2
+
+    mixes = [v2.MixUp(alpha=ft_cfg["mixup_alpha"], num_classes=num_classes)] if ft_cfg["mixup_alpha"] else []
+    mixes += [v2.CutMix(alpha=ft_cfg["cutmix_alpha"], num_classes=num_classes)] if ft_cfg["cutmix_alpha"] else []
+    return v2.RandomChoice(mixes) if mixes else None
+
+
+def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch.dtype | None,
+           optimizer: torch.optim.Optimizer | None = None, scheduler=None, scaler: torch.amp.GradScaler | None = None,
+           max_grad_norm: float = 1.0, label_smoothing: float = 0.0, mixer=None, ema=None, desc: str = "") -> dict:
     training = optimizer is not None
     model.train(training)
-    loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(batches, desc=desc, leave=False)
-    for x, y in bar:
-        x, y = x.to(device), torch.as_tensor(y).to(device)
+    # Sums stay on the device: a .item() per step would make the GPU wait for Python every batch.
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    for x, y in tqdm(batches, desc=desc, leave=False):
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+        target = y
+        if training and mixer is not None:
+            x, target = mixer(x, y)
         with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(pixel_values=x).logits
-            loss = nn.functional.cross_entropy(logits.float(), y)
+            loss = nn.functional.cross_entropy(logits.float(), target, label_smoothing=label_smoothing if training else 0.0)
         if training:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -99,30 +112,52 @@ def _epoch(model: nn.Module, batches: DataLoader, device: torch.device, amp: tor
             else:
                 optimizer.step()
             scheduler.step()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(-1) == y).sum().item()
+            if ema is not None:
+                ema.update_parameters(model)
+        loss_sum += loss.detach() * len(y)
+        # Under MixUp/CutMix a prediction counts as right when it names the larger part of the mix.
+        truth = target.argmax(-1) if target.ndim == 2 else target
+        correct += (logits.argmax(-1) == truth).sum()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-    return {"loss": loss_sum / seen, "acc": correct / seen}
+    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "images": seen}
 
 
-def train(model: nn.Module, train_loader: DataLoader, valid_loader: DataLoader, ft_cfg: dict[str, Any],
-          device: torch.device) -> list[dict[str, float]]:
-    """Train for ft_cfg['epochs']; one row per epoch with train/val loss and accuracy."""
+def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft_cfg: dict[str, Any],
+          device: torch.device, num_classes: int | None = None) -> list[dict[str, float]]:
+    """Train for ft_cfg['epochs']; one row per epoch with train/val loss and accuracy and images/s.
+
+    With `ema_decay`, an exponential moving average of the weights is kept and validated (it is
+    the model that is kept); with `select: best_valid`, the weights of the epoch with the best
+    validation accuracy are restored at the end (the history says which)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=ft_cfg["lr"], weight_decay=ft_cfg["weight_decay"])
-    total = ft_cfg["epochs"] * len(train_loader)
+    total = ft_cfg["epochs"] * len(train_batches)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(ft_cfg["warmup_ratio"] * total), total)
     amp = _autocast_dtype(ft_cfg["mixed_precision"], device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    history = []
+    mixer = _mixer(ft_cfg, num_classes) if num_classes else None
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ft_cfg["ema_decay"]),
+                                               use_buffers=True) if ft_cfg["ema_decay"] else None)
+    scored = ema.module if ema is not None else model
+    history, best = [], (-1.0, 0, None)
     for epoch in tqdm(range(1, ft_cfg["epochs"] + 1), desc="epochs"):
-        tr = _epoch(model, train_loader, device, amp, optimizer, scheduler, scaler, ft_cfg["max_grad_norm"],
-                    desc=f"train {epoch}")
+        t0 = time.perf_counter()
+        tr = _epoch(model, train_batches, device, amp, optimizer, scheduler, scaler, ft_cfg["max_grad_norm"],
+                    ft_cfg["label_smoothing"], mixer, ema, desc=f"train {epoch}")
+        seconds = time.perf_counter() - t0
         with torch.no_grad():
-            va = _epoch(model, valid_loader, device, amp, desc=f"valid {epoch}")
-        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                        "val_loss": va["loss"], "val_acc": va["acc"], "lr": scheduler.get_last_lr()[0]})
+            va = _epoch(scored, valid_batches, device, amp, desc=f"valid {epoch}")
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                        "val_acc": va["acc"], "lr": scheduler.get_last_lr()[0], "seconds": seconds,
+                        "train_img_s": tr["images"] / seconds})
+        if ft_cfg["select"] == "best_valid" and va["acc"] > best[0]:
+            best = (va["acc"], epoch, {k: v.detach().clone() for k, v in scored.state_dict().items()})
+    if ft_cfg["select"] == "best_valid":
+        scored.load_state_dict(best[2])
+    for row in history:
+        row["selected"] = row["epoch"] == (best[1] if ft_cfg["select"] == "best_valid" else ft_cfg["epochs"])
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     return history
 
 

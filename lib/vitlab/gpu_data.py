@@ -3,47 +3,45 @@ device, and augment whole batches there with per-image randomness.
 
 A DataLoader of PIL images decodes and augments each image again every epoch on a few CPU cores,
 which starves a GPU that trains a small ViT at thousands of images per second. Here:
-- `decode`: the files' bytes are decoded once (nvJPEG through torchvision.io.decode_jpeg on a GPU;
-  PIL on the CPU) and resized to a square of `store_size` pixels (shorter side to `store_size`,
-  centre crop), so a split is one (N, 3, S, S) uint8 tensor (6,552 flowers at 256 px: 1.3 GB).
+- `decode`: the files' bytes are decoded once (nvJPEG through torchvision.io.decode_jpeg on a GPU,
+  torchvision's CPU decoder otherwise), resized and centre-cropped to a square, so a split is one
+  (N, 3, S, S) uint8 tensor (6,552 flowers at 256 px: 1.3 GB).
 - `GpuBatches`: shuffled batches of that tensor, each image with its own random resized crop and
   flip (one roi_align call for the batch), an optional TrivialAugmentWide op drawn per group of
   `augment_group` images, normalisation, and optional per-image random erasing; evaluation batches
-  are a centre crop of the stored square, as the processor's resize-and-crop does.
+  are decoded at the eval transform's geometry (resize, centre crop) and only normalised.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from torch.nn import functional as F
+from PIL import Image
 from torchvision import io
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 
-def _square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to `size` (antialiased), then the centre `size` x `size` crop; uint8 in, uint8 out."""
-    h, w = image.shape[-2:]
-    scale = size / min(h, w)
-    resized = v2.functional.resize(image, [max(size, round(h * scale)), max(size, round(w * scale))], antialias=True)
-    return v2.functional.center_crop(resized, [size, size])
-
-
-def decode(paths: Sequence[str | Path], store_size: int, device: torch.device, chunk: int = 512) -> torch.Tensor:
-    """The images at `paths` as one (N, 3, S, S) uint8 tensor on `device`, each decoded once."""
-    out = torch.empty((len(paths), 3, store_size, store_size), dtype=torch.uint8, device=device)
-    for start in range(0, len(paths), chunk):
-        files = [io.read_file(str(p)) for p in paths[start:start + chunk]]
-        if device.type == "cuda":
-            images = io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device)
+def decode(sources: Sequence, short_side: int, crop: int, device: torch.device, chunk: int = 512) -> torch.Tensor:
+    """The images (file paths, or PIL images of an in-memory data set) as one (N, 3, crop, crop) uint8
+    tensor on `device`, each decoded once: shorter side to `short_side` (antialiased, the longer one
+    rounded as torchvision's Resize rounds it), then the centre crop. With short_side round(s / 0.875)
+    and crop s that is exactly the eval transform of the PIL path."""
+    out = torch.empty((len(sources), 3, crop, crop), dtype=torch.uint8, device=device)
+    for start in range(0, len(sources), chunk):
+        part = sources[start:start + chunk]
+        if isinstance(part[0], Image.Image):
+            images = [v2.functional.pil_to_tensor(image.convert("RGB")).to(device) for image in part]
         else:
-            images = [io.decode_image(f, mode=io.ImageReadMode.RGB) for f in files]
+            files = [io.read_file(str(p)) for p in part]
+            jpeg = device.type == "cuda" and all(str(p).lower().endswith((".jpg", ".jpeg")) for p in part)
+            images = (io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device) if jpeg else
+                      [io.decode_image(f, mode=io.ImageReadMode.RGB).to(device) for f in files])
         for i, image in enumerate(images):
-            out[start + i] = _square(image, store_size)
+            out[start + i] = v2.functional.center_crop(v2.functional.resize(image, [short_side], antialias=True),
+                                                       [crop, crop])
     return out
 
 
@@ -126,6 +124,6 @@ class GpuBatches:
             idx = order[start:start + self.batch_size].to(self.images.device)
             if self.train:
                 x = self._train_batch(idx)
-            else:
-                x = self._normalise(v2.functional.center_crop(self.images[idx], [self.image_size, self.image_size]))
+            else:  # decoded at the eval geometry already
+                x = self._normalise(self.images[idx])
             yield x, self.labels[idx]

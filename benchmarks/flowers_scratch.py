@@ -1,0 +1,181 @@
+"""What the from-scratch Flowers-102 recipe (params/flowers_scratch.yaml) is made of, on one GPU.
+
+    python benchmarks/flowers_scratch.py throughput --set data.root=DIR    # training img/s and GPU use: PIL loader vs GPU path
+    python benchmarks/flowers_scratch.py ingredients --epochs 60 --set data.root=DIR   # ingredients added one at a time
+    python benchmarks/flowers_scratch.py collect RUN_DIR results/*.json    # -> results/flowers_scratch.json
+
+`ingredients` trains the recipe's ViT from scratch once per row, each row adding one ingredient to
+the one before (a short schedule, so every row fits one device command), and scores each on the
+valid and test splits. `collect` joins those with the full recipe as `vitlab run` made it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from common import write
+
+from vitlab import config, data, evaluate, finetune, models, runs
+
+PARAMS = config.PARAMS_DIR / "flowers_scratch.yaml"
+RESULTS = Path(__file__).parent / "results"
+# Cumulative: each row is the previous row plus one ingredient (the last row is the recipe).
+INGREDIENTS = [
+    ("plain: crops + flips, AdamW, cosine", {"data.trivial_augment": False, "data.random_erasing": 0.0,
+                                             "finetune.label_smoothing": 0.0, "finetune.mixup_alpha": 0.0,
+                                             "finetune.cutmix_alpha": 0.0, "finetune.ema_decay": 0.0}),
+    ("+ TrivialAugmentWide", {"data.trivial_augment": True}),
+    ("+ MixUp / CutMix", {"finetune.mixup_alpha": None, "finetune.cutmix_alpha": None}),
+    ("+ label smoothing", {"finetune.label_smoothing": None}),
+    ("+ random erasing", {"data.random_erasing": None}),
+    ("+ EMA of weights (the recipe)", {"finetune.ema_decay": None}),
+]
+
+
+def _set(params: dict, key: str, value) -> None:
+    section, name = key.split(".")
+    params[section][name] = value
+
+
+def variants(recipe: dict) -> list[tuple[str, dict]]:
+    """The INGREDIENTS rows as params (None: the recipe's own value)."""
+    out, current = [], copy.deepcopy(recipe)
+    for name, changes in INGREDIENTS:
+        for key, value in changes.items():
+            section, leaf = key.split(".")
+            _set(current, key, recipe[section][leaf] if value is None else value)
+        out.append((name, copy.deepcopy(current)))
+    return out
+
+
+def train_and_score(name: str, params: dict, ds: data.Data, device: torch.device) -> dict:
+    """One from-scratch training of `params`; its selected model scored on valid and test (bf16, as saved)."""
+    torch.manual_seed(params["seed"])
+    ft, settings = params["finetune"], models.ModelSettings.from_params(params["model"])
+    ds.cfg = params["data"]  # augmentation settings of this row; the decoded splits are shared
+    model = finetune.build(settings, ft, ds.class_names, device)
+    t0 = time.time()
+    history = finetune.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", 256, device), ft,
+                             device, num_classes=len(ds.class_names))
+    seconds = time.time() - t0
+    model = model.to(settings.dtype).eval()
+    test, _, _ = evaluate.measure(model, name, ds.batches("test", 256, device), device, len(ds.class_names), params["seed"])
+    valid, _, _ = evaluate.measure(model, name, ds.batches("valid", 256, device), device, len(ds.class_names))
+    row = {"ingredients": name, "epochs": ft["epochs"], "valid_top1": valid["top1"], "test_top1": test["top1"],
+           "test_top1_lo": test["top1_lo"], "test_top1_hi": test["top1_hi"], "test_top5": test["top5"],
+           "selected_epoch": next(r["epoch"] for r in history if r["selected"]), "train_seconds": seconds,
+           "train_img_per_s": statistics.median(r["train_img_s"] for r in history[1:] or history)}
+    print(json.dumps(row), flush=True)
+    return row | {"history": history}
+
+
+class GpuUse:
+    """Samples the GPU's utilisation with nvidia-smi every 100 ms while in the `with` block."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-lms", "100"], stdout=subprocess.PIPE, text=True) if shutil.which("nvidia-smi") else None
+        return self
+
+    def __exit__(self, *exc):
+        samples = []
+        if self.proc is not None:
+            self.proc.terminate()
+            samples = [float(v) for v in self.proc.communicate()[0].split() if v.strip()]
+        self.mean = statistics.mean(samples) if samples else None
+
+
+def throughput(recipe: dict, device: torch.device, epochs: int) -> list[dict]:
+    """Training images/s and mean GPU utilisation of the recipe's model on the PIL DataLoader path (every
+    CPU core a worker) and on the GPU path, after one warm-up epoch each."""
+    rows = []
+    for pipeline in ("pil", "gpu"):
+        params = copy.deepcopy(recipe)
+        params["data"].update(pipeline=pipeline, num_workers=os.cpu_count())
+        params["finetune"].update(epochs=epochs, select="last")
+        settings = models.ModelSettings.from_params(params["model"])
+        ds = data.for_model(params["data"], params["seed"], models.load_processor(settings))
+        t0 = time.time()
+        train = ds.batches("train", params["finetune"]["batch_size"], device)
+        decode_s = time.time() - t0
+        model = finetune.build(settings, params["finetune"], ds.class_names, device)
+        with GpuUse() as use:
+            history = finetune.train(model, train, ds.batches("valid", 256, device), params["finetune"], device,
+                                     num_classes=len(ds.class_names))
+        rows.append({"pipeline": pipeline, "workers": os.cpu_count() if pipeline == "pil" else 0,
+                     "decode_s": decode_s if pipeline == "gpu" else None,
+                     "train_img_per_s": statistics.median(r["train_img_s"] for r in history[1:]),
+                     "gpu_util_mean_pct": use.mean, "epochs": epochs})
+        print(json.dumps(rows[-1]), flush=True)
+        del model, ds, train
+        torch.cuda.empty_cache()
+    return rows
+
+
+def collect(run_dir: Path, measured: list[Path]) -> Path:
+    """benchmarks/results/flowers_scratch.json: the recipe as `vitlab run` trained and evaluated it, the
+    ingredient table and the data-path throughput."""
+    params, man = runs.load_params(run_dir), runs.manifest(run_dir)
+    train = runs.read_json(runs.path(run_dir, "train_metrics"))
+    acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
+    selected = next(r for r in train["history"] if r["selected"])
+    tables = {}
+    for path in measured:
+        tables.update({k: v for k, v in json.loads(path.read_text()).items() if k != "meta"})
+    result = {"model": f"ViT (transformers), {params['model']['config']}", "parameters": train["total_params"],
+              "epochs": params["finetune"]["epochs"], "selected_epoch": selected["epoch"],
+              "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"], "test_top1_hi": acc["top1_hi"],
+              "test_top5": acc["top5"], "test_images": acc["n"], "valid_top1": selected["val_acc"],
+              "train_img_per_s": statistics.median(r["train_img_s"] for r in train["history"][1:]),
+              "train_seconds": sum(r["seconds"] for r in train["history"]),
+              "step_seconds": {s: v.get("seconds") for s, v in man["steps"].items()},
+              "device": man["device"], "versions": man["versions"], "params": params,
+              "command": f"python -m vitlab run params/flowers_scratch.yaml --steps finetune,quantize,evaluate "
+                         f"--set data.root=<Flowers-102 train/valid/test copy>",
+              "history": train["history"], **tables}
+    out = RESULTS / "flowers_scratch.json"
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["throughput", "ingredients", "collect"])
+    ap.add_argument("paths", nargs="*", help="collect: the run folder, then JSON files of the other two")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe's params")
+    ap.add_argument("--epochs", type=int, default=60, help="ingredients: epochs per row; throughput: epochs per path")
+    ap.add_argument("--only", help="ingredients: comma-separated row numbers (0-based) to train")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    if args.what == "collect":
+        print(collect(Path(args.paths[0]), [Path(p) for p in args.paths[1:]]))
+        return
+    recipe = config.resolve(PARAMS, args.set)
+    device = models.resolve_device(recipe["device"])
+    out, t0 = Path(args.out), time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.what == "throughput":
+        write(out, "flowers_throughput", args, t0, throughput=throughput(recipe, device, args.epochs))
+        return
+    ds = data.for_model(recipe["data"], recipe["seed"],
+                        models.load_processor(models.ModelSettings.from_params(recipe["model"])))
+    rows = []
+    chosen = variants(recipe)
+    if args.only:
+        chosen = [chosen[int(i)] for i in args.only.split(",")]
+    for name, params in chosen:
+        params["finetune"]["epochs"] = args.epochs
+        rows.append(train_and_score(name, params, ds, device))
+        write(out, "flowers_ingredients", args, t0, ingredients=rows)
+
+
+if __name__ == "__main__":
+    main()
