@@ -25,5 +25,6 @@ report: install
 test: install
 	$(PY) -m pytest -q
 
+# Containers run as root, where JupyterLab refuses to start without --allow-root.
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -127,9 +127,15 @@ def collect(run_dir: Path, measured: list[Path]) -> Path:
     train = runs.read_json(runs.path(run_dir, "train_metrics"))
     acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
     selected = next(r for r in train["history"] if r["selected"])
-    tables = {}
-    for path in measured:
-        tables.update({k: v for k, v in json.loads(path.read_text()).items() if k != "meta"})
+    tables: dict[str, list] = {"measured_with": []}
+    for path in measured:  # rows of the same table from several commands are concatenated
+        content = json.loads(path.read_text())
+        tables["measured_with"].append({"file": path.name, "args": content["meta"]["args"],
+                                        "device": content["meta"]["device"]["name"],
+                                        "torch": content["meta"]["versions"]["torch"]})
+        for key, rows in content.items():
+            if key != "meta":
+                tables.setdefault(key, []).extend({k: v for k, v in r.items() if k != "history"} for r in rows)
     result = {"model": f"ViT (transformers), {params['model']['config']}", "parameters": train["total_params"],
               "epochs": params["finetune"]["epochs"], "selected_epoch": selected["epoch"],
               "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"], "test_top1_hi": acc["top1_hi"],
@@ -141,6 +147,11 @@ def collect(run_dir: Path, measured: list[Path]) -> Path:
               "command": f"python -m vitlab run params/flowers_scratch.yaml --steps finetune,quantize,evaluate "
                          f"--set data.root=<Flowers-102 train/valid/test copy>",
               "history": train["history"], **tables}
+    result.setdefault("ingredients", []).append({
+        "ingredients": "the recipe, as vitlab run trained it", "epochs": result["epochs"], "valid_top1": result["valid_top1"],
+        "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"], "test_top1_hi": acc["top1_hi"], "test_top5": acc["top5"],
+        "selected_epoch": selected["epoch"], "train_seconds": result["train_seconds"],
+        "train_img_per_s": result["train_img_per_s"]})
     out = RESULTS / "flowers_scratch.json"
     out.write_text(json.dumps(result, indent=1, default=str))
     return out

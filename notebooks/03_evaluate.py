@@ -50,6 +50,15 @@ pd.concat({m: pd.DataFrame(p) for m, p in result.confusions.items() if p}, names
     if any(result.confusions.values()) else "no mistakes"
 
 # %% [markdown]
+# The whole confusion matrix of the variant (every cell of every model is in `confusion.csv`):
+# errors that concentrate in a few cells are look-alike classes, spread ones are a weak model.
+
+# %%
+label, matrix = list(result.matrices.items())[-1]
+plots.save(plots.confusion(matrix, f"{label}: confusion on the test split ({len(ds.splits.test)} images)"),
+           out / "confusion.png");
+
+# %% [markdown]
 # ## Latency and throughput
 # Per batch size: `warmup` untimed forwards, then `iters` timed ones (CUDA events on a GPU,
 # perf_counter on the CPU). Throughput is batch size / p50 latency. Quantized kernels pay off at

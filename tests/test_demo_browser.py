@@ -129,3 +129,13 @@ def test_a_file_that_is_no_image_gets_a_clear_message(page, tmp_path):
     error = page.locator(".vitlab-demo-result .vitlab-error")
     error.wait_for()
     assert "notes.png" in error.inner_text() and "upload a JPEG or PNG" in error.inner_text()
+
+
+def test_a_decompression_bomb_upload_is_refused_with_its_size(page, tmp_path):
+    from PIL import Image
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb)  # 144 megapixels in a few KB
+    _upload(page, bomb)
+    error = page.locator(".vitlab-demo-result .vitlab-error", has_text="bomb.png")
+    error.wait_for()
+    assert "12000 x 12000" in error.inner_text() and "data.max_image_pixels" in error.inner_text()

@@ -6,26 +6,55 @@ import sys
 from pathlib import Path
 
 from . import config, report, runs
+from .attention import AttentionError
 from .data import DataError
+from .models import ModelError
+
+
+def _split(value: str | None) -> list[str]:
+    return [v for v in (value or "").split(",") if v]
+
+
+def _check_on_this_machine(params: dict) -> None:
+    """What would fail only inside a step, checked before any: the device and its attention kernel."""
+    from . import attention, models
+
+    attention.check_supported(params["model"]["attention"], models.resolve_device(params["device"]))
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.resume:
-        if args.params or args.set:
-            raise config.ParamsError("--resume re-runs a folder with its recorded params.yaml; "
-                                     "it takes no params file and no --set")
+        if args.params:
+            raise config.ParamsError("--resume continues a run with its recorded params.yaml: give no params file "
+                                     "(--set changes what the steps still to run use)")
         run_dir = Path(args.resume)
-        runs.manifest(run_dir)  # fails clearly on a folder that is not a run
+        man = runs.manifest(run_dir)  # fails clearly on a folder that is not a run
+        if runs.status(run_dir) == "running":
+            raise runs.RunError(f"{run_dir} is being executed right now (pid {man.get('pid')} on {man.get('host')})")
+        rerun = _split(args.rerun) + _split(args.steps)
+        params = runs.load_params(run_dir)
+        if args.set:
+            params = config.merge(params, config.parse_set(args.set))
+            config.validate(params)
+            finished = [s for s, v in man["steps"].items() if v["status"] == "ok" and s not in rerun]
+            runs.amend_params(run_dir, params, args.set)
+            if finished:
+                print(f"[vitlab] {', '.join(finished)} finished with the earlier values; --rerun them to apply "
+                      f"{' '.join(args.set)} there too", flush=True)
+        _check_on_this_machine(params)
     else:
         if not args.params:
             raise config.ParamsError("give a params file (e.g. params/offline.yaml) or --resume RUN_DIR")
+        if args.rerun:
+            raise config.ParamsError("--rerun re-runs steps of an existing run: use it with --resume RUN_DIR")
         params = config.resolve(args.params, args.set)
         if args.steps:
-            params["steps"] = args.steps.split(",")
+            params["steps"] = _split(args.steps)
             config.validate(params)
-        run_dir = runs.create(params, args.runs_dir)
+        _check_on_this_machine(params)
+        run_dir, rerun = runs.create(params, args.runs_dir), []
     print(f"[vitlab] run folder: {run_dir}", flush=True)
-    man = runs.execute(run_dir)
+    man = runs.execute(run_dir, rerun)
     print(f"[vitlab] {man['status']}: {run_dir}", flush=True)
     return 0 if man["status"] == "ok" else 1
 
@@ -64,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("params", nargs="?", help="params file, e.g. params/offline.yaml")
     run.add_argument("--steps", help=f"comma-separated subset of {','.join(config.STEPS)}")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
-    run.add_argument("--resume", metavar="RUN_DIR", help="re-run the steps of RUN_DIR that did not finish")
+    run.add_argument("--resume", metavar="RUN_DIR", help="run the steps of RUN_DIR that did not finish "
+                     "(with --steps or --rerun: those steps again too; with --set: changed params for what runs)")
+    run.add_argument("--rerun", metavar="STEPS", help="with --resume: comma-separated finished steps to run again")
     run.add_argument("--runs-dir", default=str(runs.RUNS_DIR), help="where run folders go (default: runs/)")
     run.set_defaults(func=_run)
     rep = sub.add_parser("report", help="render the comparison report of finished runs to HTML")
@@ -79,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (config.ParamsError, runs.RunError, DataError) as e:
+    except runs.Interrupted as e:
+        print(f"vitlab: {e}; the run is marked failed: resume it with --resume", file=sys.stderr)
+        return 128 + e.signum
+    except (config.ParamsError, runs.RunError, DataError, AttentionError, ModelError) as e:
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2
 

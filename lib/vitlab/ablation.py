@@ -69,8 +69,9 @@ class _Scorer:
             for name, layer, keep in tqdm(configs, desc=q.describe(), leave=False):
                 kept = self.resolve(keep)
                 model = quant.quantize(self.checkpoint, q, self.settings, self.device, kept)
+                size = models.parameter_bytes(model)  # as loaded: see evaluate.measure
                 logits, _ = infer.predict(model, self.batches, self.device, progress=False)
-                yield (name, layer, keep), kept, logits, models.parameter_bytes(model)
+                yield (name, layer, keep), kept, logits, size
                 del model
         finally:
             transformers.utils.logging.enable_progress_bar()

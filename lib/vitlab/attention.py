@@ -67,7 +67,8 @@ class _ForcedForward:
             with sdpa_kernel([FORCED_BACKENDS[self.name]]):
                 return forward(*args, **kwargs)
         except RuntimeError as e:
-            if "No available kernel" in str(e) or "no kernel" in str(e).lower():
+            # PyTorch's wording: "No viable backend ..." (2.5+), "No available kernel" (earlier).
+            if "No viable backend" in str(e) or "No available kernel" in str(e):
                 raise AttentionError(f"PyTorch could not run attention '{self.name}' on these inputs ({str(e)[:300]}); "
                                      "use 'sdpa' to let PyTorch pick a kernel") from e
             raise

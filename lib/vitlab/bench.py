@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -60,15 +61,19 @@ def time_forward(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> 
 def latency(model: nn.Module, batch_size: int, image_size: int, device: torch.device, warmup: int,
             iters: int) -> dict[str, Any]:
     """One flat row for one batch size: latency statistics, throughput (img/s at the median) and peak
-    GPU memory (None on the CPU)."""
+    memory: on a GPU the most allocated during these forwards; on the CPU the process's peak resident
+    set so far (`peak_mem_kind` says which)."""
     x = random_batch(model, batch_size, image_size, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     stats = metrics.latency_stats(time_forward(model, x, warmup, iters))
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "process peak RSS"  # KiB on Linux
     return {"batch_size": batch_size, **stats, "throughput_img_s": batch_size / stats["p50_ms"] * 1e3,
-            "peak_mem_mb": peak}
+            "peak_mem_mb": peak, "peak_mem_kind": kind}
 
 
 def latency_sweep(model: nn.Module, batch_sizes: list[int], image_size: int, device: torch.device,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -33,6 +34,39 @@ CHOICES: dict[str, tuple] = {
     "speed.torchao": ("none", "fp8", "int8dyn", "int4wo"),
     "speed.compile": ("none", "model", "linears"),
 }
+ABLATION_QUANT_TYPES = ("nf4", "fp4", "int8")  # ablation.QUANT_TYPES says what each is
+# Ranges: (test, what a valid value is). Checked for every run before its first step.
+_at_least_1 = (lambda v: v >= 1, "at least 1")
+_optional_count = (lambda v: v is None or v >= 1, "at least 1, or null for all")
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: v >= 0, "0 or more"),
+    "finetune.epochs": _at_least_1, "finetune.batch_size": _at_least_1,
+    "finetune.lr": (lambda v: v > 0, "positive (e.g. 0.001)"),
+    "finetune.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "finetune.warmup_ratio": (lambda v: 0 <= v < 1, "a share of the steps, 0 <= x < 1"),
+    "finetune.max_grad_norm": (lambda v: v > 0, "positive"),
+    "finetune.label_smoothing": (lambda v: 0 <= v < 1, "0 <= x < 1 (0.1 is usual)"),
+    "finetune.mixup_alpha": (lambda v: v >= 0, "0 (off) or more"),
+    "finetune.cutmix_alpha": (lambda v: v >= 0, "0 (off) or more"),
+    "finetune.ema_decay": (lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.999 is usual)"),
+    "finetune.lora.r": _at_least_1,
+    "finetune.lora.alpha": (lambda v: v > 0, "positive"),
+    "finetune.lora.dropout": (lambda v: 0 <= v < 1, "0 <= x < 1"),
+    "data.max_per_class": _optional_count, "data.max_samples": _optional_count,
+    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.random_erasing": (lambda v: 0 <= v <= 1, "a probability, 0 <= x <= 1"),
+    "data.max_image_pixels": (lambda v: v >= 1, "a pixel count, e.g. 60000000"),
+    "data.crop_scale": (lambda v: len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1] <= 1,
+                        "two numbers 0 < low <= high <= 1, e.g. [0.5, 1.0]"),
+    "quant.int8_threshold": (lambda v: v > 0, "positive (6.0 is LLM.int8's)"),
+    "eval.batch_size": _at_least_1, "eval.iters": _at_least_1, "eval.profile_batch_size": _at_least_1,
+    "eval.profile_iters": _at_least_1, "eval.warmup": (lambda v: v >= 0, "0 or more"),
+    "eval.latency_batch_sizes": (lambda v: bool(v) and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                           for b in v), "a non-empty list of batch sizes >= 1"),
+    "ablation.quant_types": (lambda v: bool(v) and all(q in ABLATION_QUANT_TYPES for q in v),
+                             f"a non-empty list of {list(ABLATION_QUANT_TYPES)}"),
+}
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # it names the run folder
 # Dicts whose keys are not ours to fix: model.config is handed to transformers' ViTConfig.
 FREE_FORM = {"model.config"}
 # Keys that take more than one type; _validate_cross checks them.
@@ -48,8 +82,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
         raise ParamsError(f"params file {path} does not exist; known variants: {', '.join(known)}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path} is not a text file; a params file is YAML (see params/defaults.yaml)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        raise ParamsError(f"{path} holds no parameters; a variant file names what it changes from "
+                          f"params/defaults.yaml (an empty one would silently mean ViT-L/16 from the hub)")
     if not isinstance(data, dict):
         raise ParamsError(f"{path} must hold a mapping of parameters, not {type(data).__name__}")
     return data
@@ -86,7 +129,11 @@ def parse_set(assignments: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"--set {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              "quote it or write a list as [a, b]") from None
     return out
 
 
@@ -120,10 +167,40 @@ def validate(params: dict[str, Any], schema: dict[str, Any] | None = None, _pref
         _validate_cross(params)
 
 
+def _value(params: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        params = params[part]
+    return params
+
+
+def _layers(model: dict[str, Any]) -> int | None:
+    """The encoder depth of the model params describe, when it is known without loading it."""
+    if model["id"] is None:
+        return model["config"].get("num_hidden_layers", 12)  # ViTConfig's default
+    config_file = Path(model["id"]) / "config.json"
+    if config_file.is_file():
+        import json
+
+        return json.loads(config_file.read_text()).get("num_hidden_layers")
+    return None
+
+
 def _validate_cross(params: dict[str, Any]) -> None:
+    if not params["steps"]:
+        raise ParamsError(f"'steps' is empty: name at least one of {list(STEPS)}")
     bad = [s for s in params["steps"] if s not in STEPS]
     if bad:
         raise ParamsError(f"unknown step(s) {bad} in 'steps'; choose from {list(STEPS)}")
+    if not isinstance(params["variant"], str) or not VARIANT_NAME.match(params["variant"]):
+        raise ParamsError(f"variant {params['variant']!r} names the run folder: use letters, digits, '_', '-' and '.'")
+    for dotted, (ok, what) in RANGES.items():
+        value = _value(params, dotted)
+        try:
+            fine = ok(value)
+        except TypeError:
+            fine = False
+        if not fine:
+            raise ParamsError(f"parameter '{dotted}' is {value!r}; it must be {what}")
     if params["model"]["id"] is None and params["finetune"]["method"] != "full" and "finetune" in params["steps"]:
         raise ParamsError(
             "finetune.method 'lora'/'qlora' adapts a pretrained model, but model.id is null (random init): "
@@ -147,6 +224,13 @@ def _validate_cross(params: dict[str, Any]) -> None:
         raise ParamsError("quant.keep_16bit must be a list of layer indices / name patterns, or 'first_last'")
     if isinstance(keep, str) and keep != "first_last":
         raise ParamsError(f"quant.keep_16bit is '{keep}'; a string must be 'first_last', otherwise give a list")
+    layers = _layers(params["model"])
+    for item in keep if isinstance(keep, list) else []:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise ParamsError(f"quant.keep_16bit holds {item!r}: give layer indices (0, -1) or name patterns ('attention')")
+        if isinstance(item, int) and layers is not None and not -layers <= item < layers:
+            raise ParamsError(f"quant.keep_16bit names layer {item}, but the model has {layers} encoder layers "
+                              f"(0..{layers - 1}, or -1 for the last)")
     if params["speed"]["torchao"] != "none" and params["quant"]["bits"] != 16:
         raise ParamsError(f"speed.torchao '{params['speed']['torchao']}' quantizes the 16-bit model itself: "
                           f"set quant.bits: 16 (it is {params['quant']['bits']}), or speed.torchao: none")

@@ -5,8 +5,10 @@ Every source yields train/valid/test datasets of (PIL image, label) plus class n
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +78,8 @@ class Data:
             sources, labels = images_and_labels(self.splits[split])
             short_side = round(self.image_size / 0.875)  # as the eval transform resizes
             crop = short_side if split == "train" else self.image_size  # room for random crops in training
-            self._on_device[split] = (gpu_data.decode(sources, short_side, crop, device), torch.as_tensor(labels))
+            self._on_device[split] = (gpu_data.decode(sources, short_side, crop, device,
+                                                      max_pixels=self.cfg["max_image_pixels"]), torch.as_tensor(labels))
         images, labels = self._on_device[split]
         augment = gpu_data.Augment(crop_scale=tuple(self.cfg["crop_scale"]), hflip=self.cfg["hflip"],
                                    trivial_augment=self.cfg["trivial_augment"], random_erasing=self.cfg["random_erasing"])
@@ -123,12 +126,25 @@ def images_and_labels(ds: Dataset) -> tuple[list, list[int]]:
     raise DataError(f"data.pipeline gpu cannot read the images of a {type(ds).__name__}; use data.pipeline: pil")
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """Open an image file (path or raw bytes) as RGB, with an error that says which input is bad."""
+MAX_IMAGE_PIXELS = 60_000_000  # params/defaults.yaml's data.max_image_pixels
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file (path or raw bytes) as RGB, with an error that says which input is bad. Its size
+    is read from the header and checked against `max_pixels` before any pixel is decoded."""
     name = "uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        with warnings.catch_warnings():  # PIL warns of a possible bomb at open; the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DataError(f"{name} is {width} x {height} = {width * height:,} pixels, more than the "
+                            f"{max_pixels:,} allowed (data.max_image_pixels): it would take "
+                            f"{width * height * 3 / 2**30:.1f} GB decoded; downscale it first")
         image.load()
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{name}: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"cannot read {name} as an image ({e}); give a JPEG/PNG file, "
                         "or remove the corrupt file from the data set") from e
@@ -154,8 +170,10 @@ def _digits(cfg: dict[str, Any], seed: int, size: int) -> Splits:
     return Splits(make(train_idx), make(valid_idx), make(test_idx), [str(c) for c in range(10)])
 
 
-def _checked_loader(path: str) -> Image.Image:
-    return open_image(path)
+def _checked_loader(cfg: dict[str, Any]) -> Callable[[str], Image.Image]:
+    """open_image with the params' pixel limit, as an ImageFolder loader (torchvision's own would raise
+    without naming the file). Runs made before the limit existed get the default."""
+    return functools.partial(open_image, max_pixels=cfg.get("max_image_pixels", MAX_IMAGE_PIXELS))
 
 
 def _imagefolder(cfg: dict[str, Any]) -> Splits:
@@ -166,7 +184,7 @@ def _imagefolder(cfg: dict[str, Any]) -> Splits:
     if missing:
         raise DataError(f"data.root {root} has no {'/'.join(missing)} folder(s); an imagefolder data set needs "
                         "root/train/<class>/*.jpg, root/valid/<class>/*.jpg and root/test/<class>/*.jpg")
-    sets = {s: ImageFolder(str(root / s), loader=_checked_loader) for s in SPLITS}
+    sets = {s: ImageFolder(str(root / s), loader=_checked_loader(cfg)) for s in SPLITS}
     classes = sets["train"].classes
     for s in ("valid", "test"):
         if sets[s].classes != classes:
@@ -190,7 +208,8 @@ def _flowers102(cfg: dict[str, Any]) -> Splits:
     root = resolve_path(cfg["root"])
     present = (root / "flowers-102" / "jpg").is_dir() and all((root / "flowers-102" / f).is_file() for f in FLOWERS102_FILES)
     try:
-        sets = {s: Flowers102(str(root), split=("val" if s == "valid" else s), download=not present, loader=_checked_loader)
+        sets = {s: Flowers102(str(root), split=("val" if s == "valid" else s), download=not present,
+                                loader=_checked_loader(cfg))
                 for s in SPLITS}
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise DataError(

@@ -14,6 +14,22 @@ from PIL import Image
 from . import data, evaluate, infer, models, runs, speed
 
 
+MAX_UPLOAD_BYTES = 20 * 2**20  # a photo is a few MB; more is a mistake or an attack
+
+
+def read_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
+                max_pixels: int = data.MAX_IMAGE_PIXELS) -> Image.Image:
+    """An uploaded file as an RGB image, or a DataError that says why not (too large, too many pixels,
+    not an image), before anything large is decoded."""
+    if len(content) > max_bytes:
+        raise data.DataError(f"{name} is {len(content) / 2**20:.1f} MB; this demo takes images up to "
+                             f"{max_bytes / 2**20:.0f} MB")
+    try:
+        return data.open_image(bytes(content), max_pixels=max_pixels)
+    except data.DataError as e:
+        raise data.DataError(str(e).replace("uploaded bytes", name)) from None
+
+
 def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
     """Runs that hold every model the demo shows (the steps it needs finished), newest first."""
     return [r for r in reversed(runs.list_runs(runs_dir)) if all(runs.done(r, s) for s in runs.STEPS["demo"].needs)]
@@ -126,11 +142,13 @@ def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None
         if not files:
             return
         try:
-            state["image"], state["source"] = data.open_image(bytes(files[0]["content"])), f"uploaded {files[0]['name']}"
-        except data.DataError:
+            state["image"] = read_upload(files[0]["name"], files[0]["content"])
+            state["source"] = f"uploaded {files[0]['name']}"
+        except data.DataError as e:
             state["image"] = None
             result.value = (f'<div class="vitlab-error" style="color:#b00020"><b>{html.escape(files[0]["name"])}</b> '
-                            "is not an image this demo can read: upload a JPEG or PNG file.</div>")
+                            f"is not an image this demo can read: upload a JPEG or PNG file. "
+                            f"({html.escape(str(e))})</div>")
             return
         picture.value = _thumbnail(state["image"])
         show()

@@ -53,10 +53,12 @@ def measure(model: nn.Module, label: str, batches: Iterable, device: torch.devic
             saved: str | Path | None = None, ref_logits: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """One flat row for one model: accuracy with a bootstrap 95% interval of top-1, sizes, and (given a
     reference's logits on the same batches) drift. Also returns the logits and labels."""
+    # Sized before the first forward: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights then
+    # and drops the double-quant state, so the same model would measure smaller after a forward.
+    size = sizes(model, saved)
     logits, labels = infer.predict(model, batches, device, desc=label)
     lo, hi = metrics.bootstrap_ci(logits.argmax(1) == labels, seed=seed)
-    row = {"model": label, **metrics.classification(logits, labels, num_classes), "top1_lo": lo, "top1_hi": hi,
-           **sizes(model, saved)}
+    row = {"model": label, **metrics.classification(logits, labels, num_classes), "top1_lo": lo, "top1_hi": hi, **size}
     if ref_logits is not None:
         row.update(drift(ref_logits, logits))
     return row, logits, labels
@@ -69,11 +71,14 @@ class Evaluation:
     latency: pd.DataFrame
     profile: pd.DataFrame
     kernels: dict[str, pd.DataFrame] = field(default_factory=dict)
-    confusions: dict[str, list[dict]] = field(default_factory=dict)
+    confusions: dict[str, list[dict]] = field(default_factory=dict)  # the most confused pairs per model
+    matrices: dict[str, pd.DataFrame] = field(default_factory=dict)  # the full confusion matrix per model
 
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
         """The run's `results` (every table, JSON) and `results_table` (latency rows joined with accuracy, CSV)."""
         self.latency.merge(self.accuracy, on="model").to_csv(runs.path(run_dir, "results_table"), index=False)
+        cells = [m.stack().rename("count").reset_index().assign(model=label) for label, m in self.matrices.items()]
+        pd.concat(cells)[["model", "true", "predicted", "count"]].to_csv(runs.path(run_dir, "confusion"), index=False)
         runs.write_json(runs.path(run_dir, "results"), {
             **meta, "accuracy": self.accuracy.to_dict("records"), "confusions": self.confusions,
             "latency": self.latency.to_dict("records"), "profile": self.profile.to_dict("records"),
@@ -86,7 +91,7 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
     compiled or graph-replayed ones, whose insides module hooks cannot see)."""
     ev, settings = params["eval"], ModelSettings.from_params(params["model"])
     batches = data.loader("test", ev["batch_size"])
-    accuracy, latency, profiles, kernels, confusions = [], [], [], {}, {}
+    accuracy, latency, profiles, kernels, confusions, matrices = [], [], [], {}, {}, {}
     ref = None
     for entry in runs.models_of(run_dir, params):
         model = load(entry, settings, device)
@@ -95,6 +100,7 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
         ref = logits if ref is None else ref
         accuracy.append(row)
         confusions[entry.label] = metrics.confused_pairs(labels, logits.argmax(1), data.class_names)
+        matrices[entry.label] = metrics.confusion_table(labels, logits.argmax(1), data.class_names)
         latency += [{"model": entry.label, **bench.latency(model, bs, data.image_size, device, ev["warmup"], ev["iters"])}
                     for bs in ev["latency_batch_sizes"]]
         if ev["profile"]:
@@ -110,4 +116,4 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
     profile = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
     if not profile.empty:
         profile.attrs["clock"] = profile["clock"].iloc[0]
-    return Evaluation(pd.DataFrame(accuracy), pd.DataFrame(latency), profile, kernels, confusions)
+    return Evaluation(pd.DataFrame(accuracy), pd.DataFrame(latency), profile, kernels, confusions, matrices)

@@ -24,17 +24,25 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 
-def decode(sources: Sequence, short_side: int, crop: int, device: torch.device, chunk: int = 512) -> torch.Tensor:
+def decode(sources: Sequence, short_side: int, crop: int, device: torch.device, chunk: int = 512,
+           max_pixels: int | None = None) -> torch.Tensor:
     """The images (file paths, or PIL images of an in-memory data set) as one (N, 3, crop, crop) uint8
     tensor on `device`, each decoded once: shorter side to `short_side` (antialiased, the longer one
     rounded as torchvision's Resize rounds it), then the centre crop. With short_side round(s / 0.875)
-    and crop s that is exactly the eval transform of the PIL path."""
+    and crop s that is exactly the eval transform of the PIL path. Files whose header says they exceed
+    `max_pixels` are refused, naming the file, before anything is decoded."""
     out = torch.empty((len(sources), 3, crop, crop), dtype=torch.uint8, device=device)
     for start in range(0, len(sources), chunk):
         part = sources[start:start + chunk]
         if isinstance(part[0], Image.Image):
             images = [v2.functional.pil_to_tensor(image.convert("RGB")).to(device) for image in part]
         else:
+            if max_pixels is not None:
+                for p in part:
+                    with Image.open(p) as header:  # reads the header only
+                        if header.size[0] * header.size[1] > max_pixels:
+                            raise ValueError(f"{p} is {header.size[0]} x {header.size[1]} pixels, more than "
+                                             f"data.max_image_pixels ({max_pixels:,})")
             files = [io.read_file(str(p)) for p in part]
             jpeg = device.type == "cuda" and all(str(p).lower().endswith((".jpg", ".jpeg")) for p in part)
             images = (io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device) if jpeg else

@@ -26,7 +26,7 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device, desc: str
     for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
         out = model(pixel_values=x.to(device, dtype)).logits
         logits.append(out.float().cpu())
-        labels.append(torch.as_tensor(y))
+        labels.append(torch.as_tensor(y).cpu())
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 

@@ -22,6 +22,14 @@ def classification(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     }
 
 
+def confusion_table(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str]) -> "pd.DataFrame":
+    """The full confusion matrix: rows are true classes, columns predicted ones, both by name."""
+    import pandas as pd
+
+    cm = confusion_matrix(labels, preds, labels=np.arange(len(class_names)))
+    return pd.DataFrame(cm, index=pd.Index(class_names, name="true"), columns=pd.Index(class_names, name="predicted"))
+
+
 def confused_pairs(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], n: int = 5) -> list[dict]:
     """The n most frequent (true, predicted) mistakes."""
     cm = confusion_matrix(labels, preds, labels=np.arange(len(class_names)))

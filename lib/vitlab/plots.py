@@ -100,6 +100,20 @@ def component_breakdown(rows: pd.DataFrame) -> plt.Figure:
 
 
 @_styled
+def confusion(matrix: pd.DataFrame, title: str) -> plt.Figure:
+    """A confusion matrix (rows: true, columns: predicted) as a heatmap of row shares; class names on
+    the axes while they fit (up to 40 classes)."""
+    shares = matrix.div(matrix.sum(axis=1).clip(lower=1), axis=0)
+    n = len(matrix)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.22 * n, 16), min(3.5 + 0.2 * n, 15)))
+    sns.heatmap(shares, ax=ax, cmap="rocket_r", vmin=0, vmax=1, square=True, cbar_kws={"label": "share of the true class"},
+                xticklabels=n <= 40, yticklabels=n <= 40)
+    ax.set(title=title, xlabel="predicted", ylabel="true")
+    fig.tight_layout()
+    return fig
+
+
+@_styled
 def sensitivity(rows: pd.DataFrame, value: str = "kl") -> plt.Figure:
     """Per-layer sensitivity: the metric (with its bootstrap 95% interval) when all but one layer is
     quantized, one bar per quantization type; the all-quantized level as a dashed line."""

@@ -46,7 +46,7 @@ def collect(run_dirs: list[Path]) -> Collected:
     status, acc, lat, prof, sens, choices = [], [], [], [], [], {}
     for r in run_dirs:
         man = runs.manifest(r)
-        status.append({"run": r.name, "label": labels[r], "status": man["status"],
+        status.append({"run": r.name, "label": labels[r], "status": runs.status(r),
                        **{s: v["status"] for s, v in man["steps"].items()},
                        "failed": man.get("failed_step"), "device": man["device"]["name"],
                        "commit": (man["git"]["commit"] or "")[:8]})

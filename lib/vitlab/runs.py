@@ -11,19 +11,23 @@ Every reader (the notebooks, the demo, the report, the benchmarks) finds a produ
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
@@ -60,7 +64,8 @@ STEPS: dict[str, Step] = {
         "layers": "quantize/layers.csv"}),
     "evaluate": Step("03_evaluate.py", ("finetune", "quantize"), {
         "results": "evaluate/results.json",
-        "results_table": "evaluate/results.csv"}),
+        "results_table": "evaluate/results.csv",
+        "confusion": "evaluate/confusion.csv"}),  # every cell of every model's confusion matrix
     "ablation": Step("04_ablation.py", ("finetune",), {
         "sensitivity": "ablation/sensitivity.json",
         "sensitivity_table": "ablation/sensitivity.csv",
@@ -170,23 +175,36 @@ def _now() -> str:
 
 
 def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR) -> Path:
-    """A new dated run folder holding params.yaml and a manifest with every step of `params["steps"]` pending."""
+    """A new dated run folder holding params.yaml and a manifest with every step of `params["steps"]` pending.
+    `mkdir` is the test for a free name, so runs created at the same instant each get their own folder."""
     missing = needs_of(params["steps"])
     if missing:
         raise RunError(f"steps {params['steps']} read the products of {sorted(set(missing))}, which a new run does not "
                        f"have: add them to the steps, or resume a run that has them (--resume RUN_DIR)")
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    run_dir = Path(runs_dir) / f"{stamp}_{params['variant']}"
-    suffix = 1
-    while run_dir.exists():  # two runs in the same second
-        suffix += 1
-        run_dir = Path(runs_dir) / f"{stamp}_{params['variant']}-{suffix}"
-    run_dir.mkdir(parents=True)
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    for suffix in range(1, 1000):
+        run_dir = Path(runs_dir) / (f"{stamp}_{params['variant']}" + (f"-{suffix}" if suffix > 1 else ""))
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:  # another run took this name in the same second
+            continue
+    else:
+        raise RunError(f"no free run folder name under {runs_dir} for {stamp}_{params['variant']}")
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     manifest = {"variant": params["variant"], "status": "pending", "seed": params["seed"], "created": _now(),
                 "steps": {s: {"status": "pending"} for s in params["steps"]}, **environment()}
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
+
+
+def amend_params(run_dir: str | Path, params: dict[str, Any], overrides: list[str]) -> None:
+    """Change a run's params.yaml for the steps still to run; the manifest keeps each change and when."""
+    man = manifest(run_dir)
+    (Path(run_dir) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    man.setdefault("amended", []).append({"at": _now(), "set": list(overrides)})
+    write_json(Path(run_dir) / "manifest.json", man)
 
 
 def manifest(run_dir: str | Path) -> dict[str, Any]:
@@ -213,43 +231,141 @@ def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any]) -
     return executed
 
 
-def execute(run_dir: str | Path) -> dict:
-    """Execute the steps that are not `ok` yet, in order; stop at the first failure and mark the run failed."""
+HEARTBEAT_S = 30.0  # a running run rewrites its heartbeat this often; three missed beats mean it is gone
+
+
+class Interrupted(BaseException):
+    """A run stopped by a signal (SIGTERM from a scheduler, SIGHUP from a closed terminal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted in the main thread, as Ctrl-C raises KeyboardInterrupt, so the
+    run is marked failed with the signal instead of dying with `running` in its manifest."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _Live:
+    """While a run executes: an exclusive lock on <run>/.lock (a second `vitlab run --resume` of it is
+    refused), pid and host in the manifest, and a heartbeat: <run>/.heartbeat touched every HEARTBEAT_S
+    seconds by a thread (which never writes the manifest the main thread is changing), and the time of
+    every manifest save."""
+
+    def __init__(self, run_dir: Path, man: dict[str, Any]):
+        self.run_dir, self.man, self.stop = run_dir, man, threading.Event()
+
+    def __enter__(self) -> "_Live":
+        self.lock_file = open(self.run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_file.close()
+            holder = manifest(self.run_dir)
+            raise RunError(f"{self.run_dir} is being executed right now (pid {holder.get('pid')} on "
+                           f"{holder.get('host')}); wait for it, or stop that process first") from None
+        self.man.update(pid=os.getpid(), host=platform.node())
+        self.save()
+        threading.Thread(target=self._beat, daemon=True).start()
+        return self
+
+    def _beat(self) -> None:
+        while True:
+            (self.run_dir / ".heartbeat").touch()
+            if self.stop.wait(HEARTBEAT_S):
+                return
+
+    def save(self) -> None:
+        self.man["heartbeat"] = _now()
+        write_json(self.run_dir / "manifest.json", self.man)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.save()
+        fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+        self.lock_file.close()
+
+
+def status(run_dir: str | Path) -> str:
+    """The manifest's status, except that a `running` run whose process is gone (dead pid on this host, or
+    no heartbeat for three intervals) is `interrupted`."""
+    man = manifest(run_dir)
+    if man["status"] != "running":
+        return man["status"]
+    if man.get("host") == platform.node() and man.get("pid"):
+        try:
+            os.kill(man["pid"], 0)
+        except ProcessLookupError:
+            return "interrupted"
+        except PermissionError:
+            pass
+    beats = [dt.datetime.fromisoformat(man["heartbeat"]).timestamp()] if man.get("heartbeat") else []
+    if (Path(run_dir) / ".heartbeat").exists():
+        beats.append((Path(run_dir) / ".heartbeat").stat().st_mtime)
+    if beats and time.time() - max(beats) > 3 * HEARTBEAT_S:
+        return "interrupted"
+    return "running"
+
+
+def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
+    """Execute the steps that are not `ok` yet (and those in `rerun`), in order; stop at the first
+    failure and mark the run failed. A failed step's partial products are moved to <step>.failed/."""
     run_dir = Path(run_dir).resolve()
     man = manifest(run_dir)
     params = load_params(run_dir)
-    man["status"], man["started"] = "running", man.get("started") or _now()
-    write_json(run_dir / "manifest.json", man)
-    for step in man["steps"]:
-        entry = man["steps"][step]
-        if entry["status"] == "ok":
-            continue
-        # A step re-runs from scratch: nothing half-written by an earlier attempt survives.
-        shutil.rmtree(step_folder(run_dir, step), ignore_errors=True)
-        entry.update(status="running", started=_now(), error=None)
-        write_json(run_dir / "manifest.json", man)
-        print(f"[vitlab] {run_dir.name}: {step} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)})
-        except BaseException as e:  # KeyboardInterrupt too: the folder must say it did not finish
-            error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-            entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
-            man.update(status="failed", ended=_now(), failed_step=step)
-            write_json(run_dir / "manifest.json", man)
-            print(f"[vitlab] {run_dir.name}: {step} FAILED: {error}\n"
-                  f"[vitlab] see {run_dir / STEPS[step].notebook.replace('.py', '.ipynb')}; "
-                  f"resume with: python -m vitlab run --resume {run_dir}", file=sys.stderr, flush=True)
-            if not isinstance(e, Exception):
-                raise
-            return man
-        entry.update(status="ok", ended=_now(), seconds=round(time.perf_counter() - t0, 1))
-        write_json(run_dir / "manifest.json", man)
-        print(f"[vitlab] {run_dir.name}: {step} ok ({entry['seconds']} s)", flush=True)
-    done = all(man["steps"][s]["status"] == "ok" for s in man["steps"])
-    man.update(status="ok" if done else "partial", ended=_now())
-    man.pop("failed_step", None)
-    write_json(run_dir / "manifest.json", man)
+    for step in rerun or []:
+        if step not in man["steps"]:
+            raise RunError(f"cannot re-run '{step}': run {run_dir.name} has the steps {list(man['steps'])}")
+        man["steps"][step]["status"] = "pending"
+    with _Live(run_dir, man) as live, _signals_interrupt():
+        man["status"], man["started"] = "running", man.get("started") or _now()
+        live.save()
+        for step in man["steps"]:
+            entry = man["steps"][step]
+            if entry["status"] == "ok":
+                continue
+            # A step re-runs from scratch: nothing half-written by an earlier attempt survives.
+            for old in (step_folder(run_dir, step), run_dir / f"{step}.failed"):
+                shutil.rmtree(old, ignore_errors=True)
+            entry.update(status="running", started=_now(), error=None)
+            live.save()
+            print(f"[vitlab] {run_dir.name}: {step} ...", flush=True)
+            t0 = time.perf_counter()
+            try:
+                execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)})
+            except BaseException as e:  # Ctrl-C and signals too: the folder must say it did not finish
+                error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+                entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
+                man.update(status="failed", ended=_now(), failed_step=step)
+                if step_folder(run_dir, step).exists():
+                    step_folder(run_dir, step).rename(run_dir / f"{step}.failed")
+                live.save()
+                print(f"[vitlab] {run_dir.name}: {step} FAILED: {error}\n"
+                      f"[vitlab] see {run_dir / STEPS[step].notebook.replace('.py', '.ipynb')}; "
+                      f"resume with: python -m vitlab run --resume {run_dir}", file=sys.stderr, flush=True)
+                if not isinstance(e, Exception):
+                    raise
+                return man
+            entry.update(status="ok", ended=_now(), seconds=round(time.perf_counter() - t0, 1))
+            live.save()
+            print(f"[vitlab] {run_dir.name}: {step} ok ({entry['seconds']} s)", flush=True)
+        done = all(man["steps"][s]["status"] == "ok" for s in man["steps"])
+        man.update(status="ok" if done else "partial", ended=_now())
+        man.pop("failed_step", None)
     return man
 
 

@@ -1,0 +1,171 @@
+"""A run you can trust: signals, a live run's lock, stale runs, runs created at once, bad values refused
+within seconds and before any folder, bounded image decoding. Each test reproduces a failure a
+researcher hit (issue #11)."""
+import io
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from vitlab import config, data, demo, report, runs
+
+from .conftest import vitlab
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, "-m", "vitlab", *args], cwd=config.REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(runs_dir, step, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = runs.list_runs(runs_dir)
+        if found and runs.manifest(found[0])["steps"].get(step, {}).get("status") == "running":
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no run reached a running {step}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signalled_run_is_marked_failed_not_left_running(tmp_path, sig):
+    proc = _start("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", "finetune.epochs=200")
+    run_dir = _wait_for_step(tmp_path, "finetune")
+    deadline = time.monotonic() + 120
+    while not (run_dir / "finetune").is_dir() and time.monotonic() < deadline:  # the notebook has started writing
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig
+    man = runs.manifest(run_dir)
+    assert man["status"] == "failed" and man["failed_step"] == "finetune"
+    assert signal.Signals(sig).name in man["steps"]["finetune"]["error"] and "resume" in err
+    assert man["pid"] == proc.pid and man["host"] and man["heartbeat"]
+    assert runs.status(run_dir) == "failed" and not (run_dir / "finetune").exists()  # partial products moved aside
+    assert (run_dir / "finetune.failed").is_dir()
+
+
+def test_resume_of_a_live_run_is_refused_with_the_pid_that_holds_it(tmp_path):
+    proc = _start("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", "finetune.epochs=200")
+    try:
+        run_dir = _wait_for_step(tmp_path, "finetune")
+        second = vitlab("run", "--resume", str(run_dir))
+        assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr
+        assert runs.status(run_dir) == "running"
+        with pytest.raises(runs.RunError, match="being executed right now"):  # the lock, not only the manifest
+            runs.execute(run_dir)
+    finally:
+        proc.kill()
+        proc.communicate()
+    # Killed without a chance to say so (SIGKILL): its pid is gone, so it reads as interrupted.
+    assert runs.manifest(run_dir)["status"] == "running" and runs.status(run_dir) == "interrupted"
+    assert report.collect([run_dir]).status.iloc[0]["status"] == "interrupted"
+
+
+def test_a_running_run_without_heartbeat_is_interrupted(tmp_path, smoke_params):
+    run_dir = runs.create(smoke_params, tmp_path)
+    man = runs.manifest(run_dir)
+    man.update(status="running", host="another-host", pid=1, heartbeat="2026-01-01T00:00:00")
+    runs.write_json(run_dir / "manifest.json", man)
+    assert runs.status(run_dir) == "interrupted"
+    man["heartbeat"] = runs._now()
+    runs.write_json(run_dir / "manifest.json", man)
+    assert runs.status(run_dir) == "running"
+
+
+def _create(args):
+    params, runs_dir = args
+    return str(runs.create(params, runs_dir))
+
+
+def test_runs_created_at_the_same_instant_each_get_a_folder(tmp_path, smoke_params):
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        made = pool.map(_create, [(smoke_params, tmp_path)] * 8)
+    assert len(set(made)) == 8 and len(runs.list_runs(tmp_path)) == 8
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.epochs=0", "'finetune.epochs' is 0; it must be at least 1"),
+    ("finetune.batch_size=0", "at least 1"),
+    ("finetune.lr=-0.1", "positive"),
+    ("data.max_per_class=-1", "null for all"),
+    ("eval.iters=0", "'eval.iters'"),
+    ("ablation.quant_types=[nf3]", "'nf4', 'fp4', 'int8'"),
+    ("quant.keep_16bit=[99]", "has 2 encoder layers"),
+    ("steps=[]", "'steps' is empty"),
+    ("variant=../escape", "names the run folder"),
+    ("finetune.lora.target_modules=[1, 2]", "list of names"),
+    ("quant.bits=[8", "not valid YAML"),
+    ("model.attention=sdpa_cudnn", "needs a CUDA GPU"),
+])
+def test_bad_values_are_refused_within_seconds_before_any_folder(tmp_path, override, message):
+    t0 = time.monotonic()
+    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", override)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not tmp_path.exists() or not list(tmp_path.iterdir())
+    assert time.monotonic() - t0 < 60  # the interpreter and torch's import; no step ran
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds no parameters"),
+    ("model:\n  id: a: b\n", r"bad.yaml, line 2, column 8: not valid YAML \(mapping values are not allowed here\)"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "not a text file"),
+])
+def test_params_files_that_are_not_params_get_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(config.ParamsError, match=message):
+        config.resolve(path)
+
+
+def test_lora_targets_take_a_list_a_name_or_a_shorthand():
+    for value in ("[q_proj, v_proj]", "fc1", "auto", "attention"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", [f"finetune.lora.target_modules={value}"])
+
+
+def test_resume_takes_set_and_reruns_a_finished_step(smoke_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / smoke_run.name
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("ablation", "05_demo.ipynb", "04_ablation.ipynb"))
+    man = runs.manifest(run_dir)
+    for step in ("ablation", "demo"):
+        man["steps"][step] = {"status": "pending"}
+    man["status"] = "partial"
+    runs.write_json(run_dir / "manifest.json", man)
+    before = runs.manifest(run_dir)["steps"]["evaluate"]["ended"]
+    proc = vitlab("run", "--resume", str(run_dir), "--steps", "evaluate", "--set", "eval.iters=2",
+                  "--set", "ablation.quant_types=[nf4]")
+    assert proc.returncode == 0, proc.stderr
+    man = runs.manifest(run_dir)
+    assert man["status"] == "ok" and man["steps"]["evaluate"]["ended"] != before  # re-run, as the README says
+    assert man["amended"][0]["set"] == ["eval.iters=2", "ablation.quant_types=[nf4]"]
+    assert runs.load_params(run_dir)["eval"]["iters"] == 2
+    sensitivity = json.loads(runs.path(run_dir, "sensitivity").read_text())
+    assert {r["quant"] for r in sensitivity} == {"16-bit", "nf4"}  # the amended value reached the ablation
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")  # 144 megapixels in a few KB
+    return buf.getvalue()
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    bomb = _bomb()
+    assert len(bomb) < 100_000
+    with pytest.raises(data.DataError, match="bomb.png is 12000 x 12000 = 144,000,000 pixels"):
+        demo.read_upload("bomb.png", bomb)
+    with pytest.raises(data.DataError, match="takes images up to 1 MB"):
+        demo.read_upload("huge.jpg", b"\xff" * (2 * 2**20), max_bytes=2**20)
+    folder = tmp_path / "train" / "c0"
+    folder.mkdir(parents=True)
+    (folder / "bomb.png").write_bytes(bomb)
+    with pytest.raises(data.DataError, match=r"train/c0/bomb.png is 12000 x 12000"):
+        data._checked_loader({"max_image_pixels": 60_000_000})(str(folder / "bomb.png"))
