@@ -169,3 +169,40 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
     (folder / "bomb.png").write_bytes(bomb)
     with pytest.raises(data.DataError, match=r"train/c0/bomb.png is 12000 x 12000"):
         data._checked_loader({"max_image_pixels": 60_000_000})(str(folder / "bomb.png"))
+
+
+def test_progress_shows_printed_lines_and_thins_progress_bars_out():
+    out = io.StringIO()
+    progress = runs.Progress("finetune", out, every_s=3600)
+    progress.write("epoch 1/2: train loss 2.3\n")
+    progress.write("\rpredict:   0%|          | 0/9 [00:00<?, ?it/s]\rpredict:  11%|#         | 1/9 [00:01<00:08]")
+    progress.write("\rpredict:  22%|##        | 2/9\rpredict: 100%|##########| 9/9 [00:02<00:00]\n")
+    progress.write("[IPKernelApp] WARNING | Kernel is running over TCP without encryption.\n")
+    assert out.getvalue().splitlines() == ["[finetune] epoch 1/2: train loss 2.3",
+                                           "[finetune] predict:   0%|          | 0/9 [00:00<?, ?it/s]",
+                                           "[finetune] predict: 100%|##########| 9/9 [00:02<00:00]"]
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_the_local_alternatives(monkeypatch):
+    import socket
+
+    import torch
+
+    from vitlab import models
+
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    models.hub_reachable.cache_clear()
+    try:
+        settings = models.ModelSettings("google/vit-base-patch16-224", torch.float32, "sdpa")
+        t0 = time.monotonic()
+        with pytest.raises(models.ModelError, match="model.id: /path/to/checkpoint_dir"):
+            models.load_processor(settings)
+        with pytest.raises(models.ModelError, match="network"):
+            models.build(settings, ["a"])
+        assert time.monotonic() - t0 < 10  # transformers' own retries took 98 s here
+    finally:
+        models.hub_reachable.cache_clear()

@@ -105,13 +105,22 @@ def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, 
     rows = [_row("16-bit", ("16-bit", None, []), "16-bit", scorer, scorer.ref, scorer.ref_bytes, seed)]
     for qname in quant_types:
         q = quant_settings(base, qname)
-        for config, kept, logits, size in scorer.run(q, configurations(scorer.n_layers)):
+        configs = configurations(scorer.n_layers)
+        for i, (config, kept, logits, size) in enumerate(scorer.run(q, configs), 1):
             rows.append(_row(qname, config, _kind(config[0]), scorer, logits, size, seed, len(kept)))
+            _say(rows[-1], f"{i}/{len(configs)}")
         order = greedy_order(rows, qname)
         path = [(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)]
-        for config, kept, logits, size in scorer.run(q, path):
+        for i, (config, kept, logits, size) in enumerate(scorer.run(q, path), 1):
             rows.append(_row(qname, config, "greedy", scorer, logits, size, seed, len(kept)))
+            _say(rows[-1], f"greedy {i}/{len(path)}")
     return rows
+
+
+def _say(row: dict, where: str) -> None:
+    # One line per configuration: the terminal of `vitlab run` shows it while the step runs.
+    print(f"{row['quant']} {where}: {row['config']}: top-1 {row['top1']:.4f} KL {row['kl']:.2e} "
+          f"{row['footprint_mb']:.3f} MB", flush=True)
 
 
 def greedy_order(rows: list[dict], quant_name: str) -> list[int]:

@@ -99,10 +99,15 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
                                       entry.path, ref)
         ref = logits if ref is None else ref
         accuracy.append(row)
+        print(f"{entry.label}: top-1 {row['top1']:.4f} [{row['top1_lo']:.4f}, {row['top1_hi']:.4f}] on {row['n']} images",
+              flush=True)
         confusions[entry.label] = metrics.confused_pairs(labels, logits.argmax(1), data.class_names)
         matrices[entry.label] = metrics.confusion_table(labels, logits.argmax(1), data.class_names)
-        latency += [{"model": entry.label, **bench.latency(model, bs, data.image_size, device, ev["warmup"], ev["iters"])}
-                    for bs in ev["latency_batch_sizes"]]
+        for bs in ev["latency_batch_sizes"]:
+            latency.append({"model": entry.label, **bench.latency(model, bs, data.image_size, device, ev["warmup"],
+                                                                  ev["iters"])})
+            print(f"{entry.label}: batch {bs}: p50 {latency[-1]['p50_ms']:.2f} ms, "
+                  f"{latency[-1]['throughput_img_s']:.0f} img/s", flush=True)
         if ev["profile"]:
             x = bench.random_batch(model, ev["profile_batch_size"], data.image_size, device)
             if not entry.speed.active:

@@ -150,6 +150,9 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                         "val_acc": va["acc"], "lr": scheduler.get_last_lr()[0], "seconds": seconds,
                         "train_img_s": tr["images"] / seconds})
+        # One line per epoch: the terminal of `vitlab run` shows it while the step runs.
+        print(f"epoch {epoch}/{ft_cfg['epochs']}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · valid loss "
+              f"{va['loss']:.3f} acc {va['acc']:.3f} · {history[-1]['train_img_s']:.0f} img/s", flush=True)
         if ft_cfg["select"] == "best_valid" and va["acc"] > best[0]:
             best = (va["acc"], epoch, {k: v.detach().clone() for k, v in scored.state_dict().items()})
     if ft_cfg["select"] == "best_valid":

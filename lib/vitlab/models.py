@@ -5,7 +5,10 @@ under `vit.layers`), so encoder layers, linear layers and components are discove
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,20 +63,37 @@ def _offline_hint(model_id: str, error: Exception) -> ModelError:
         "`model.config` to train a small ViT from scratch (see params/offline.yaml).")
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """One short connection attempt to the hub. Offline, transformers retries for minutes before it
+    fails; with this answer it looks in the local cache only and fails (or loads) at once."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(model_id: str | Path) -> dict[str, Any]:
+    return {} if Path(model_id).is_dir() or hub_reachable() else {"local_files_only": True}
+
+
 def load_processor(settings: ModelSettings) -> ViTImageProcessor:
     """The checkpoint's image processor (resize size, normalisation), or a plain one for a config model."""
     if settings.id is None:
         size = settings.config.get("image_size", 224)
         return ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     try:
-        return AutoImageProcessor.from_pretrained(settings.id)
+        return AutoImageProcessor.from_pretrained(settings.id, **_hub_kwargs(settings.id))
     except OSError as e:
         raise _offline_hint(settings.id, e) from e
 
 
 def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassification:
     try:
-        return ViTForImageClassification.from_pretrained(str(path), **kwargs)
+        return ViTForImageClassification.from_pretrained(str(path), **kwargs, **_hub_kwargs(path))
     except OSError as e:
         if Path(path).is_dir():
             raise ModelError(f"{path} is not a loadable ViT checkpoint ({e}); it needs config.json and "

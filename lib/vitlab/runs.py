@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -218,16 +219,59 @@ def load_params(run_dir: str | Path) -> dict[str, Any]:
     return yaml.safe_load((Path(run_dir) / "params.yaml").read_text())
 
 
-def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any]) -> Path:
-    """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir."""
+# Lines a step's kernel prints that say nothing to a researcher: transport and kernel-hub notices, and
+# transformers naming "eetq" when an ablation keeps every linear of a model in 16-bit (nothing to quantize).
+NOISE = ("Kernel is running over TCP without encryption", "Failed to load CPU gemm_4bit_forward", "USDT:",
+         "no linear modules were found in your model")
+
+
+class Progress:
+    """A step's printed lines and progress bars, in the terminal while the notebook runs: printed lines as
+    they come; a progress bar (tqdm redraws one line with carriage returns) as a line when it starts,
+    every `every_s` seconds and when it ends, instead of every redraw; known noise dropped."""
+
+    def __init__(self, step: str, stream=None, every_s: float = 10.0):
+        self.prefix, self.stream, self.every_s = f"[{step}] ", stream or sys.stdout, every_s
+        self.shown: dict[str, float] = {}
+
+    def _show(self, line: str) -> None:
+        self.stream.write(self.prefix + line + "\n")
+        self.stream.flush()
+
+    def write(self, text: str) -> None:
+        for piece in text.replace("\r", "\n").split("\n"):
+            piece = piece.strip()
+            if not piece or any(n in piece for n in NOISE):
+                continue
+            bar = re.match(r"^(.*?):\s+(\d+)%\|", piece)
+            if bar is None:
+                self._show(piece)
+                continue
+            name, now = bar.group(1), time.monotonic()
+            done = bar.group(2) == "100"
+            if done or name not in self.shown or now - self.shown[name] >= self.every_s:
+                self.shown[name] = now
+                self._show(piece)
+            if done:
+                self.shown.pop(name, None)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:
+    """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir; with
+    `progress`, what its cells print reaches the terminal as they run."""
     import jupytext
     import papermill
 
     nb = jupytext.read(NOTEBOOK_DIR / notebook)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     executed = out_dir / notebook.replace(".py", ".ipynb")
+    # The kernel's own warning about TCP transport on localhost is noise in every step's terminal output.
     papermill.execute_notebook(nb, str(executed), parameters=parameters, kernel_name="python3", cwd=str(out_dir),
-                               progress_bar=False, log_output=False)
+                               progress_bar=False, log_output=False, stdout_file=progress, stderr_file=progress,
+                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
     return executed
 
 
@@ -346,7 +390,8 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
             print(f"[vitlab] {run_dir.name}: {step} ...", flush=True)
             t0 = time.perf_counter()
             try:
-                execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)})
+                execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)},
+                                 Progress(step))
             except BaseException as e:  # Ctrl-C and signals too: the folder must say it did not finish
                 error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
                 entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
