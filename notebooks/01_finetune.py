@@ -60,11 +60,13 @@ print(f"{type(model).__name__}: {trainable:,} trainable of {total:,} parameters 
 # AdamW with linear warm-up and cosine decay, bf16 autocast on GPUs that have it; the validation
 # split is scored after every epoch, to see over- or under-fitting in the curves. With
 # `data.pipeline: gpu` the images are decoded once and augmented on the device, so a small ViT is
-# not left waiting for CPU workers; `train_img_s` shows what each epoch got.
+# not left waiting for CPU workers; `train_img_s` shows what each epoch got. The state after each
+# epoch is kept, so `vitlab run --resume` of a stopped run continues where it stopped.
 
 # %%
 history = finetune.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", ft["batch_size"], device),
-                         ft, device, num_classes=len(ds.class_names))
+                         ft, device, num_classes=len(ds.class_names),
+                         checkpoint=runs.resume_folder(run_dir, "finetune") / "last.pt")
 pd.DataFrame(history).set_index("epoch").round(4)
 
 # %%

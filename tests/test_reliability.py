@@ -206,3 +206,39 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_local_alternatives(monkeyp
         assert time.monotonic() - t0 < 10  # transformers' own retries took 98 s here
     finally:
         models.hub_reachable.cache_clear()
+
+
+def test_an_interrupted_finetune_continues_from_its_last_epoch(tmp_path):
+    import torch
+    proc = _start("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "finetune",
+                  "--set", "finetune.epochs=100", "--set", "finetune.checkpoint_minutes=0")
+    run_dir = _wait_for_step(tmp_path, "finetune")
+    state = runs.resume_folder(run_dir, "finetune") / "last.pt"
+    deadline = time.monotonic() + 120
+    while not state.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert runs.manifest(run_dir)["status"] == "failed"
+    saved = torch.load(state, weights_only=False)["history"]
+    assert 1 <= len(saved) < 100
+    resumed = vitlab("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"[finetune] resuming after epoch {len(saved)} of 100" in resumed.stdout
+    history = json.loads(runs.path(run_dir, "train_metrics").read_text())["history"]
+    assert [r["epoch"] for r in history] == list(range(1, 101))
+    assert [{k: v for k, v in r.items() if k != "selected"} for r in history[:len(saved)]] == saved
+    assert not runs.resume_folder(run_dir, "finetune").exists()  # removed once the step finished
+
+
+def test_a_long_accuracy_pass_prints_its_batches(checkpoint, f32, digits_data, monkeypatch, capsys):
+    import torch
+
+    from vitlab import infer, models
+    monkeypatch.setattr(infer, "PROGRESS_EVERY_S", 0.0)  # as if every batch took longer than the interval
+    model = models.load_checkpoint(checkpoint, f32, torch.device("cpu"))
+    batches = list(digits_data.loader("test", 64))[:3]
+    infer.predict(model, batches, torch.device("cpu"), desc="test split")
+    assert capsys.readouterr().out.splitlines() == [f"test split: {i}/3 batches" for i in (1, 2, 3)]
+    infer.predict(model, batches, torch.device("cpu"), progress=False)
+    assert capsys.readouterr().out == ""

@@ -49,6 +49,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.mixup_alpha": (lambda v: v >= 0, "0 (off) or more"),
     "finetune.cutmix_alpha": (lambda v: v >= 0, "0 (off) or more"),
     "finetune.ema_decay": (lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.999 is usual)"),
+    "finetune.checkpoint_minutes": (lambda v: v >= 0, "0 (every epoch) or more"),
     "finetune.lora.r": _at_least_1,
     "finetune.lora.alpha": (lambda v: v > 0, "positive"),
     "finetune.lora.dropout": (lambda v: 0 <= v < 1, "0 <= x < 1"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -123,12 +124,16 @@ def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch
 
 
 def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft_cfg: dict[str, Any],
-          device: torch.device, num_classes: int | None = None) -> list[dict[str, float]]:
+          device: torch.device, num_classes: int | None = None,
+          checkpoint: Path | None = None) -> list[dict[str, float]]:
     """Train for ft_cfg['epochs']; one row per epoch with train/val loss and accuracy and images/s.
 
     With `ema_decay`, an exponential moving average of the weights is kept and validated (it is
     the model that is kept); with `select: best_valid`, the weights of the epoch with the best
-    validation accuracy are restored at the end (the history says which)."""
+    validation accuracy are restored at the end (the history says which). With `checkpoint` (a file),
+    the state after an epoch is written there at most every `checkpoint_minutes` (0: every epoch), and
+    a training that finds one continues after its epoch instead of starting over (random draws after
+    that point differ from an uninterrupted run)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=ft_cfg["lr"], weight_decay=ft_cfg["weight_decay"])
     total = ft_cfg["epochs"] * len(train_batches)
@@ -140,7 +145,13 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
                                                use_buffers=True) if ft_cfg["ema_decay"] else None)
     scored = ema.module if ema is not None else model
     history, best = [], (-1.0, 0, None)
-    for epoch in tqdm(range(1, ft_cfg["epochs"] + 1), desc="epochs"):
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler}
+    last_save = time.monotonic()
+    if checkpoint is not None and Path(checkpoint).is_file():
+        history, best = _restore(Path(checkpoint), state, device)
+        print(f"resuming after epoch {len(history)} of {ft_cfg['epochs']} from {checkpoint}", flush=True)
+    for epoch in tqdm(range(len(history) + 1, ft_cfg["epochs"] + 1), desc="epochs", initial=len(history),
+                      total=ft_cfg["epochs"]):
         t0 = time.perf_counter()
         tr = _epoch(model, train_batches, device, amp, optimizer, scheduler, scaler, ft_cfg["max_grad_norm"],
                     ft_cfg["label_smoothing"], mixer, ema, desc=f"train {epoch}")
@@ -155,6 +166,10 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
               f"{va['loss']:.3f} acc {va['acc']:.3f} · {history[-1]['train_img_s']:.0f} img/s", flush=True)
         if ft_cfg["select"] == "best_valid" and va["acc"] > best[0]:
             best = (va["acc"], epoch, {k: v.detach().clone() for k, v in scored.state_dict().items()})
+        if checkpoint is not None and (time.monotonic() - last_save >= 60 * ft_cfg["checkpoint_minutes"]
+                                       or epoch == ft_cfg["epochs"]):
+            _save(Path(checkpoint), state, history, best)
+            last_save = time.monotonic()
     if ft_cfg["select"] == "best_valid":
         scored.load_state_dict(best[2])
     for row in history:
@@ -162,6 +177,32 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
     return history
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Only what training changes: a LoRA model's frozen (maybe 4-bit) base is rebuilt from its checkpoint.
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save(path: Path, state: dict[str, Any], history: list[dict], best: tuple) -> None:
+    """The training state after an epoch, written atomically (a kill mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"model": _trainable(state["model"]), "history": history, "best": best,
+            **{k: v.state_dict() for k, v in state.items() if k != "model" and v is not None}}
+    torch.save(blob, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _restore(path: Path, state: dict[str, Any], device: torch.device) -> tuple[list[dict], tuple]:
+    blob = torch.load(path, map_location=device, weights_only=False)
+    missing = set(_trainable(state["model"])) - set(blob["model"])
+    if missing:
+        raise RuntimeError(f"{path} was written for another model ({sorted(missing)[:3]} missing); delete it to start over")
+    state["model"].load_state_dict(blob["model"], strict=False)
+    for key, obj in state.items():
+        if key != "model" and obj is not None:
+            obj.load_state_dict(blob[key])
+    return blob["history"], tuple(blob["best"])
 
 
 def merged(model: nn.Module, settings: ModelSettings, class_names: list[str], method: str,

@@ -11,6 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+PROGRESS_EVERY_S = 10.0
+
+
 def input_dtype(model: nn.Module) -> torch.dtype:
     """The dtype pixel values must have: that of the patch embedding (16-bit or float32)."""
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -23,10 +26,15 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device, desc: str
     model.eval()
     dtype = input_dtype(model)
     logits, labels = [], []
-    for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
+    shown, total = time.monotonic(), len(batches) if hasattr(batches, "__len__") else "?"
+    for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress), 1):
         out = model(pixel_values=x.to(device, dtype)).logits
         logits.append(out.float().cpu())
         labels.append(torch.as_tensor(y).cpu())
+        if progress and time.monotonic() - shown > PROGRESS_EVERY_S:
+            # A line now and then for the terminal of `vitlab run` (tqdm draws a widget in a notebook).
+            print(f"{desc}: {i}/{total} batches", flush=True)
+            shown = time.monotonic()
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 

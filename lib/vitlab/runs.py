@@ -93,6 +93,12 @@ def step_folder(run_dir: str | Path, step: str) -> Path:
     return Path(run_dir) / step
 
 
+def resume_folder(run_dir: str | Path, step: str) -> Path:
+    """Where a step keeps what lets a re-run continue (finetune's per-epoch state): not a product, kept
+    when the step fails or is stopped, removed when it finishes."""
+    return Path(run_dir) / ".resume" / step
+
+
 def done(run_dir: str | Path, step: str) -> bool:
     """Whether `step` of the run finished (its products are complete)."""
     return manifest(run_dir)["steps"].get(step, {}).get("status") == "ok"
@@ -406,6 +412,7 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
                     raise
                 return man
             entry.update(status="ok", ended=_now(), seconds=round(time.perf_counter() - t0, 1))
+            shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)
             live.save()
             print(f"[vitlab] {run_dir.name}: {step} ok ({entry['seconds']} s)", flush=True)
         done = all(man["steps"][s]["status"] == "ok" for s in man["steps"])
