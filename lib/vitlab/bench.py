@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
-from tqdm.auto import tqdm
 
 from . import metrics, models
 from .infer import input_dtype
@@ -74,13 +73,6 @@ def latency(model: nn.Module, batch_size: int, image_size: int, device: torch.de
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "process peak RSS"  # KiB on Linux
     return {"batch_size": batch_size, **stats, "throughput_img_s": batch_size / stats["p50_ms"] * 1e3,
             "peak_mem_mb": peak, "peak_mem_kind": kind}
-
-
-def latency_sweep(model: nn.Module, batch_sizes: list[int], image_size: int, device: torch.device,
-                  warmup: int, iters: int, labels: dict[str, Any] | None = None) -> list[dict]:
-    """`latency` at every batch size, each row carrying `labels`."""
-    return [{**(labels or {}), **latency(model, bs, image_size, device, warmup, iters)}
-            for bs in tqdm(batch_sizes, desc="latency", leave=False)]
 
 
 def _quiet_kineto() -> None:
