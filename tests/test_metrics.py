@@ -19,7 +19,9 @@ def test_classification_on_known_inputs():
 def test_confused_pairs_counts_mistakes():
     labels = np.array([0, 0, 0, 1, 2])
     preds = np.array([1, 1, 0, 1, 0])
-    pairs = metrics.confused_pairs(labels, preds, ["a", "b", "c"])
+    table = metrics.confusion_table(labels, preds, ["a", "b", "c"])
+    assert table.loc["a"].tolist() == [1, 2, 0] and int(table.to_numpy().sum()) == 5  # rows true, columns predicted
+    pairs = metrics.confused_pairs(table)
     assert pairs[0] == {"true": "a", "predicted": "b", "count": 2}
     assert pairs[1] == {"true": "c", "predicted": "a", "count": 1} and len(pairs) == 2
 

@@ -242,3 +242,20 @@ def test_a_long_accuracy_pass_prints_its_batches(checkpoint, f32, digits_data, m
     assert capsys.readouterr().out.splitlines() == [f"test split: {i}/3 batches" for i in (1, 2, 3)]
     infer.predict(model, batches, torch.device("cpu"), progress=False)
     assert capsys.readouterr().out == ""
+
+
+def test_folders_made_in_the_same_second_do_not_collide(tmp_path):
+    made = [runs.new_folder(tmp_path / "reports") for _ in range(3)]
+    stamp = made[0].name
+    assert [m.name for m in made] == [stamp, f"{stamp}-2", f"{stamp}-3"] or len({m.name for m in made}) == 3
+    assert all(m.parent == tmp_path / "reports" and m.name.startswith(stamp[:10]) for m in made)
+
+
+def test_the_gpu_data_path_refuses_a_bomb_like_the_pil_path(tmp_path):
+    import torch
+
+    from vitlab import gpu_data
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_bomb())
+    with pytest.raises(data.DataError, match=r"bomb.png is 12000 x 12000"):
+        gpu_data.decode([bomb], 36, 32, torch.device("cpu"), max_pixels=60_000_000)

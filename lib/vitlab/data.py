@@ -129,19 +129,32 @@ def images_and_labels(ds: Dataset) -> tuple[list, list[int]]:
 MAX_IMAGE_PIXELS = 60_000_000  # params/defaults.yaml's data.max_image_pixels
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image file (path or raw bytes) as RGB, with an error that says which input is bad. Its size
-    is read from the header and checked against `max_pixels` before any pixel is decoded."""
-    name = "uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+def _open_header(source: str | Path | bytes, name: str, max_pixels: int) -> Image.Image:
+    """The image's header only (no pixels decoded yet), refused when it declares more than max_pixels."""
+    with warnings.catch_warnings():  # PIL warns of a possible bomb at open; the check below decides
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise DataError(f"{name} is {width} x {height} = {width * height:,} pixels, more than the "
+                        f"{max_pixels:,} allowed (data.max_image_pixels): it would take "
+                        f"{width * height * 3 / 2**30:.1f} GB decoded; downscale it first")
+    return image
+
+
+def check_pixels(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """open_image's size check, for decoders other than PIL (the GPU data path)."""
+    _open_header(path, str(path), max_pixels).close()
+
+
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+    """Open an image file (path or raw bytes) as RGB, with an error that names the input (`name`, else
+    the path, else "uploaded bytes"). Its size is read from the header and checked against `max_pixels`
+    before any pixel is decoded."""
+    name = name or ("uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source))
     try:
-        with warnings.catch_warnings():  # PIL warns of a possible bomb at open; the check below decides
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        width, height = image.size
-        if width * height > max_pixels:
-            raise DataError(f"{name} is {width} x {height} = {width * height:,} pixels, more than the "
-                            f"{max_pixels:,} allowed (data.max_image_pixels): it would take "
-                            f"{width * height * 3 / 2**30:.1f} GB decoded; downscale it first")
+        image = _open_header(source, name, max_pixels)
         image.load()
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: {e}") from e

@@ -24,10 +24,7 @@ def read_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
     if len(content) > max_bytes:
         raise data.DataError(f"{name} is {len(content) / 2**20:.1f} MB; this demo takes images up to "
                              f"{max_bytes / 2**20:.0f} MB")
-    try:
-        return data.open_image(bytes(content), max_pixels=max_pixels)
-    except data.DataError as e:
-        raise data.DataError(str(e).replace("uploaded bytes", name)) from None
+    return data.open_image(bytes(content), max_pixels=max_pixels, name=name)
 
 
 def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:

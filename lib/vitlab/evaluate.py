@@ -101,8 +101,8 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
         accuracy.append(row)
         print(f"{entry.label}: top-1 {row['top1']:.4f} [{row['top1_lo']:.4f}, {row['top1_hi']:.4f}] on {row['n']} images",
               flush=True)
-        confusions[entry.label] = metrics.confused_pairs(labels, logits.argmax(1), data.class_names)
         matrices[entry.label] = metrics.confusion_table(labels, logits.argmax(1), data.class_names)
+        confusions[entry.label] = metrics.confused_pairs(matrices[entry.label])
         for bs in ev["latency_batch_sizes"]:
             latency.append({"model": entry.label, **bench.latency(model, bs, data.image_size, device, ev["warmup"],
                                                                   ev["iters"])})

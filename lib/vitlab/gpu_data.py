@@ -23,6 +23,8 @@ from torchvision import io
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
+from . import data
+
 
 def decode(sources: Sequence, short_side: int, crop: int, device: torch.device, chunk: int = 512,
            max_pixels: int | None = None) -> torch.Tensor:
@@ -39,10 +41,7 @@ def decode(sources: Sequence, short_side: int, crop: int, device: torch.device, 
         else:
             if max_pixels is not None:
                 for p in part:
-                    with Image.open(p) as header:  # reads the header only
-                        if header.size[0] * header.size[1] > max_pixels:
-                            raise ValueError(f"{p} is {header.size[0]} x {header.size[1]} pixels, more than "
-                                             f"data.max_image_pixels ({max_pixels:,})")
+                    data.check_pixels(p, max_pixels)
             files = [io.read_file(str(p)) for p in part]
             jpeg = device.type == "cuda" and all(str(p).lower().endswith((".jpg", ".jpeg")) for p in part)
             images = (io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device) if jpeg else

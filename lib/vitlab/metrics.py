@@ -30,9 +30,10 @@ def confusion_table(labels: np.ndarray, preds: np.ndarray, class_names: Sequence
     return pd.DataFrame(cm, index=pd.Index(class_names, name="true"), columns=pd.Index(class_names, name="predicted"))
 
 
-def confused_pairs(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], n: int = 5) -> list[dict]:
-    """The n most frequent (true, predicted) mistakes."""
-    cm = confusion_matrix(labels, preds, labels=np.arange(len(class_names)))
+def confused_pairs(table: "pd.DataFrame", n: int = 5) -> list[dict]:
+    """The n most frequent (true, predicted) mistakes of a `confusion_table`."""
+    class_names = list(table.index)
+    cm = table.to_numpy().copy()
     np.fill_diagonal(cm, 0)
     order = np.argsort(cm, axis=None)[::-1][:n]
     pairs = []

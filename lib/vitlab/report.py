@@ -6,7 +6,6 @@ its figures to figures/ and says which tracked files it replaced.
 """
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,12 +66,7 @@ def collect(run_dirs: list[Path]) -> Collected:
 
 def render(run_dirs: list[Path], runs_root: Path) -> Path:
     """Execute the report notebook over `run_dirs` into a new folder under runs_root/reports; its HTML."""
-    out = Path(runs_root) / "reports" / dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    suffix = 1
-    while out.exists():
-        suffix += 1
-        out = out.with_name(f"{out.name.split('-')[0]}-{suffix}")
-    out.mkdir(parents=True)
+    out = runs.new_folder(Path(runs_root) / "reports")
     notebook = runs.execute_notebook(NOTEBOOK, out, {"run_dirs": [str(r) for r in run_dirs], "runs_root": str(runs_root)})
     return runs.render_html(notebook)
 

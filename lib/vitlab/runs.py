@@ -181,24 +181,29 @@ def _now() -> str:
     return dt.datetime.now().isoformat(timespec="seconds")
 
 
+def new_folder(parent: str | Path, name: str = "") -> Path:
+    """A new folder parent/<YYYY-MM-DD_HHMMSS>[_name][-N]. `mkdir` is the test for a free name, so
+    folders made at the same instant (several runs, or reports) each get their own."""
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S") + (f"_{name}" if name else "")
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    for suffix in range(1, 1000):
+        folder = Path(parent) / (stamp + (f"-{suffix}" if suffix > 1 else ""))
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:  # taken in the same second
+            continue
+    raise RunError(f"no free folder name under {parent} for {stamp}")
+
+
 def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR) -> Path:
-    """A new dated run folder holding params.yaml and a manifest with every step of `params["steps"]` pending.
-    `mkdir` is the test for a free name, so runs created at the same instant each get their own folder."""
+    """A new dated run folder (`new_folder`) holding params.yaml and a manifest with every step of
+    `params["steps"]` pending."""
     missing = needs_of(params["steps"])
     if missing:
         raise RunError(f"steps {params['steps']} read the products of {sorted(set(missing))}, which a new run does not "
                        f"have: add them to the steps, or resume a run that has them (--resume RUN_DIR)")
-    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    Path(runs_dir).mkdir(parents=True, exist_ok=True)
-    for suffix in range(1, 1000):
-        run_dir = Path(runs_dir) / (f"{stamp}_{params['variant']}" + (f"-{suffix}" if suffix > 1 else ""))
-        try:
-            run_dir.mkdir()
-            break
-        except FileExistsError:  # another run took this name in the same second
-            continue
-    else:
-        raise RunError(f"no free run folder name under {runs_dir} for {stamp}_{params['variant']}")
+    run_dir = new_folder(runs_dir, params["variant"])
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     manifest = {"variant": params["variant"], "status": "pending", "seed": params["seed"], "created": _now(),
                 "steps": {s: {"status": "pending"} for s in params["steps"]}, **environment()}
