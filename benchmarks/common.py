@@ -40,10 +40,10 @@ def quant_settings(bits: int, type_: str | None = None) -> quant.QuantSettings:
     return q.replace(type=type_) if type_ else q
 
 
-def write(out: Path, name: str, args: Any, t0: float, **tables: Any) -> Path:
+def write(out: Path, name: str, args: Any, t0: float, weights: str = WEIGHTS, **tables: Any) -> Path:
     """out/name.json with the tables and the metadata (arguments, seconds, weights, git, versions, device).
     Written after every model, so a run cut short still leaves what it measured."""
-    meta = {"args": vars(args), "seconds": round(time.time() - t0, 1), "weights": WEIGHTS,
+    meta = {"args": vars(args), "seconds": round(time.time() - t0, 1), "weights": weights,
             "tf32": torch.backends.cuda.matmul.allow_tf32, **runs.environment()}
     path = out / f"{name}.json"
     path.write_text(json.dumps({"meta": meta, **tables}, indent=1, default=str))

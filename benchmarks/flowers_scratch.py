@@ -1,6 +1,6 @@
 """What the from-scratch Flowers-102 recipe (params/flowers_scratch.yaml) is made of, on one GPU.
 
-    python benchmarks/flowers_scratch.py throughput --set data.root=DIR    # training img/s and GPU use: PIL loader vs GPU path
+    python benchmarks/flowers_scratch.py throughput --set data.root=DIR    # training img/s and GPU use: PIL loader, GPU path, compile, 160 px
     python benchmarks/flowers_scratch.py ingredients --epochs 60 --set data.root=DIR   # ingredients added one at a time
     python benchmarks/flowers_scratch.py collect RUN_DIR results/*.json    # -> results/flowers_scratch.json
 
@@ -93,29 +93,51 @@ class GpuUse:
         self.mean = statistics.mean(samples) if samples else None
 
 
-def throughput(recipe: dict, device: torch.device, epochs: int) -> list[dict]:
-    """Training images/s and mean GPU utilisation of the recipe's model on the PIL DataLoader path (every
-    CPU core a worker) and on the GPU path, after one warm-up epoch each."""
+# Data path and training-step settings measured by `throughput`, each row after one warm-up epoch.
+PATHS = [
+    ("pil", "PIL DataLoader, every CPU core a worker",
+     {"data.pipeline": "pil", "finetune.compile": False, "data.train_image_size": None}),
+    ("gpu", "decoded once, augmented on the GPU",
+     {"data.pipeline": "gpu", "finetune.compile": False, "data.train_image_size": None}),
+    ("gpu+compile", "+ torch.compile of the training step",
+     {"data.pipeline": "gpu", "finetune.compile": True, "data.train_image_size": None}),
+    ("gpu@160", "GPU path, 160 px training crops (progressive resizing's small phase)",
+     {"data.pipeline": "gpu", "finetune.compile": False, "data.train_image_size": 160}),
+    ("gpu+compile@160", "+ torch.compile, 160 px training crops",
+     {"data.pipeline": "gpu", "finetune.compile": True, "data.train_image_size": 160}),
+]
+
+
+def throughput(recipe: dict, device: torch.device, epochs: int, paths: list = PATHS) -> list[dict]:
+    """Training images/s and mean GPU utilisation of the recipe's model for each of PATHS, after one
+    warm-up epoch (which holds the compilation)."""
     rows = []
-    for pipeline in ("pil", "gpu"):
+    for name, what, changes in paths:
         params = copy.deepcopy(recipe)
-        params["data"].update(pipeline=pipeline, num_workers=os.cpu_count())
-        params["finetune"].update(epochs=epochs, select="last")
+        for key, value in changes.items():
+            _set(params, key, value)
+        params["data"]["num_workers"] = os.cpu_count()
+        params["finetune"].update(epochs=epochs, select="last", full_size_epochs=0)
         settings = models.ModelSettings.from_params(params["model"])
         ds = data.for_model(params["data"], params["seed"], models.load_processor(settings))
         t0 = time.time()
         train = ds.batches("train", params["finetune"]["batch_size"], device)
         decode_s = time.time() - t0
+        small = params["data"]["train_image_size"]
+        small_batches = ds.batches("train", params["finetune"]["batch_size"], device, small) if small else None
+        torch.manual_seed(params["seed"])
         model = finetune.build(settings, params["finetune"], ds.class_names, device)
         with GpuUse() as use:
             history = finetune.train(model, train, ds.batches("valid", 256, device), params["finetune"], device,
-                                     num_classes=len(ds.class_names))
-        rows.append({"pipeline": pipeline, "workers": os.cpu_count() if pipeline == "pil" else 0,
-                     "decode_s": decode_s if pipeline == "gpu" else None,
+                                     num_classes=len(ds.class_names), small_batches=small_batches)
+        rows.append({"path": name, "what": what, "pipeline": params["data"]["pipeline"],
+                     "workers": os.cpu_count() if name == "pil" else 0, "decode_s": decode_s if name != "pil" else None,
+                     "image_size": history[-1]["image_size"] or ds.image_size,
                      "train_img_per_s": statistics.median(r["train_img_s"] for r in history[1:]),
-                     "gpu_util_mean_pct": use.mean, "epochs": epochs})
+                     "first_epoch_s": history[0]["seconds"], "gpu_util_mean_pct": use.mean,
+                     "peak_vram_mb": history[-1]["peak_vram_mb"], "epochs": epochs})
         print(json.dumps(rows[-1]), flush=True)
-        del model, ds, train
+        del model, ds, train, small_batches
         torch.cuda.empty_cache()
     return rows
 
@@ -148,7 +170,9 @@ def collect(run_dir: Path, measured: list[Path]) -> Path:
                          f"--set data.root=<Flowers-102 train/valid/test copy>",
               "history": train["history"], **tables}
     result.setdefault("ingredients", []).append({
-        "ingredients": "the recipe, as vitlab run trained it", "epochs": result["epochs"], "valid_top1": result["valid_top1"],
+        "ingredients": f"the recipe, as vitlab run trained it (training crops {params['data']['train_image_size'] or 'at the model size'}"
+                       f", the last {params['finetune']['full_size_epochs']} epochs at {params['model']['config']['image_size']} px)",
+        "epochs": result["epochs"], "valid_top1": result["valid_top1"],
         "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"], "test_top1_hi": acc["top1_hi"], "test_top5": acc["top5"],
         "selected_epoch": selected["epoch"], "train_seconds": result["train_seconds"],
         "train_img_per_s": result["train_img_per_s"]})
@@ -163,7 +187,7 @@ def main() -> None:
     ap.add_argument("paths", nargs="*", help="collect: the run folder, then JSON files of the other two")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe's params")
     ap.add_argument("--epochs", type=int, default=60, help="ingredients: epochs per row; throughput: epochs per path")
-    ap.add_argument("--only", help="ingredients: comma-separated row numbers (0-based) to train")
+    ap.add_argument("--only", help="comma-separated row numbers (0-based) of INGREDIENTS or PATHS to measure")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.what == "collect":
@@ -174,7 +198,8 @@ def main() -> None:
     out, t0 = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "throughput":
-        write(out, "flowers_throughput", args, t0, throughput=throughput(recipe, device, args.epochs))
+        paths = [PATHS[int(i)] for i in args.only.split(",")] if args.only else PATHS
+        write(out, "flowers_throughput", args, t0, "random init, trained for the epochs measured", throughput=throughput(recipe, device, args.epochs, paths))
         return
     ds = data.for_model(recipe["data"], recipe["seed"],
                         models.load_processor(models.ModelSettings.from_params(recipe["model"])))
@@ -185,7 +210,7 @@ def main() -> None:
     for name, params in chosen:
         params["finetune"]["epochs"] = args.epochs
         rows.append(train_and_score(name, params, ds, device))
-        write(out, "flowers_ingredients", args, t0, ingredients=rows)
+        write(out, "flowers_ingredients", args, t0, "trained from scratch, once per row", ingredients=rows)
 
 
 if __name__ == "__main__":

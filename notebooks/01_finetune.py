@@ -15,8 +15,11 @@
 # Every later step compares against the model this step makes, so it is trained once and saved as
 # a plain 16-bit checkpoint. LoRA or QLoRA adapt a pretrained checkpoint through small adapters
 # (QLoRA on a 4-bit base, to fit a large model in little memory); `finetune.method: full` trains
-# every weight (the offline default, which starts from a random init). The adapters are merged into
-# the weights, so quantization and evaluation see an ordinary ViT.
+# every weight (the offline default, which starts from a random init); `probe` trains the classifier
+# alone, and `none` takes `model.id` as it is (to quantize and evaluate a model you already have).
+# A checkpoint's classifier is kept only when its labels are this data's; otherwise the head starts
+# fresh, which makes a model pretrained on some classes a transfer problem on others. The adapters
+# are merged into the weights, so quantization and evaluation see an ordinary ViT.
 
 # %% tags=["parameters"]
 params_file = "params/offline.yaml"  # read when the notebook is opened by hand
@@ -60,17 +63,22 @@ print(f"{type(model).__name__}: {trainable:,} trainable of {total:,} parameters 
 # AdamW with linear warm-up and cosine decay, bf16 autocast on GPUs that have it; the validation
 # split is scored after every epoch, to see over- or under-fitting in the curves. With
 # `data.pipeline: gpu` the images are decoded once and augmented on the device, so a small ViT is
-# not left waiting for CPU workers; `train_img_s` shows what each epoch got. The state after each
+# not left waiting for CPU workers; `train_img_s` shows what each epoch got. With
+# `data.train_image_size`, most epochs train on smaller crops (fewer tokens per image, so more epochs
+# in the same time) and the last `finetune.full_size_epochs` at the model's size. The state after each
 # epoch is kept, so `vitlab run --resume` of a stopped run continues where it stopped.
 
 # %%
+small = params["data"].get("train_image_size")  # absent in runs made before progressive resizing
 history = finetune.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", ft["batch_size"], device),
                          ft, device, num_classes=len(ds.class_names),
-                         checkpoint=runs.resume_folder(run_dir, "finetune") / "last.pt")
-pd.DataFrame(history).set_index("epoch").round(4)
+                         checkpoint=runs.resume_folder(run_dir, "finetune") / "last.pt",
+                         small_batches=ds.batches("train", ft["batch_size"], device, small) if small else None)
+pd.DataFrame(history).set_index("epoch").round(4) if history else Markdown("`finetune.method: none`: nothing trained.")
 
 # %%
-plots.save(plots.training_curves(history), runs.path(run_dir, "training_curves"));
+if history:
+    plots.save(plots.training_curves(history), runs.path(run_dir, "training_curves"))
 
 # %% [markdown]
 # ## Save: adapter, merged 16-bit checkpoint, metrics
@@ -81,6 +89,8 @@ finetune.save(model, processor, settings, ds.class_names, ft["method"], out)
 runs.write_json(runs.path(run_dir, "train_metrics"), {
     "method": ft["method"], "trainable_params": trainable, "total_params": total,
     "class_names": ds.class_names, "history": history,
-    "final": {k: history[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
+    "final": {k: history[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")} if history else None,
+    "peak_vram_mb": max((r["peak_vram_mb"] or 0 for r in history), default=None) or None,
+    "s_per_epoch": sum(r["seconds"] for r in history) / len(history) if history else None,
 })
 sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

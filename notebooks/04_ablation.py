@@ -16,7 +16,9 @@
 # Keeping the few sensitive ones in 16-bit can buy back most of the accuracy for little memory;
 # the seeds guessed which (first and last layer). This step measures it instead: for each
 # quantization type of `ablation.quant_types`, quantize everything, then keep one encoder layer at a
-# time in 16-bit, then first+last, all attention, all MLP linears. Each configuration is scored
+# time in 16-bit, then first+last, the last quarter of the layers, all attention, all MLP linears.
+# The checkpoint is loaded once and each layer quantized once per type; a configuration swaps those
+# layers in and out (exactly the model the quantize step would load). Each configuration is scored
 # against the 16-bit model on `ablation.split`: top-1 and the KL divergence of its logits from the
 # 16-bit logits, each with a bootstrap 95% interval.
 
@@ -90,8 +92,8 @@ plots.save(plots.pareto(rows, choices), out / "pareto.png");
 # %% [markdown]
 # ## The choice on held-out images, against the seeds' heuristics
 # A choice made on one split must be checked on another, or it is tuned to noise. Scored on
-# `ablation.verify_split`: the choice next to all-quantized, first+last kept and (for 24-layer
-# models) layer 21 kept; then, for each heuristic, the greedy choice given exactly that heuristic's
+# `ablation.verify_split`: the choice next to all-quantized, first+last kept, the last quarter of the
+# layers kept (the seeds' "late layers matter") and (for 24-layer models) layer 21 kept; then, for each heuristic, the greedy choice given exactly that heuristic's
 # memory. `d_top1` and `d_kl` are the greedy configuration minus the other one on the same images,
 # with paired bootstrap 95% intervals: an interval that holds 0 is a tie.
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vitlab import ablation
+from vitlab import ablation, models, quant
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def test_sweep_scores_every_configuration_against_16bit(rows):
     nf4 = [r for r in rows if r["quant"] == "nf4"]
     order = ablation.greedy_order(rows, "nf4")
     assert [r["config"] for r in nf4] == ["all quantized", "keep layer 0", "keep layer 1", "keep layer 2",
-                                          "keep first+last", "keep attention", "keep mlp",
+                                          "keep first+last", "keep last quarter", "keep attention", "keep mlp",
                                           *[f"greedy {k}" for k in range(1, len(order) + 1)]]
     everything = nf4[0]
     assert everything["kl"] > 0 and everything["kept_modules"] == 0
@@ -33,6 +33,22 @@ def test_sweep_scores_every_configuration_against_16bit(rows):
         assert r["kept_modules"] == 6 and r["footprint_mb"] > everything["footprint_mb"]
     for r in rows:
         assert r["top1_lo"] <= r["top1"] <= r["top1_hi"] and r["kl_lo"] <= r["kl"] <= r["kl_hi"]
+
+
+def test_a_configuration_is_the_model_quantize_loads(checkpoint, f32, nf4, batches):
+    # The sweep swaps once-quantized layers in and out of one loaded model instead of reloading the
+    # checkpoint per configuration: the result must be exactly what the quantize step would load.
+    scorer = ablation._Scorer(checkpoint, f32, batches, CPU)
+    x = batches[0][0][:16]
+    for q in (nf4, nf4.replace(bits=8)):
+        for keep in ([], [1], "first_last"):
+            kept = scorer.resolve(keep)
+            size = scorer.assemble(q, kept)
+            loaded = quant.quantize(checkpoint, q, f32, CPU, kept)
+            assert size == models.parameter_bytes(loaded)
+            with torch.inference_mode():
+                assert torch.equal(scorer.model(pixel_values=x).logits, loaded(pixel_values=x).logits)
+    assert len(scorer.twins) == 2 * len(scorer.originals)  # each layer quantized once per type
 
 
 def test_greedy_path_keeps_layers_in_order_of_kl_saved_per_mb(rows):
@@ -93,7 +109,7 @@ def test_check_choice_gives_paired_differences_against_the_heuristics(rows, chec
     choice = ablation.choose(rows, "nf4", budget_mb=c["greedy 1"]["footprint_mb"] + 1e-6)
     checks = ablation.check_choice(checkpoint, f32, nf4, choice, rows, held_out, CPU)
     groups = list(dict.fromkeys(r["comparison"] for r in checks))
-    assert groups[0].startswith("budget") and groups[1:] == ["size of keep first+last"]
+    assert groups[0].startswith("budget") and groups[1:] == ["size of keep first+last", "size of keep last quarter"]
     first = [r for r in checks if r["comparison"] == groups[0]]
     assert [r["config"] for r in first][-1].startswith("chosen") and "keep first+last" in [r["config"] for r in first]
     match = ablation.choose(rows, "nf4", budget_mb=c["keep first+last"]["footprint_mb"])

@@ -48,10 +48,22 @@ def test_unknown_model_config_field():
     ("steps=[finetune,deploy]", "unknown step"),
     ("ablation.budget_mb=-1", "positive size in MB"),
     ("ablation.max_top1_drop_pt=150", "top-1 points"),
+    ("data.classes=odd", r"choose one of \['all', 'half_a', 'half_b'\]"),
+    ("data.train_image_size=8", "set data.pipeline: gpu"),
+    ("finetune.method=probe", "set model.id"),
 ])
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ParamsError, match=message):
         config.resolve(config.PARAMS_DIR / "smoke.yaml", [override])
+
+
+def test_progressive_resizing_is_checked_before_any_work():
+    gpu = ["data.pipeline=gpu"]
+    assert config.resolve(config.PARAMS_DIR / "smoke.yaml", gpu + ["data.train_image_size=8"])["data"]["train_image_size"] == 8
+    with pytest.raises(ParamsError, match=r"multiple of the patch size \(4\)"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", gpu + ["data.train_image_size=10"])
+    with pytest.raises(ParamsError, match="full_size_epochs"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", gpu + ["data.train_image_size=8", "finetune.full_size_epochs=3"])
 
 
 def test_lora_needs_a_pretrained_model():

@@ -6,7 +6,7 @@ import torch
 import transformers
 from peft import PeftModel
 
-from vitlab import finetune, models
+from vitlab import data, finetune, models
 
 CPU = torch.device("cpu")
 
@@ -76,3 +76,82 @@ def test_qlora_trains_adapters_on_a_4bit_base(params, checkpoint, digits_data, t
     with torch.no_grad():
         a, b = model(pixel_values=x).logits.float(), merged(pixel_values=x).logits.float()
     assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.8
+
+
+def test_best_valid_restores_the_selected_epoch_of_a_4bit_model(params, checkpoint, digits_data):
+    # Only what training changed is kept and restored: a 4-bit base's quantization state is not.
+    transformers.set_seed(0)
+    p, settings = _cfg(params, checkpoint, "qlora")
+    p["finetune"].update(epochs=3, select="best_valid")
+    model = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
+    batches = _few_images(digits_data)
+    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    (x, y), = batches
+    model.eval()
+    with torch.no_grad():
+        acc = (model(pixel_values=x).logits.argmax(1) == y).float().mean().item()
+    assert acc == next(r["val_acc"] for r in history if r["selected"])
+
+
+def test_a_checkpoint_keeps_its_head_only_for_its_own_classes(checkpoint, digits_data):
+    settings = models.ModelSettings(checkpoint, torch.float32, "sdpa")
+    saved = models.load_checkpoint(checkpoint, settings, CPU).classifier.weight
+    same = models.build(settings, digits_data.class_names).classifier.weight
+    # As many classes, other names (a transfer to other classes): the head starts fresh.
+    other = models.build(settings, [f"other {c}" for c in digits_data.class_names]).classifier.weight
+    assert torch.equal(same, saved) and other.shape == saved.shape and not torch.allclose(other, saved)
+    fewer = models.build(settings, ["a", "b", "c"]).classifier.weight
+    assert fewer.shape == (3, saved.shape[1])
+
+
+def test_probe_trains_the_head_alone_and_none_trains_nothing(params, checkpoint, digits_data, tmp_path):
+    p, settings = _cfg(params, checkpoint, "probe")
+    names = [f"new {c}" for c in digits_data.class_names]
+    model = finetune.build(settings, p["finetune"], names, CPU)
+    trainable = [n for n, q in model.named_parameters() if q.requires_grad]
+    assert trainable == ["classifier.weight", "classifier.bias"]
+    body = {n: q.detach().clone() for n, q in model.named_parameters() if not q.requires_grad}
+    batches = _few_images(digits_data)
+    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(torch.equal(q, body[n]) for n, q in model.named_parameters() if n in body)
+
+    p["finetune"]["method"] = "none"
+    kept = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
+    assert finetune.train(kept, batches, batches, p["finetune"], CPU) == []
+    assert finetune.trainable_parameters(kept)[0] == 0
+    with pytest.raises(ValueError, match="labels"):
+        finetune.build(settings, p["finetune"], names, CPU)
+
+
+def test_half_the_classes_pretrain_the_other_half_transfer(smoke_params, f32):
+    cfg = {**smoke_params["data"], "max_per_class": None}
+    halves = {w: data.load_splits({**cfg, "classes": w}, 0, 16) for w in ("all", "half_a", "half_b")}
+    a, b, every = halves["half_a"].class_names, halves["half_b"].class_names, halves["all"].class_names
+    assert len(a) == len(b) == 5 and not set(a) & set(b) and sorted(a + b) == sorted(every)
+    assert data.class_subset(10, "half_a", 0) == data.class_subset(10, "half_a", 0) != data.class_subset(10, "half_a", 1)
+    for split in data.SPLITS:
+        ds = halves["half_b"][split]
+        assert sorted(set(ds.targets)) == list(range(5))
+        # Relabelled images are the right ones: the image's original class name is its new class name.
+        sources, labels = data.images_and_labels(ds)
+        full = halves["all"][split]
+        originals = {img.tobytes(): t for img, t in zip(*data.images_and_labels(full))}
+        assert all(every[originals[img.tobytes()]] == b[t] for img, t in zip(sources, labels))
+        image, label = ds[0]
+        assert label == labels[0] and image is sources[0]
+
+
+def test_progressive_resizing_trains_small_then_full_size_through_compile(smoke_params, digits_data, f32):
+    torch.manual_seed(0)
+    ds = data.for_model({**smoke_params["data"], "pipeline": "gpu"}, 0, models.load_processor(f32))
+    ft = {**smoke_params["finetune"], "epochs": 3, "full_size_epochs": 1, "compile": True, "lr": 3e-3,
+          "warmup_ratio": 0.0}
+    model = finetune.build(f32, ft, ds.class_names, CPU)
+    history = finetune.train(model, ds.batches("train", 32, CPU), ds.batches("valid", 64, CPU), ft, CPU,
+                             small_batches=ds.batches("train", 32, CPU, image_size=8))
+    assert [r["image_size"] for r in history] == [8, 8, 16]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    x, _ = next(iter(ds.batches("train", 32, CPU, image_size=8)))
+    assert x.shape == (32, 3, 8, 8)
+    assert len(ds.batches("train", 32, CPU)) == len(ds.splits.train) // 32  # every training step one shape

@@ -5,16 +5,18 @@ is scored against the 16-bit model on the same images: top-1, top-5 and the KL d
 its logits (far less noisy than accuracy on a few hundred images), each with a bootstrap interval.
 The choice walks the layers in order of measured KL saved per MB, measures every prefix of that
 order, and picks under a size budget or a top-1 budget; `check_choice` then scores it on held-out
-images against the seeds' heuristics with paired bootstrap intervals.
+images against the seeds' heuristics with paired bootstrap intervals. The checkpoint is loaded once
+and each layer quantized once per type (`_Scorer`): what makes a 24-layer sweep take minutes.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import transformers
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import infer, metrics, models, quant
@@ -33,48 +35,87 @@ def quant_settings(base: QuantSettings, name: str) -> QuantSettings:
     return base.replace(**QUANT_TYPES[name])
 
 
+def last_quarter(n_layers: int) -> list[int]:
+    """The seeds' "late layers are the sensitive ones": the last quarter of the encoder layers."""
+    return list(range(n_layers - max(1, n_layers // 4), n_layers))
+
+
 def configurations(n_layers: int) -> list[Config]:
-    """Everything quantized, each layer kept alone, first/last, attention only / MLP only in 16-bit."""
+    """Everything quantized, each layer kept alone, first/last, the last quarter, attention only / MLP
+    only in 16-bit."""
     configs: list[Config] = [("all quantized", None, [])]
     configs += [(f"keep layer {i}", i, [i]) for i in range(n_layers)]
-    configs += [("keep first+last", None, "first_last"), ("keep attention", None, ["attention"]),
-                ("keep mlp", None, ["mlp"])]
+    configs += [("keep first+last", None, "first_last"), ("keep last quarter", None, last_quarter(n_layers)),
+                ("keep attention", None, ["attention"]), ("keep mlp", None, ["mlp"])]
     return configs
 
 
 def heuristics(n_layers: int) -> list[Config]:
-    """The seeds' hand-picked configurations: first and last layer kept; layer 21 kept (ViT-L/16)."""
-    out: list[Config] = [("all quantized", None, []), ("keep first+last", None, "first_last")]
+    """The seeds' hand-picked configurations: first and last layer kept; the last quarter of the layers
+    kept; layer 21 kept (ViT-L/16)."""
+    out: list[Config] = [("all quantized", None, []), ("keep first+last", None, "first_last"),
+                         ("keep last quarter", None, last_quarter(n_layers))]
     return out + ([("keep layer 21", 21, [21])] if n_layers > 21 else [])
 
 
 class _Scorer:
-    """The 16-bit reference on a fixed set of batches, and quantized variants scored against it."""
+    """The 16-bit reference on a fixed set of batches, and quantized variants scored against it.
+
+    The checkpoint is loaded once. A configuration is that model with each block linear swapped for
+    its quantized twin or the 16-bit original; each twin is quantized once per quant type (at first
+    use) and shared by every configuration, so a configuration costs one accuracy pass, not a reload
+    and a quantization of the whole model. `seconds` says where the time went."""
 
     def __init__(self, checkpoint: str | Path, settings: ModelSettings, batches: list, device: torch.device):
         self.checkpoint, self.settings, self.batches, self.device = checkpoint, settings, batches, device
-        base = models.load_checkpoint(checkpoint, settings, device)
-        self.ref, self.labels = infer.predict(base, batches, device, desc="16-bit")
-        self.n_layers = len(models.encoder_layers(base)[1])
-        self.ref_bytes = models.parameter_bytes(base)
-        self._base = base
+        self.seconds = {"load": 0.0, "reference": 0.0, "quantize_layers": 0.0, "predict": 0.0}
+        t0 = time.perf_counter()
+        self.model = models.load_checkpoint(checkpoint, settings, device)
+        self.seconds["load"] = time.perf_counter() - t0
+        self.ref, self.labels = infer.predict(self.model, batches, device, desc="16-bit")
+        self.seconds["reference"] = time.perf_counter() - t0 - self.seconds["load"]
+        self.n_layers = len(models.encoder_layers(self.model)[1])
+        self.ref_bytes = models.parameter_bytes(self.model)
+        self.originals = {n: self.model.get_submodule(n) for n in models.block_linears(self.model)}
+        self.twins: dict[tuple[str, str], tuple[nn.Module, int]] = {}
+        self.configs = 0
 
     def resolve(self, keep: list | str) -> list[str]:
-        return quant.resolve_keep(self._base, keep)
+        return quant.resolve_keep(self.model, keep)
+
+    def _twin(self, q: QuantSettings, name: str) -> tuple[nn.Module, int]:
+        key = (repr(q), name)
+        if key not in self.twins:
+            t0 = time.perf_counter()
+            layer = quant.quantize_linear(self.originals[name], q)
+            # Its bytes before the first forward (bitsandbytes repacks 4-bit weights there on some CPUs).
+            self.twins[key] = (layer, models.parameter_bytes(layer))
+            self.seconds["quantize_layers"] += time.perf_counter() - t0
+        return self.twins[key]
+
+    def assemble(self, q: QuantSettings, kept: list[str]) -> int:
+        """Make self.model the configuration keeping `kept` in 16-bit; its footprint in bytes."""
+        size = self.ref_bytes
+        for name, original in self.originals.items():
+            layer, nbytes = (original, None) if name in kept else self._twin(q, name)
+            self.model.set_submodule(name, layer)
+            size += 0 if nbytes is None else nbytes - models.parameter_bytes(original)
+        return size
 
     def run(self, q: QuantSettings, configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
-        # One bar over the configurations: a loading and a predict bar per quantized copy would bury the notebook.
-        transformers.utils.logging.disable_progress_bar()
+        # One bar over the configurations: a predict bar per configuration would bury the notebook.
         try:
             for name, layer, keep in tqdm(configs, desc=q.describe(), leave=False):
                 kept = self.resolve(keep)
-                model = quant.quantize(self.checkpoint, q, self.settings, self.device, kept)
-                size = models.parameter_bytes(model)  # as loaded: see evaluate.measure
-                logits, _ = infer.predict(model, self.batches, self.device, progress=False)
+                size = self.assemble(q, kept)
+                t0 = time.perf_counter()
+                logits, _ = infer.predict(self.model, self.batches, self.device, progress=False)
+                self.seconds["predict"] += time.perf_counter() - t0
+                self.configs += 1
                 yield (name, layer, keep), kept, logits, size
-                del model
         finally:
-            transformers.utils.logging.enable_progress_bar()
+            for name, original in self.originals.items():
+                self.model.set_submodule(name, original)
 
 
 def _row(qname: str, config: Config, kind: str, scorer: _Scorer, logits: np.ndarray, footprint: int, seed: int,
@@ -98,9 +139,11 @@ def _kind(name: str) -> str:
 
 
 def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, quant_types: list[str],
-          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0) -> list[dict]:
+          batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0,
+          timings: dict | None = None) -> list[dict]:
     """Score every `configurations` entry for each quant type against the 16-bit model, then every
-    prefix of `greedy_order` (configs "greedy 1", "greedy 2", ...): the candidates `choose` picks from."""
+    prefix of `greedy_order` (configs "greedy 1", "greedy 2", ...): the candidates `choose` picks from.
+    `timings`, when given, is filled with the seconds each part took."""
     scorer = _Scorer(checkpoint, settings, batches, device)
     rows = [_row("16-bit", ("16-bit", None, []), "16-bit", scorer, scorer.ref, scorer.ref_bytes, seed)]
     for qname in quant_types:
@@ -114,6 +157,8 @@ def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, 
         for i, (config, kept, logits, size) in enumerate(scorer.run(q, path), 1):
             rows.append(_row(qname, config, "greedy", scorer, logits, size, seed, len(kept)))
             _say(rows[-1], f"greedy {i}/{len(path)}")
+    if timings is not None:
+        timings.update(scorer.seconds, configurations=scorer.configs)
     return rows
 
 
@@ -223,7 +268,8 @@ def _budget_label(choice: dict) -> str:
 
 
 def check_choice(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, choice: dict,
-                 rows: list[dict], batches: list, device: torch.device, seed: int = 0) -> list[dict]:
+                 rows: list[dict], batches: list, device: torch.device, seed: int = 0,
+                 timings: dict | None = None) -> list[dict]:
     """`choose`'s answer on (held-out) batches, against the seeds' heuristics; and, for each heuristic the
     sweep measured, the greedy configuration at exactly that heuristic's size against it.
 
@@ -258,6 +304,8 @@ def check_choice(checkpoint: str | Path, settings: ModelSettings, base: QuantSet
             out.append({**_row(q, config, "check", scorer, logits, size, seed, len(kept)), "comparison": comparison,
                         "chosen": config is mine, **dict(zip(("d_top1", "d_top1_lo", "d_top1_hi"), d1)),
                         **dict(zip(("d_kl", "d_kl_lo", "d_kl_hi"), dk))})
+    if timings is not None:
+        timings.update(scorer.seconds, configurations=scorer.configs)
     return out
 
 

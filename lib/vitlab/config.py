@@ -24,7 +24,8 @@ CHOICES: dict[str, tuple] = {
     "model.attention": ATTENTION,
     "model.dtype": ("bfloat16", "float16", "float32"),
     "data.source": ("flowers102", "imagefolder", "digits"),
-    "finetune.method": ("lora", "qlora", "full"),
+    "finetune.method": ("lora", "qlora", "full", "probe", "none"),
+    "data.classes": ("all", "half_a", "half_b"),
     "finetune.mixed_precision": ("auto", "bf16", "fp16", "no"),
     "finetune.select": ("last", "best_valid"),
     "data.pipeline": ("pil", "gpu"),
@@ -50,6 +51,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.cutmix_alpha": (lambda v: v >= 0, "0 (off) or more"),
     "finetune.ema_decay": (lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.999 is usual)"),
     "finetune.checkpoint_minutes": (lambda v: v >= 0, "0 (every epoch) or more"),
+    "finetune.full_size_epochs": (lambda v: v >= 0, "0 or more"),
+    "data.train_image_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a size in pixels, or null for the model's"),
     "finetune.lora.r": _at_least_1,
     "finetune.lora.alpha": (lambda v: v > 0, "positive"),
     "finetune.lora.dropout": (lambda v: 0 <= v < 1, "0 <= x < 1"),
@@ -174,16 +177,34 @@ def _value(params: dict[str, Any], dotted: str) -> Any:
     return params
 
 
+def local_model(model_id: str | None) -> Path | None:
+    """The directory a model.id names (absolute, or relative to the repo root like data.root), or None
+    for a hub id (or null)."""
+    if model_id is None:
+        return None
+    path = Path(model_id).expanduser()
+    path = path if path.is_absolute() else REPO_ROOT / path
+    return path if path.is_dir() else None
+
+
+def _model_config(model: dict[str, Any]) -> dict[str, Any]:
+    """What is known of the model's config without loading it: model.config, or a local checkpoint's
+    config.json (a hub id: nothing)."""
+    if model["id"] is None:
+        return model["config"]
+    local = local_model(model["id"])
+    if local is not None and (local / "config.json").is_file():
+        import json
+
+        return json.loads((local / "config.json").read_text())
+    return {}
+
+
 def _layers(model: dict[str, Any]) -> int | None:
     """The encoder depth of the model params describe, when it is known without loading it."""
     if model["id"] is None:
         return model["config"].get("num_hidden_layers", 12)  # ViTConfig's default
-    config_file = Path(model["id"]) / "config.json"
-    if config_file.is_file():
-        import json
-
-        return json.loads(config_file.read_text()).get("num_hidden_layers")
-    return None
+    return _model_config(model).get("num_hidden_layers")
 
 
 def _validate_cross(params: dict[str, Any]) -> None:
@@ -202,10 +223,21 @@ def _validate_cross(params: dict[str, Any]) -> None:
             fine = False
         if not fine:
             raise ParamsError(f"parameter '{dotted}' is {value!r}; it must be {what}")
-    if params["model"]["id"] is None and params["finetune"]["method"] != "full" and "finetune" in params["steps"]:
+    ft, data = params["finetune"], params["data"]
+    if params["model"]["id"] is None and ft["method"] != "full" and "finetune" in params["steps"]:
         raise ParamsError(
-            "finetune.method 'lora'/'qlora' adapts a pretrained model, but model.id is null (random init): "
+            f"finetune.method '{ft['method']}' starts from a trained model, but model.id is null (random init): "
             "set model.id to a hub id or a local checkpoint dir, or use finetune.method: full")
+    if data["train_image_size"] is not None:
+        patch = _model_config(params["model"]).get("patch_size", 16)
+        if data["pipeline"] != "gpu":
+            raise ParamsError("data.train_image_size resizes training crops on the gpu pipeline: set data.pipeline: gpu")
+        if data["train_image_size"] % patch:
+            raise ParamsError(f"data.train_image_size {data['train_image_size']} must be a multiple of the patch size "
+                              f"({patch})")
+        if ft["full_size_epochs"] > ft["epochs"]:
+            raise ParamsError(f"finetune.full_size_epochs ({ft['full_size_epochs']}) is more than finetune.epochs "
+                              f"({ft['epochs']})")
     from transformers import ViTConfig
 
     known = set(ViTConfig().to_dict())

@@ -67,9 +67,10 @@ class Data:
         ds = Transformed(self.splits[split], self.train_transform if train else self.eval_transform)
         return loader(ds, batch_size, shuffle=train, num_workers=self.num_workers, seed=self.seed)
 
-    def batches(self, split: str, batch_size: int, device: "torch.device"):
+    def batches(self, split: str, batch_size: int, device: "torch.device", image_size: int | None = None):
         """Training and validation batches by `data.pipeline`: `loader`, or the split decoded once onto
-        `device` and augmented there (`gpu_data.GpuBatches`)."""
+        `device` and augmented there (`gpu_data.GpuBatches`; `image_size`: training crops of another
+        size than the model's, from the same decoded images)."""
         if self.cfg.get("pipeline", "pil") == "pil":
             return self.loader(split, batch_size)
         from . import gpu_data
@@ -83,8 +84,8 @@ class Data:
         images, labels = self._on_device[split]
         augment = gpu_data.Augment(crop_scale=tuple(self.cfg["crop_scale"]), hflip=self.cfg["hflip"],
                                    trivial_augment=self.cfg["trivial_augment"], random_erasing=self.cfg["random_erasing"])
-        return gpu_data.GpuBatches(images, labels, self.image_size, self.mean, self.std, batch_size, split == "train",
-                                   augment, self.seed)
+        return gpu_data.GpuBatches(images, labels, image_size or self.image_size, self.mean, self.std, batch_size,
+                                   split == "train", augment, self.seed)
 
 
 class LabeledImages(Dataset):
@@ -98,6 +99,22 @@ class LabeledImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return self.images[i], self.targets[i]
+
+
+class Selected(Dataset):
+    """The images of `base` whose class is in `classes`, relabelled 0..len(classes)-1 in that order."""
+
+    def __init__(self, base: Dataset, classes: Sequence[int]):
+        new = {c: i for i, c in enumerate(classes)}
+        self.base, self.new = base, new
+        self.indices = [i for i, t in enumerate(base.targets) if t in new]
+        self.targets = [new[base.targets[i]] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self.base[self.indices[i]][0], self.targets[i]
 
 
 class Transformed(Dataset):
@@ -117,6 +134,9 @@ def images_and_labels(ds: Dataset) -> tuple[list, list[int]]:
     if isinstance(ds, Subset):
         sources, labels = images_and_labels(ds.dataset)
         return [sources[i] for i in ds.indices], [labels[i] for i in ds.indices]
+    if isinstance(ds, Selected):
+        sources, _ = images_and_labels(ds.base)
+        return [sources[i] for i in ds.indices], list(ds.targets)
     if isinstance(ds, LabeledImages):
         return ds.images, ds.targets
     if hasattr(ds, "samples"):  # ImageFolder
@@ -280,6 +300,15 @@ def _subsample(ds: Dataset, max_per_class: int | None, max_samples: int | None, 
     return sub
 
 
+def class_subset(n_classes: int, which: str, split_seed: int) -> list[int]:
+    """The classes `data.classes` keeps: all, or one half of a seeded permutation (half_a: the first
+    n // 2, half_b: the rest), so a model pretrained on one half can be fine-tuned on the other."""
+    if which == "all":
+        return list(range(n_classes))
+    order = np.random.default_rng(split_seed).permutation(n_classes)
+    return sorted(int(c) for c in (order[:n_classes // 2] if which == "half_a" else order[n_classes // 2:]))
+
+
 def for_model(data_cfg: dict[str, Any], seed: int, processor) -> Data:
     """The data of `data_cfg`, sized and normalised for the model whose image processor is given."""
     size = processor.size.get("height") or processor.size.get("shortest_edge")
@@ -309,6 +338,10 @@ def load_splits(data_cfg: dict[str, Any], seed: int, image_size: int) -> Splits:
         splits = _flowers102(data_cfg)
     else:
         raise DataError(f"unknown data.source '{source}'")
+    which = data_cfg.get("classes", "all")  # runs made before the key existed used every class
+    if which != "all":
+        keep = class_subset(len(splits.class_names), which, data_cfg["class_split_seed"])
+        splits = Splits(*(Selected(splits[s], keep) for s in SPLITS), [splits.class_names[c] for c in keep])
     for s in SPLITS:
         setattr(splits, s, _subsample(splits[s], data_cfg["max_per_class"], data_cfg["max_samples"], seed))
     return splits

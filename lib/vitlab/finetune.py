@@ -1,6 +1,8 @@
-"""Fine-tuning: LoRA and QLoRA (peft) or full, with a cosine schedule, mixed precision and a seed."""
+"""Fine-tuning: LoRA and QLoRA (peft), full, a linear probe, or none (the checkpoint as it is), with a
+cosine schedule, mixed precision and a seed."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -10,7 +12,6 @@ from typing import Any, Iterable
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -38,8 +39,15 @@ def lora_targets(model: nn.Module, which: str | list[str]) -> list[str]:
 
 def build(settings: ModelSettings, ft_cfg: dict[str, Any], class_names: list[str],
           device: torch.device) -> nn.Module:
-    """The model to train: the plain model (full), a LoRA model, or LoRA on a 4-bit NF4 base (qlora)."""
+    """The model to train: the plain model (full), a LoRA model, LoRA on a 4-bit NF4 base (qlora), the
+    model with only its classifier trainable (probe), or the checkpoint unchanged (none)."""
     method = ft_cfg["method"]
+    if method == "none":
+        labels = models.checkpoint_labels(settings)
+        if labels != list(class_names):
+            raise ValueError(f"finetune.method none keeps {settings.id} as it is, but its classifier's labels "
+                             f"({len(labels or [])}: {(labels or [])[:3]}...) are not the data's ({len(class_names)}: "
+                             f"{list(class_names)[:3]}...); fine-tune it (probe, lora, full) or use the data it was trained on")
     if method == "qlora":
         # QLoRA's base: NF4 with double quantization, computing in the model's 16-bit dtype.
         q = quant.bnb_config(quant.QuantSettings(bits=4, type="nf4", double_quant=True, compute_dtype=settings.dtype), [])
@@ -48,13 +56,42 @@ def build(settings: ModelSettings, ft_cfg: dict[str, Any], class_names: list[str
                                                 use_gradient_checkpointing=False)
     else:
         model = models.build(settings, class_names, dtype=torch.float32).to(device)
-    if method == "full":
+    if method in ("full", "none"):
+        return model.requires_grad_(method == "full")
+    if method == "probe":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("classifier.")
         return model
     lora = ft_cfg["lora"]
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=lora_targets(model, lora["target_modules"]),
                         modules_to_save=["classifier"])
     return get_peft_model(model, config)
+
+
+class Ema:
+    """An exponential moving average of a model's weights, updated after every step by one fused lerp.
+    (torch's AveragedModel copies its step counter to the GPU on every update, a copy that waits for
+    the GPU to finish the step: the CPU could not queue the next one meanwhile.)"""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module, self.decay = copy.deepcopy(model), decay
+        self._pairs = [(e, m) for e, m in zip(self._tensors(self.module), self._tensors(model))]
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        averaged, current = zip(*self._pairs)
+        torch._foreach_lerp_(list(averaged), [c.detach() for c in current], 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -86,7 +123,8 @@ def _mixer(ft_cfg: dict[str, Any], num_classes: int):
 
 def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch.dtype | None,
            optimizer: torch.optim.Optimizer | None = None, scheduler=None, scaler: torch.amp.GradScaler | None = None,
-           max_grad_norm: float = 1.0, label_smoothing: float = 0.0, mixer=None, ema=None, desc: str = "") -> dict:
+           max_grad_norm: float = 1.0, label_smoothing: float = 0.0, mixer=None, ema=None, desc: str = "",
+           other_size: bool = False) -> dict:
     training = optimizer is not None
     model.train(training)
     # Sums stay on the device: a .item() per step would make the GPU wait for Python every batch.
@@ -97,7 +135,8 @@ def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch
         if training and mixer is not None:
             x, target = mixer(x, y)
         with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(pixel_values=x).logits
+            # Batches smaller than the model's image size see its position embeddings interpolated.
+            logits = (model(pixel_values=x, interpolate_pos_encoding=True) if other_size else model(pixel_values=x)).logits
             loss = nn.functional.cross_entropy(logits.float(), target, label_smoothing=label_smoothing if training else 0.0)
         if training:
             optimizer.zero_grad(set_to_none=True)
@@ -114,7 +153,7 @@ def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch
                 optimizer.step()
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update()
         loss_sum += loss.detach() * len(y)
         # Under MixUp/CutMix a prediction counts as right when it names the larger part of the mix.
         truth = target.argmax(-1) if target.ndim == 2 else target
@@ -124,8 +163,8 @@ def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch
 
 
 def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft_cfg: dict[str, Any],
-          device: torch.device, num_classes: int | None = None,
-          checkpoint: Path | None = None) -> list[dict[str, float]]:
+          device: torch.device, num_classes: int | None = None, checkpoint: Path | None = None,
+          small_batches: Iterable | None = None) -> list[dict[str, float]]:
     """Train for ft_cfg['epochs']; one row per epoch with train/val loss and accuracy and images/s.
 
     With `ema_decay`, an exponential moving average of the weights is kept and validated (it is
@@ -133,17 +172,28 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     validation accuracy are restored at the end (the history says which). With `checkpoint` (a file),
     the state after an epoch is written there at most every `checkpoint_minutes` (0: every epoch), and
     a training that finds one continues after its epoch instead of starting over (random draws after
-    that point differ from an uninterrupted run)."""
+    that point differ from an uninterrupted run). With `small_batches` (training batches at
+    data.train_image_size), every epoch but the last `full_size_epochs` trains on them: progressive
+    resizing, fewer tokens per image for most of the schedule. `compile` trains through torch.compile."""
+    if ft_cfg["method"] == "none":
+        return []
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=ft_cfg["lr"], weight_decay=ft_cfg["weight_decay"])
+    # The fused kernel does the update of every tensor in a few launches (CUDA only).
+    optimizer = torch.optim.AdamW(params, lr=ft_cfg["lr"], weight_decay=ft_cfg["weight_decay"],
+                                  fused=device.type == "cuda")
     total = ft_cfg["epochs"] * len(train_batches)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(ft_cfg["warmup_ratio"] * total), total)
     amp = _autocast_dtype(ft_cfg["mixed_precision"], device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     mixer = _mixer(ft_cfg, num_classes) if num_classes else None
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ft_cfg["ema_decay"]),
-                                               use_buffers=True) if ft_cfg["ema_decay"] else None)
+    ema = Ema(model, ft_cfg["ema_decay"]) if ft_cfg["ema_decay"] else None
     scored = ema.module if ema is not None else model
+    # Validation runs the plain module: one compiled graph per training shape is enough.
+    # .get: a run made before these settings existed can still be resumed.
+    stepped = torch.compile(model) if ft_cfg.get("compile") else model
+    small_until = ft_cfg["epochs"] - ft_cfg.get("full_size_epochs", 0) if small_batches is not None else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     history, best = [], (-1.0, 0, None)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler}
     last_save = time.monotonic()
@@ -152,26 +202,30 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
         print(f"resuming after epoch {len(history)} of {ft_cfg['epochs']} from {checkpoint}", flush=True)
     for epoch in tqdm(range(len(history) + 1, ft_cfg["epochs"] + 1), desc="epochs", initial=len(history),
                       total=ft_cfg["epochs"]):
+        small = epoch <= small_until
+        batches = small_batches if small else train_batches
         t0 = time.perf_counter()
-        tr = _epoch(model, train_batches, device, amp, optimizer, scheduler, scaler, ft_cfg["max_grad_norm"],
-                    ft_cfg["label_smoothing"], mixer, ema, desc=f"train {epoch}")
+        tr = _epoch(stepped, batches, device, amp, optimizer, scheduler, scaler,
+                    ft_cfg["max_grad_norm"], ft_cfg["label_smoothing"], mixer, ema, desc=f"train {epoch}", other_size=small)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             va = _epoch(scored, valid_batches, device, amp, desc=f"valid {epoch}")
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                         "val_acc": va["acc"], "lr": scheduler.get_last_lr()[0], "seconds": seconds,
-                        "train_img_s": tr["images"] / seconds})
+                        "train_img_s": tr["images"] / seconds,
+                        "image_size": getattr(batches, "image_size", None),
+                        "peak_vram_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None})
         # One line per epoch: the terminal of `vitlab run` shows it while the step runs.
         print(f"epoch {epoch}/{ft_cfg['epochs']}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · valid loss "
               f"{va['loss']:.3f} acc {va['acc']:.3f} · {history[-1]['train_img_s']:.0f} img/s", flush=True)
         if ft_cfg["select"] == "best_valid" and va["acc"] > best[0]:
-            best = (va["acc"], epoch, {k: v.detach().clone() for k, v in scored.state_dict().items()})
+            best = (va["acc"], epoch, {k: v.clone() for k, v in _trainable(scored, buffers=True).items()})
         if checkpoint is not None and (time.monotonic() - last_save >= 60 * ft_cfg["checkpoint_minutes"]
                                        or epoch == ft_cfg["epochs"]):
             _save(Path(checkpoint), state, history, best)
             last_save = time.monotonic()
     if ft_cfg["select"] == "best_valid":
-        scored.load_state_dict(best[2])
+        scored.load_state_dict(best[2], strict=False)  # what training changed; a frozen (4-bit) base stays
     for row in history:
         row["selected"] = row["epoch"] == (best[1] if ft_cfg["select"] == "best_valid" else ft_cfg["epochs"])
     if ema is not None:
@@ -179,9 +233,10 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     return history
 
 
-def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+def _trainable(model: nn.Module, buffers: bool = False) -> dict[str, torch.Tensor]:
     # Only what training changes: a LoRA model's frozen (maybe 4-bit) base is rebuilt from its checkpoint.
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    out = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return out | ({n: b.detach() for n, b in model.named_buffers()} if buffers else {})
 
 
 def _save(path: Path, state: dict[str, Any], history: list[dict], best: tuple) -> None:
@@ -208,7 +263,7 @@ def _restore(path: Path, state: dict[str, Any], device: torch.device) -> tuple[l
 def merged(model: nn.Module, settings: ModelSettings, class_names: list[str], method: str,
            adapter_dir: Path | None) -> nn.Module:
     """A plain ViT with the adapter folded into 16-bit weights (in model.dtype), on the CPU."""
-    if method == "full":
+    if method in ("full", "probe", "none"):
         out = model
     elif method == "lora":
         out = model.merge_and_unload()
@@ -223,7 +278,7 @@ def save(model: nn.Module, processor, settings: ModelSettings, class_names: list
          out_dir: Path) -> nn.Module:
     """Write adapter/ (LoRA methods) and model/ (merged 16-bit safetensors + processor); return the merged model."""
     adapter_dir = None
-    if method != "full":
+    if method in ("lora", "qlora"):
         adapter_dir = out_dir / "adapter"
         model.save_pretrained(str(adapter_dir))
     merged_model = merged(model, settings, class_names, method, adapter_dir)

@@ -63,6 +63,13 @@ class Augment:
     augment_group: int = 16
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (random draws) onto `device` without waiting for the GPU: a copy from
+    pageable memory synchronises the stream, which would stall the CPU once per batch until the GPU
+    has finished the previous step, so that nothing of the next step is queued meanwhile."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _crop_boxes(n: int, size: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """RandomResizedCrop's boxes (x1, y1, x2, y2), one per image, aspect ratio in [3/4, 4/3]."""
     area = torch.empty(n).uniform_(*scale, generator=generator) * size * size
@@ -89,7 +96,14 @@ class GpuBatches:
         self.trivial = v2.TrivialAugmentWide()
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        n = len(self.images)
+        return n // self.batch_size if self._drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def _drop_last(self) -> bool:
+        # Training steps all of one shape (what torch.compile and CUDA graphs want); the ragged rest of
+        # a shuffled epoch is left for the next one.
+        return self.train and len(self.images) >= self.batch_size
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255 - self.mean) / self.std
@@ -97,11 +111,11 @@ class GpuBatches:
     def _train_batch(self, idx: torch.Tensor) -> torch.Tensor:
         a, store = self.augment, self.images.shape[-1]
         x = self.images[idx]
-        boxes = _crop_boxes(len(idx), store, a.crop_scale, self.generator).to(x.device)
+        boxes = _to(_crop_boxes(len(idx), store, a.crop_scale, self.generator), x.device)
         batch_index = torch.arange(len(idx), device=x.device, dtype=torch.float32)[:, None]
         x = roi_align(x.float(), torch.cat([batch_index, boxes], 1), self.image_size, aligned=True)
         if a.hflip:
-            flip = (torch.rand(len(idx), generator=self.generator) < 0.5).to(x.device)
+            flip = _to(torch.rand(len(idx), generator=self.generator) < 0.5, x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         x = x.round_().clamp_(0, 255).to(torch.uint8)
         if a.trivial_augment:
@@ -118,17 +132,19 @@ class GpuBatches:
         ratio = torch.exp(torch.empty(n).uniform_(math.log(0.3), math.log(3.3), generator=g))
         h, w = torch.sqrt(area * ratio).clamp(1, s), torch.sqrt(area / ratio).clamp(1, s)
         y1, x1 = torch.rand(n, generator=g) * (s - h), torch.rand(n, generator=g) * (s - w)
-        ar = torch.arange(s)
-        rows = (ar >= y1[:, None]) & (ar < (y1 + h)[:, None])
-        cols = (ar >= x1[:, None]) & (ar < (x1 + w)[:, None])
-        mask = (rows[:, :, None] & cols[:, None, :] & hit[:, None, None]).to(x.device)
+        # The draws travel (n x 5 numbers); the (n, s, s) mask is built where the images are.
+        y1, y2, x1, x2, hit = _to(torch.stack([y1, y1 + h, x1, x1 + w, hit.float()]), x.device)
+        ar = torch.arange(s, device=x.device)
+        rows = (ar >= y1[:, None]) & (ar < y2[:, None])
+        cols = (ar >= x1[:, None]) & (ar < x2[:, None])
+        mask = rows[:, :, None] & cols[:, None, :] & hit.bool()[:, None, None]
         return x.masked_fill(mask[:, None], 0.0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size].to(self.images.device)
+        order = _to(torch.randperm(n, generator=self.generator) if self.train else torch.arange(n), self.images.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[start:start + self.batch_size]
             if self.train:
                 x = self._train_batch(idx)
             else:  # decoded at the eval geometry already

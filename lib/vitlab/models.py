@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (AutoImageProcessor, BitsAndBytesConfig, ViTConfig, ViTForImageClassification,
+from transformers import (AutoConfig, AutoImageProcessor, BitsAndBytesConfig, ViTConfig, ViTForImageClassification,
                           ViTImageProcessor)
 
-from . import attention
+from . import attention, config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -38,7 +38,8 @@ class ModelSettings:
     @classmethod
     def from_params(cls, model_params: dict[str, Any]) -> "ModelSettings":
         attention.hf_implementation(model_params["attention"])  # an unknown name fails here, not at load
-        return cls(id=model_params["id"], dtype=DTYPES[model_params["dtype"]], attention=model_params["attention"],
+        local = config.local_model(model_params["id"])
+        return cls(id=str(local) if local else model_params["id"], dtype=DTYPES[model_params["dtype"]], attention=model_params["attention"],
                    config=dict(model_params.get("config") or {}))
 
     @property
@@ -101,11 +102,26 @@ def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassificati
         raise _offline_hint(str(path), e) from e
 
 
+def checkpoint_labels(settings: ModelSettings) -> list[str] | None:
+    """The class names of the checkpoint's classifier, in output order (None for a random-init model)."""
+    if settings.id is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(settings.id, **_hub_kwargs(settings.id))
+    except OSError as e:
+        raise _offline_hint(settings.id, e) from e
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
 def build(settings: ModelSettings, class_names: list[str], dtype: torch.dtype = torch.float32,
           quantization_config: BitsAndBytesConfig | None = None,
           device: torch.device | None = None) -> ViTForImageClassification:
     """A classifier to train, with len(class_names) outputs: from `settings.id` (hub or local dir) or random
-    init, in `dtype` (float32 for training; `settings.dtype` is what the trained model is saved in)."""
+    init, in `dtype` (float32 for training; `settings.dtype` is what the trained model is saved in).
+
+    The checkpoint's classifier is kept only when its labels are `class_names` in the same order; any
+    other head starts fresh (as ignore_mismatched_sizes does for another class count): a head of as
+    many classes trained on other classes would only be a misleading start."""
     labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
               "label2id": {c: i for i, c in enumerate(class_names)}}
     impl = attention.hf_implementation(settings.attention)
@@ -117,7 +133,12 @@ def build(settings: ModelSettings, class_names: list[str], dtype: torch.dtype = 
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl, "ignore_mismatched_sizes": True, **labels}
         if quantization_config is not None:
             kwargs.update(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
+        same_head = checkpoint_labels(settings) == list(class_names)
         model = generic_cpu_4bit(_from_pretrained(settings.id, **kwargs))
+        if not same_head:
+            head = model.classifier
+            nn.init.trunc_normal_(head.weight, std=model.config.initializer_range)
+            nn.init.zeros_(head.bias)
     return attention.apply(model, settings.attention)
 
 

@@ -63,6 +63,12 @@ class _CastNotice(logging.Filter):
 _CAST_NOTICE = _CastNotice()
 
 
+def _quiet_cast_notice() -> None:
+    cast_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _CAST_NOTICE not in cast_log.filters:
+        cast_log.addFilter(_CAST_NOTICE)
+
+
 def resolve_keep(model: nn.Module, keep: tuple | list | str) -> list[str]:
     """Qualified names of the block linears kept in 16-bit.
 
@@ -106,10 +112,30 @@ def quantize(checkpoint: str | Path, q: QuantSettings, settings: ModelSettings, 
     """Load the 16-bit checkpoint quantized as `q` asks (keep: resolved 16-bit module names)."""
     if q.bits != 16 and device.type not in ("cpu", "cuda"):
         raise QuantError(f"bitsandbytes quantization runs on cpu or cuda, not {device.type}")
-    cast_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if _CAST_NOTICE not in cast_log.filters:
-        cast_log.addFilter(_CAST_NOTICE)
+    _quiet_cast_notice()
     return models.load_checkpoint(checkpoint, settings, device, quantization_config=bnb_config(q, keep or []))
+
+
+def quantize_linear(linear: nn.Linear, q: QuantSettings) -> nn.Module:
+    """One 16-bit linear layer as the bitsandbytes layer `quantize` would load in its place (the same
+    constructor arguments and weight quantization as transformers' integration), on its device. The
+    ablation builds each layer once and swaps layers in and out instead of reloading the checkpoint."""
+    import bitsandbytes as bnb
+
+    _quiet_cast_notice()
+    device, bias = linear.weight.device, linear.bias is not None
+    if q.bits == 8:
+        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False,
+                                  threshold=q.int8_threshold, device="meta")
+        new.weight = bnb.nn.Int8Params(linear.weight.data.to("cpu"), requires_grad=False,
+                                       **{k: v for k, v in new.weight.__dict__.items() if k != "SCB"}).to(device)
+    else:
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias, q.compute_dtype,
+                                compress_statistics=q.double_quant, quant_type=q.type, device="meta")
+        new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, **new.weight.__dict__).to(device)
+    if bias:
+        new.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return models.generic_cpu_4bit(new.train(linear.training))
 
 
 def save(model: nn.Module, checkpoint: str | Path, out: str | Path) -> Path:

@@ -1,0 +1,97 @@
+"""Transfer on real photographs: pretrain on half of Flowers-102's classes, fine-tune on the other half.
+
+    python benchmarks/flowers_transfer.py pretrain --set data.root=DIR [--set finetune.epochs=N]
+    python benchmarks/flowers_transfer.py methods --set data.root=DIR      # one `vitlab run` per method, then collect
+    python benchmarks/flowers_transfer.py collect RUN_DIR ...              # -> results/flowers_transfer.json
+
+`pretrain` is params/flowers_scratch.yaml on the train images of `data.classes: half_a` (51 classes,
+fixed by data.class_split_seed), copied to checkpoints/flowers_half_a. `methods` fine-tunes that
+checkpoint on the 51 other classes (params/flowers_transfer.yaml, a fresh head) with each of METHODS,
+through the real pipeline (finetune, quantize at 16 bits, evaluate on those classes' test images).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import write
+
+from vitlab import runs
+
+RESULTS = Path(__file__).parent / "results"
+CHECKPOINT = runs.REPO_ROOT / "checkpoints" / "flowers_half_a"
+# name -> params changes. Learning rates: a head alone takes a larger step, full fine-tuning a smaller one.
+METHODS = {
+    "probe": ["finetune.method=probe", "finetune.lr=0.003"],
+    "lora (seeds: r=8, alpha=32, dropout 0.1, every block linear)": [
+        "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.alpha=32", "finetune.lora.dropout=0.1"],
+    "lora (vitlab default: r=16, alpha=16)": ["finetune.method=lora"],
+    "qlora (NF4 base + vitlab's LoRA)": ["finetune.method=qlora"],
+    "full": ["finetune.method=full", "finetune.lr=0.0003"],
+}
+
+
+def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str]) -> Path:
+    cmd = [sys.executable, "-m", "vitlab", "run", params_file, "--steps", steps, "--set", f"variant={variant}",
+           *[a for s in sets for a in ("--set", s)]]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=runs.REPO_ROOT)
+    return runs.latest(variant, tuple(steps.split(",")))
+
+
+def pretrain(sets: list[str]) -> Path:
+    run = vitlab_run("params/flowers_scratch.yaml", "flowers_half_a", "finetune", ["data.classes=half_a", *sets])
+    shutil.rmtree(CHECKPOINT, ignore_errors=True)
+    shutil.copytree(runs.path(run, "checkpoint"), CHECKPOINT)
+    print(f"pretrained on half_a: {run} -> {CHECKPOINT}", flush=True)
+    return run
+
+
+def methods(sets: list[str]) -> list[Path]:
+    return [vitlab_run("params/flowers_transfer.yaml", f"transfer_{i}", "finetune,quantize,evaluate", changes + sets)
+            for i, changes in enumerate(METHODS.values())]
+
+
+def row(run_dir: Path) -> dict:
+    params, train = runs.load_params(run_dir), runs.read_json(runs.path(run_dir, "train_metrics"))
+    acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
+    name = list(METHODS)[int(params["variant"].removeprefix("transfer_"))]
+    selected = next(r for r in train["history"] if r["selected"])
+    return {"method": name, "test_top1": acc["top1"], "lo": acc["top1_lo"], "hi": acc["top1_hi"], "test_top5": acc["top5"],
+            "test_images": acc["n"], "classes": len(train["class_names"]), "trainable_params": train["trainable_params"],
+            "total_params": train["total_params"], "peak_vram_mb": train["peak_vram_mb"], "s_per_epoch": train["s_per_epoch"],
+            "epochs": params["finetune"]["epochs"], "selected_epoch": selected["epoch"], "valid_top1": selected["val_acc"],
+            "lr": params["finetune"]["lr"], "pretrained": params["model"]["id"], "run": run_dir.name}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["pretrain", "methods", "collect"])
+    ap.add_argument("paths", nargs="*", help="collect: the run folders of the methods")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params for every run")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    t0 = time.time()
+    if args.what == "pretrain":
+        pretrain(args.set)
+        return
+    folders = methods(args.set) if args.what == "methods" else [Path(p) for p in args.paths]
+    rows = [row(f) for f in folders]
+    man = runs.manifest(folders[0])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    half_a = runs.latest("flowers_half_a", ("finetune",)) if args.what == "methods" else None
+    write(out, "flowers_transfer", args, t0, f"pretrained from scratch on half_a: {rows[0]['pretrained']}", rows=rows,
+          context=[{"device": man["device"], "versions": man["versions"],
+                    "pretrain": runs.read_json(runs.path(half_a, "train_metrics"))["history"][-1] if half_a else None}])
+    for r in rows:
+        print(f"{r['method']}: top-1 {r['test_top1']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] · {r['trainable_params']:,} trainable "
+              f"· {r['peak_vram_mb'] or 0:.0f} MB · {r['s_per_epoch']:.2f} s/epoch", flush=True)
+
+
+if __name__ == "__main__":
+    main()

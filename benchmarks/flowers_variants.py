@@ -1,0 +1,93 @@
+"""The seeds' five variants and the per-layer ablation on real photographs: `vitlab run` once per variant.
+
+    python benchmarks/flowers_variants.py run CHECKPOINT --set data.root=DIR   # five runs, then collect
+    python benchmarks/flowers_variants.py collect RUN_DIR ...                  # -> results/flowers_{variants,ablation}.json
+
+CHECKPOINT is a trained Flowers-102 model (a save_pretrained folder, e.g. the finetune/model of a
+params/flowers_scratch.yaml run). Each variant is the real pipeline with `finetune.method: none`
+(the checkpoint as it is): quantize, evaluate on the 819 test images; the NF4 SDPA run also runs the
+ablation and the demo. The variants are the params files the seeds compared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import write
+
+from vitlab import runs
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = ["fp16_sdpa", "nf4_sdpa", "nf4_flash", "int8_sdpa", "int8_flash"]
+FULL = "nf4_sdpa"  # the run that also takes the ablation and the demo
+FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu", "eval.batch_size=256",
+           "eval.latency_batch_sizes=[1,32,256]", "ablation.split=valid", "ablation.verify_split=test"]
+
+
+def run_all(checkpoint: str, sets: list[str], variants: list[str]) -> list[Path]:
+    """One `vitlab run` per variant (in this process's Python); the run folders."""
+    folders = []
+    for variant in variants:
+        steps = "finetune,quantize,evaluate" + (",ablation,demo" if variant == FULL else "")
+        cmd = [sys.executable, "-m", "vitlab", "run", f"params/{variant}.yaml", "--steps", steps,
+               "--set", f"model.id={checkpoint}", "--set", f"variant=flowers_{variant}",
+               *[a for s in FLOWERS + sets for a in ("--set", s)]]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=runs.REPO_ROOT)
+        folders.append(runs.latest(f"flowers_{variant}", tuple(steps.split(","))))
+    return folders
+
+
+def variant_rows(run_dir: Path) -> list[dict]:
+    """The variant's row (the last model of the run) at each latency batch size, with its accuracy."""
+    params, results = runs.load_params(run_dir), runs.read_json(runs.path(run_dir, "results"))
+    acc = results["accuracy"][-1]
+    out = []
+    for lat in (r for r in results["latency"] if r["model"] == acc["model"]):
+        out.append({"variant": params["variant"].removeprefix("flowers_"), "model": acc["model"],
+                    "attention": params["model"]["attention"], "dtype": params["model"]["dtype"],
+                    **{k: acc[k] for k in ("n", "top1", "top1_lo", "top1_hi", "top5", "f1_macro", "disk_mb",
+                                           "footprint_mb")},
+                    **{k: lat[k] for k in ("batch_size", "p50_ms", "p95_ms", "p99_ms", "throughput_img_s",
+                                           "peak_mem_mb")}, "run": run_dir.name})
+    return out
+
+
+def collect(folders: list[Path], args: argparse.Namespace, t0: float) -> None:
+    rows = [r for f in folders for r in variant_rows(f)]
+    full = next(f for f in folders if runs.load_params(f)["variant"] == f"flowers_{FULL}")
+    man = runs.manifest(full)
+    checkpoint = runs.load_params(full)["model"]["id"]
+    meta = {"device": man["device"], "versions": man["versions"], "checkpoint": checkpoint}
+    out, weights = Path(args.out), f"trained on Flowers-102: {checkpoint}"
+    out.mkdir(parents=True, exist_ok=True)
+    write(out, "flowers_variants", args, t0, weights, rows=rows, context=[meta])
+    sensitivity = runs.read_json(runs.path(full, "sensitivity"))
+    choice = runs.read_json(runs.path(full, "choice"))
+    write(out, "flowers_ablation", args, t0, weights, choices=list(choice["choices"].values()), checks=choice["checks"],
+          sensitivity=sensitivity, context=[{**meta, "split": runs.load_params(full)["ablation"]["split"],
+                                             "verify_split": choice["verify_split"],
+                                             "ablation_s": man["steps"]["ablation"]["seconds"]}])
+    for r in rows:
+        print(json.dumps({k: r[k] for k in ("variant", "batch_size", "top1", "p50_ms", "throughput_img_s")}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["run", "collect"])
+    ap.add_argument("paths", nargs="+", help="run: the checkpoint; collect: the run folders")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run: more params for every run")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"run: which (the full one, {FULL}, among them)")
+    args = ap.parse_args()
+    t0 = time.time()
+    folders = run_all(args.paths[0], args.set, args.variants.split(",")) if args.what == "run" else [Path(p) for p in args.paths]
+    collect(folders, args, t0)
+
+
+if __name__ == "__main__":
+    main()
