@@ -95,5 +95,6 @@ def smoke_run(tmp_path_factory) -> Path:
     runs_dir = tmp_path_factory.mktemp("runs")
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(runs_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (runs_dir / "terminal.txt").write_text(proc.stdout + proc.stderr)  # what the user saw, for the tests
     (run_dir,) = runs.list_runs(runs_dir)
     return run_dir

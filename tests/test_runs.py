@@ -67,6 +67,15 @@ def test_smoke_run_artifacts(smoke_run):
         assert mixed["quant"]["bits"] == (4 if q == "nf4" else 8)
 
 
+def test_the_terminal_gets_the_steps_lines_and_library_noise_goes_to_a_log(smoke_run):
+    terminal = (smoke_run.parent / "terminal.txt").read_text()
+    assert "[finetune] epoch 1/" in terminal and "[evaluate]" in terminal
+    # The profiler's C++ side (Kineto) prints past Python on the kernel's stderr: kept in the run folder.
+    assert "USDT" not in terminal and "profiler_start" not in terminal
+    assert "profiler_start" in (smoke_run / "03_evaluate.stderr.log").read_text()
+    assert not (smoke_run / "01_finetune.stderr.log").exists()  # nothing written, no file
+
+
 def test_the_models_of_a_run_are_labelled_once(smoke_run):
     (base, variant) = runs.models_of(smoke_run)
     assert (base.label, variant.label) == ("16-bit (float32)", "nf4+dq")

@@ -270,19 +270,40 @@ class Progress:
         self.stream.flush()
 
 
+def _kernel_stderr_to(path: Path) -> type:
+    """A kernel manager whose kernel process writes its own stderr to `path`: what C++ libraries print
+    past Python (the profiler's Kineto: `USDT: ... profiler_start`) lands there, not in the terminal.
+    Cell output still travels through the notebook (and `progress`)."""
+    from jupyter_client import AsyncKernelManager
+
+    class Manager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            with open(path, "ab") as log:  # the kernel holds its own copy of the descriptor
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
+
+    return Manager
+
+
 def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:
     """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir; with
-    `progress`, what its cells print reaches the terminal as they run."""
+    `progress`, what its cells print reaches the terminal as they run. The kernel process's own stderr
+    goes to out_dir/<notebook>.stderr.log (kept only when something was written)."""
     import jupytext
     import papermill
 
     nb = jupytext.read(NOTEBOOK_DIR / notebook)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     executed = out_dir / notebook.replace(".py", ".ipynb")
-    # The kernel's own warning about TCP transport on localhost is noise in every step's terminal output.
-    papermill.execute_notebook(nb, str(executed), parameters=parameters, kernel_name="python3", cwd=str(out_dir),
-                               progress_bar=False, log_output=False, stdout_file=progress, stderr_file=progress,
-                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    stderr_log = out_dir / notebook.replace(".py", ".stderr.log")
+    try:
+        # The kernel's own warning about TCP transport on localhost is noise in every step's terminal output.
+        papermill.execute_notebook(nb, str(executed), parameters=parameters, kernel_name="python3", cwd=str(out_dir),
+                                   progress_bar=False, log_output=False, stdout_file=progress, stderr_file=progress,
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                                   kernel_manager_class=_kernel_stderr_to(stderr_log))
+    finally:
+        if stderr_log.is_file() and not stderr_log.stat().st_size:
+            stderr_log.unlink()
     return executed
 
 
