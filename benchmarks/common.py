@@ -4,6 +4,8 @@ result JSON carries."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,15 @@ def quant_settings(bits: int, type_: str | None = None) -> quant.QuantSettings:
     """params/defaults.yaml's quantization (double quant, compute dtype, int8 threshold) at `bits`."""
     q = quant.QuantSettings.from_params(config.defaults()["quant"]).replace(bits=bits, keep_16bit=())
     return q.replace(type=type_) if type_ else q
+
+
+def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str]) -> Path:
+    """`python -m vitlab run` of `params_file` as run `variant` (this Python, from the repo root); its folder."""
+    cmd = [sys.executable, "-m", "vitlab", "run", params_file, "--steps", steps, "--set", f"variant={variant}",
+           *[a for s in sets for a in ("--set", s)]]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=runs.REPO_ROOT)
+    return runs.latest(variant, tuple(steps.split(",")))
 
 
 def write(out: Path, name: str, args: Any, t0: float, weights: str = WEIGHTS, **tables: Any) -> Path:

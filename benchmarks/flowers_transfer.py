@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import write
+from common import vitlab_run, write
 
 from vitlab import runs
 
@@ -33,14 +31,6 @@ METHODS = {
     "qlora (NF4 base + vitlab's LoRA)": ["finetune.method=qlora"],
     "full": ["finetune.method=full", "finetune.lr=0.0003"],
 }
-
-
-def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str]) -> Path:
-    cmd = [sys.executable, "-m", "vitlab", "run", params_file, "--steps", steps, "--set", f"variant={variant}",
-           *[a for s in sets for a in ("--set", s)]]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=runs.REPO_ROOT)
-    return runs.latest(variant, tuple(steps.split(",")))
 
 
 def pretrain(sets: list[str]) -> Path:

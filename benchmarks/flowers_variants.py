@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import write
+from common import vitlab_run, write
 
 from vitlab import runs
 
@@ -30,16 +28,9 @@ FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu
 
 def run_all(checkpoint: str, sets: list[str], variants: list[str]) -> list[Path]:
     """One `vitlab run` per variant (in this process's Python); the run folders."""
-    folders = []
-    for variant in variants:
-        steps = "finetune,quantize,evaluate" + (",ablation,demo" if variant == FULL else "")
-        cmd = [sys.executable, "-m", "vitlab", "run", f"params/{variant}.yaml", "--steps", steps,
-               "--set", f"model.id={checkpoint}", "--set", f"variant=flowers_{variant}",
-               *[a for s in FLOWERS + sets for a in ("--set", s)]]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=runs.REPO_ROOT)
-        folders.append(runs.latest(f"flowers_{variant}", tuple(steps.split(","))))
-    return folders
+    return [vitlab_run(f"params/{variant}.yaml", f"flowers_{variant}",
+                       "finetune,quantize,evaluate" + (",ablation,demo" if variant == FULL else ""),
+                       [f"model.id={checkpoint}", *FLOWERS, *sets]) for variant in variants]
 
 
 def variant_rows(run_dir: Path) -> list[dict]:

@@ -202,9 +202,8 @@ def _model_config(model: dict[str, Any]) -> dict[str, Any]:
 
 def _layers(model: dict[str, Any]) -> int | None:
     """The encoder depth of the model params describe, when it is known without loading it."""
-    if model["id"] is None:
-        return model["config"].get("num_hidden_layers", 12)  # ViTConfig's default
-    return _model_config(model).get("num_hidden_layers")
+    default = 12 if model["id"] is None else None  # ViTConfig's default; unknown for a hub id
+    return _model_config(model).get("num_hidden_layers", default)
 
 
 def _validate_cross(params: dict[str, Any]) -> None:

@@ -106,7 +106,7 @@ class Selected(Dataset):
 
     def __init__(self, base: Dataset, classes: Sequence[int]):
         new = {c: i for i, c in enumerate(classes)}
-        self.base, self.new = base, new
+        self.base = base
         self.indices = [i for i, t in enumerate(base.targets) if t in new]
         self.targets = [new[base.targets[i]] for i in self.indices]
 
