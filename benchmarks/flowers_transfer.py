@@ -2,7 +2,9 @@
 
     python benchmarks/flowers_transfer.py pretrain --set data.root=DIR [--set finetune.epochs=N]
     python benchmarks/flowers_transfer.py methods --set data.root=DIR      # one `vitlab run` per method, then collect
+    python benchmarks/flowers_transfer.py methods --only 3,4 ...           # some of them (indices into METHODS)
     python benchmarks/flowers_transfer.py collect RUN_DIR ...              # -> results/flowers_transfer.json
+                                                   # (RUN_DIRs: the methods' runs and the pretraining run)
 
 `pretrain` is params/flowers_scratch.yaml on the train images of `data.classes: half_a` (51 classes,
 fixed by data.class_split_seed), copied to checkpoints/flowers_half_a. `methods` fine-tunes that
@@ -41,9 +43,9 @@ def pretrain(sets: list[str]) -> Path:
     return run
 
 
-def methods(sets: list[str]) -> list[Path]:
+def methods(sets: list[str], only: list[int]) -> list[Path]:
     return [vitlab_run("params/flowers_transfer.yaml", f"transfer_{i}", "finetune,quantize,evaluate", changes + sets)
-            for i, changes in enumerate(METHODS.values())]
+            for i, changes in enumerate(METHODS.values()) if i in only]
 
 
 def row(run_dir: Path) -> dict:
@@ -61,20 +63,25 @@ def row(run_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["pretrain", "methods", "collect"])
-    ap.add_argument("paths", nargs="*", help="collect: the run folders of the methods")
+    ap.add_argument("paths", nargs="*", help="collect: the run folders of the methods (and of the pretraining)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params for every run")
+    ap.add_argument("--only", default=",".join(map(str, range(len(METHODS)))), help="methods: indices into METHODS")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # run folders may follow the options
     t0 = time.time()
     if args.what == "pretrain":
         pretrain(args.set)
         return
-    folders = methods(args.set) if args.what == "methods" else [Path(p) for p in args.paths]
+    if args.what == "methods":
+        folders, half_a = methods(args.set, [int(i) for i in args.only.split(",")]), runs.latest("flowers_half_a", ("finetune",))
+    else:
+        given = [Path(p) for p in args.paths]
+        folders = [f for f in given if runs.load_params(f)["variant"].startswith("transfer_")]
+        half_a = next((f for f in given if runs.load_params(f)["variant"] == "flowers_half_a"), None)
     rows = [row(f) for f in folders]
     man = runs.manifest(folders[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    half_a = runs.latest("flowers_half_a", ("finetune",)) if args.what == "methods" else None
     write(out, "flowers_transfer", args, t0, f"pretrained from scratch on half_a: {rows[0]['pretrained']}", rows=rows,
           context=[{"device": man["device"], "versions": man["versions"],
                     "pretrain": runs.read_json(runs.path(half_a, "train_metrics"))["history"][-1] if half_a else None}])
