@@ -52,10 +52,79 @@ def test_cuda_graph_replay_matches_eager(checkpoint, f32, test_batch):
 def test_speed_params_apply_in_order_and_validate(checkpoint, f32, test_batch):
     from vitlab import config
     model = models.load_checkpoint(checkpoint, f32, CPU)
-    settings = speed.SpeedSettings.from_params({"torchao": "none", "compile": "linears", "cuda_graph": False})
+    settings = speed.SpeedSettings.from_params({**config.defaults()["speed"], "compile": "linears"})
     assert settings.active and settings.describe() == "compile linears"
     sped = speed.apply(model, settings)
     assert speed.unwrapped(sped) is model and speed.storage_bytes(sped) > 0
     assert not speed.SpeedSettings().active
     with pytest.raises(config.ParamsError, match="set quant.bits: 16"):
         config.resolve(config.PARAMS_DIR / "fp8_graph.yaml", ["quant.bits=4"])
+
+
+def test_fused_qkv_attention_gives_the_same_logits(checkpoint, f32, test_batch):
+    model = models.load_checkpoint(checkpoint, f32, CPU)
+    with torch.no_grad():
+        ref = model(pixel_values=test_batch).logits
+        speed.fuse_qkv(model)
+        got = model(pixel_values=test_batch).logits
+    assert all(isinstance(layer.attention, speed.FusedQKVAttention) for layer in models.encoder_layers(model)[1])
+    assert {n.rsplit(".", 1)[-1] for n in models.attention_linears(model)} == {"qkv", "o_proj"}
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_linear_matches_its_reference_and_saturates():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(5, 7, 64, dtype=torch.bfloat16)
+    layer = speed.Fp8Linear(linear, input_amax=float(x.abs().max()))
+    # The reference: the same FP8 operands dequantized, multiplied in float32.
+    xq = (x.float() / layer.input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * layer.input_scale
+    wq = layer.weight.float() * layer.weight_scale.t()
+    ref = xq @ wq.t() + linear.bias.float()
+    got = layer(x)
+    assert got.shape == (5, 7, 48) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    # FP8 against the 16-bit layer: a few percent, as e4m3's 3 mantissa bits allow.
+    exact = linear(x).float()
+    assert (got.float() - exact).norm() / exact.norm() < 0.08
+    big = layer(x * 1000)  # far beyond the calibrated range: clamped at +-448, never inf
+    assert torch.isfinite(big).all()
+
+
+def test_static_fp8_calibrates_on_real_images_and_keeps_predictions(checkpoint, bf16, digits_data):
+    model = models.load_checkpoint(checkpoint, bf16, CPU)
+    x, _ = next(iter(digits_data.loader("test", 64)))
+    x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits.float()
+    settings = speed.SpeedSettings(fuse_qkv=True, fp8="static", calibration_batches=2)
+    with pytest.raises(speed.SpeedPathError, match="calibrates on real images"):
+        speed.apply(models.load_checkpoint(checkpoint, bf16, CPU), settings)
+    sped = speed.apply(model, settings, digits_data.loader("valid", 32))
+    fp8 = [n for n, m in sped.named_modules() if isinstance(m, speed.Fp8Linear)]
+    assert len(fp8) == len(models.encoder_layers(sped)[1]) * 4  # qkv, o_proj, fc1, fc2 per block
+    assert all(float(sped.get_submodule(n).input_scale) > 0 for n in fp8)
+    with torch.no_grad():
+        got = sped(pixel_values=x).logits.float()
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    assert (got - ref).norm() / ref.norm() < 0.1
+    assert settings.describe() == "fused qkv + fp8 static"
+    # Sized as it runs (FP8 buffers saved now), not as the 16-bit checkpoint it was loaded from.
+    from vitlab import evaluate
+    fp8_size = evaluate.sizes(sped, checkpoint)
+    bf16_size = evaluate.sizes(models.load_checkpoint(checkpoint, bf16, CPU), checkpoint)
+    assert fp8_size["disk_mb"] < 0.75 * bf16_size["disk_mb"] and fp8_size["footprint_mb"] < 0.75 * bf16_size["footprint_mb"]
+
+
+def test_fp8_and_fused_qkv_refuse_what_they_cannot_run(checkpoint, f32):
+    from vitlab import config, quant
+    for change, message in ((["speed.fp8=static", "quant.bits=4"], "set quant.bits: 16"),
+                            (["speed.fuse_qkv=true", "quant.bits=8"], "set quant.bits: 16"),
+                            (["speed.fp8=static", "quant.bits=16", "speed.torchao=fp8"], "pick one"),
+                            (["speed.fp8=fp16"], "speed.fp8")):
+        with pytest.raises(config.ParamsError, match=message):
+            config.resolve(config.PARAMS_DIR / "smoke.yaml", change)
+    q = quant.QuantSettings.from_params(config.defaults()["quant"])
+    nf4 = quant.quantize(checkpoint, q.replace(bits=4), f32, CPU)
+    with pytest.raises(speed.SpeedPathError, match="plain 16-bit q/k/v"):
+        speed.fuse_qkv(nf4)

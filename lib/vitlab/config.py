@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple] = {
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "speed.torchao": ("none", "fp8", "int8dyn", "int4wo"),
     "speed.compile": ("none", "model", "linears"),
+    "speed.fp8": ("none", "static"),
 }
 ABLATION_QUANT_TYPES = ("nf4", "fp4", "int8")  # ablation.QUANT_TYPES says what each is
 # Ranges: (test, what a valid value is). Checked for every run before its first step.
@@ -54,6 +55,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.full_size_epochs": (lambda v: v >= 0, "0 or more"),
     "data.train_image_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a size in pixels, or null for the model's"),
     "finetune.lora.r": _at_least_1,
+    "speed.calibration_batches": _at_least_1,
     "finetune.lora.alpha": (lambda v: v > 0, "positive"),
     "finetune.lora.dropout": (lambda v: 0 <= v < 1, "0 <= x < 1"),
     "data.max_per_class": _optional_count, "data.max_samples": _optional_count,
@@ -266,6 +268,12 @@ def _validate_cross(params: dict[str, Any]) -> None:
     if params["speed"]["torchao"] != "none" and params["quant"]["bits"] != 16:
         raise ParamsError(f"speed.torchao '{params['speed']['torchao']}' quantizes the 16-bit model itself: "
                           f"set quant.bits: 16 (it is {params['quant']['bits']}), or speed.torchao: none")
+    sp = params["speed"]
+    if (sp["fp8"] != "none" or sp["fuse_qkv"]) and params["quant"]["bits"] != 16:
+        raise ParamsError(f"speed.fp8 / speed.fuse_qkv change the 16-bit model's linears: set quant.bits: 16 "
+                          f"(it is {params['quant']['bits']})")
+    if sp["fp8"] != "none" and sp["torchao"] != "none":
+        raise ParamsError(f"speed.fp8 '{sp['fp8']}' and speed.torchao '{sp['torchao']}' both quantize the linears: pick one")
     ab = params["ablation"]
     if ab["budget_mb"] is not None and ab["budget_mb"] <= 0:
         raise ParamsError(f"ablation.budget_mb must be a positive size in MB or null, got {ab['budget_mb']}")

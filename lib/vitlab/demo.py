@@ -48,8 +48,11 @@ class Predictor:
         key = (run_dir, variant)
         if key not in self._models:
             entry = variants(run_dir)[variant]
-            settings = models.ModelSettings.from_params(runs.load_params(run_dir)["model"])
-            model = evaluate.load(entry, settings, self.device)
+            params = runs.load_params(run_dir)
+            settings = models.ModelSettings.from_params(params["model"])
+            calibration = (data.for_checkpoint(params["data"], params["seed"], entry.path).loader("valid", params["eval"]["batch_size"])
+                           if entry.speed.fp8 != "none" else None)
+            model = evaluate.load(entry, settings, self.device, calibration)
             processor = transformers.AutoImageProcessor.from_pretrained(entry.path)
             size = processor.size.get("height") or processor.size.get("shortest_edge")
             transform = data.transforms(size, processor.image_mean, processor.image_std, train=False)

@@ -21,10 +21,11 @@ from . import bench, infer, metrics, models, runs, speed
 from .models import ModelSettings
 
 
-def load(entry: runs.RunModel, settings: ModelSettings, device: torch.device) -> nn.Module:
-    """A model of a run as evaluate runs it: its saved weights, then its speed paths."""
+def load(entry: runs.RunModel, settings: ModelSettings, device: torch.device, calibration: Iterable | None = None) -> nn.Module:
+    """A model of a run as evaluate runs it: its saved weights, then its speed paths (`speed.fp8: static`
+    calibrates on `calibration`, batches of validation images)."""
     model = models.load_checkpoint(entry.path, settings, device)
-    return speed.apply(model, entry.speed) if entry.speed.active else model
+    return speed.apply(model, entry.speed, calibration) if entry.speed.active else model
 
 
 def _torchao(model: nn.Module) -> bool:
@@ -34,11 +35,11 @@ def _torchao(model: nn.Module) -> bool:
 def sizes(model: nn.Module, saved: str | Path | None = None) -> dict[str, float | None]:
     """Size on disk (the saved folder, or the model saved now) and in memory, in MB.
 
-    torchao changes the weights after loading: those are sized as saved now, and get no footprint
-    (its tensors report their outer dtype's element size, so no honest number comes from them)."""
-    changed = _torchao(model)
-    disk = speed.storage_bytes(model) if changed or saved is None else models.disk_bytes(saved)
-    footprint = None if changed else models.parameter_bytes(speed.unwrapped(model)) / 2**20
+    Weights the speed paths convert after loading (torchao, vitlab's FP8) are sized as saved now;
+    torchao's get no footprint (its tensors report their outer dtype's element size, so no honest
+    number comes from them)."""
+    disk = speed.storage_bytes(model) if speed.converted(model) or saved is None else models.disk_bytes(saved)
+    footprint = None if _torchao(model) else models.parameter_bytes(speed.unwrapped(model)) / 2**20
     return {"disk_mb": disk / 2**20, "footprint_mb": footprint}
 
 
@@ -94,7 +95,7 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
     accuracy, latency, profiles, kernels, confusions, matrices = [], [], [], {}, {}, {}
     ref = None
     for entry in runs.models_of(run_dir, params):
-        model = load(entry, settings, device)
+        model = load(entry, settings, device, data.loader("valid", ev["batch_size"]))
         row, logits, labels = measure(model, entry.label, batches, device, len(data.class_names), params["seed"],
                                       entry.path, ref)
         ref = logits if ref is None else ref

@@ -1,5 +1,6 @@
-"""Speed paths beyond stock eager PyTorch (the `speed` params): CUDA-graph replay, torch.compile,
-and torchao's tensor-core int8 / FP8 and int4 weight-only kernels (Hopper).
+"""Speed paths beyond stock eager PyTorch (the `speed` params): one fused q/k/v projection with
+mask-free attention, vitlab's static-scale FP8 linears, torchao's tensor-core int8 / FP8 and int4
+weight-only kernels (Hopper), torch.compile and CUDA-graph replay.
 
 bitsandbytes makes a model small; on a GPU its eager forward pays Python dispatch and a
 dequantisation per linear layer. These paths attack those costs. Each returns something called as
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import models
@@ -32,25 +34,134 @@ class SpeedPathError(RuntimeError):
 
 @dataclass(frozen=True)
 class SpeedSettings:
-    """The `speed` params: torchao quantization, then torch.compile, then CUDA-graph replay."""
+    """The `speed` params, applied in this order: fused q/k/v, FP8 linears (vitlab's static ones or
+    torchao's), torch.compile, CUDA-graph replay."""
     torchao: str = "none"
     compile: str = "none"
     cuda_graph: bool = False
+    fuse_qkv: bool = False
+    fp8: str = "none"
+    calibration_batches: int = 4
 
     @classmethod
     def from_params(cls, speed_params: dict[str, Any]) -> "SpeedSettings":
         return cls(torchao=speed_params["torchao"], compile=speed_params["compile"],
-                   cuda_graph=speed_params["cuda_graph"])
+                   cuda_graph=speed_params["cuda_graph"], fuse_qkv=speed_params["fuse_qkv"],
+                   fp8=speed_params["fp8"], calibration_batches=speed_params["calibration_batches"])
 
     @property
     def active(self) -> bool:
-        return self.torchao != "none" or self.compile != "none" or self.cuda_graph
+        return (self.torchao != "none" or self.compile != "none" or self.cuda_graph or self.fuse_qkv
+                or self.fp8 != "none")
 
     def describe(self) -> str:
-        parts = [f"torchao {self.torchao}"] if self.torchao != "none" else []
+        parts = ["fused qkv"] if self.fuse_qkv else []
+        parts += [f"fp8 {self.fp8}"] if self.fp8 != "none" else []
+        parts += [f"torchao {self.torchao}"] if self.torchao != "none" else []
         parts += [f"compile {self.compile}"] if self.compile != "none" else []
         parts += ["cuda graph"] if self.cuda_graph else []
         return " + ".join(parts)
+
+
+class FusedQKVAttention(nn.Module):
+    """transformers' ViTAttention with q, k and v as one linear (one GEMM, one read of its input, one
+    activation quantization under FP8) and SDPA called without a mask: a ViT classifier attends to
+    every token, and a mask (which transformers builds under a whole-model compile) keeps SDPA off
+    its flash kernel. Same outputs as the module it replaces."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        if not all(type(m) is nn.Linear for m in (q, k, v)):
+            raise SpeedPathError("fuse_qkv needs plain 16-bit q/k/v linears (quant.bits: 16, before any FP8 or torchao)")
+        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.qkv = nn.Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None,
+                             device=q.weight.device, dtype=q.weight.dtype)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            if q.bias is not None:
+                self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        self.o_proj = attention.o_proj
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).view(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
+
+
+def fuse_qkv(model: nn.Module) -> nn.Module:
+    """Every encoder block's attention as a `FusedQKVAttention`, in place."""
+    _, layers = models.encoder_layers(model)
+    for layer in layers:
+        layer.attention = FusedQKVAttention(layer.attention)
+    return model
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer on FP8 tensor cores with a *static* activation scale: weights in e4m3 with one
+    scale per output row, inputs scaled by one number calibrated on real images (`calibrate_fp8`).
+    With no amax to compute at run time, the cast to FP8 is a pointwise op that torch.compile fuses
+    into whatever produced the input (layer norm, GELU, the attention output). Inputs beyond the
+    calibrated range saturate at +-448 rather than overflow."""
+
+    def __init__(self, linear: nn.Linear, input_amax: float):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        row_scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        self.register_buffer("weight", (weight / row_scale).to(FP8))  # (out, in): .t() is the column-major operand
+        self.register_buffer("weight_scale", row_scale.t().contiguous())  # (1, out)
+        self.register_buffer("input_scale", torch.tensor(max(input_amax, 1e-12) / FP8_MAX, device=weight.device))
+        self.bias = linear.bias
+        self.out_dtype = linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        xq = (rows.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale.expand(rows.shape[0], 1).contiguous(),
+                               scale_b=self.weight_scale, bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+@torch.inference_mode()
+def calibrate_fp8(model: nn.Module, batches: Any, max_batches: int) -> nn.Module:
+    """Replace every encoder-block linear with an `Fp8Linear` whose input scale is the largest |input|
+    seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise SpeedPathError(f"FP8 matmuls need an Ada or Hopper GPU (SM89+); "
+                             f"{torch.cuda.get_device_name(device)} is SM{''.join(map(str, torch.cuda.get_device_capability(device)))}")
+    names = models.block_linears(model)
+    if not all(type(model.get_submodule(n)) is nn.Linear for n in names):
+        raise SpeedPathError("speed.fp8 needs the 16-bit model's plain linears (quant.bits: 16, speed.torchao: none)")
+    amax = dict.fromkeys(names, 0.0)
+
+    def record(name):
+        return lambda module, args: amax.__setitem__(name, max(amax[name], args[0].detach().abs().amax().item()))
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    seen = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(pixel_values=x.to(device, next(model.parameters()).dtype))
+            seen += 1
+            if seen == max_batches:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen == 0:
+        raise SpeedPathError("speed.fp8 static needs calibration images, and none came")
+    for name in names:
+        parent, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, Fp8Linear(model.get_submodule(name), amax[name]))
+    return model
 
 
 class CudaGraphed(nn.Module):
@@ -136,8 +247,15 @@ def compiled(model: nn.Module, mode: str | None = None, scope: str = "model") ->
     return model
 
 
-def apply(model: nn.Module, speed: SpeedSettings) -> nn.Module:
-    """The `speed` settings on a loaded model: torchao quantization, then compile, then CUDA graphs."""
+def apply(model: nn.Module, speed: SpeedSettings, calibration: Any = None) -> nn.Module:
+    """The `speed` settings on a loaded model: fused q/k/v, FP8 or torchao quantization, then compile,
+    then CUDA graphs. `calibration`: batches of real images, needed by `fp8: static`."""
+    if speed.fuse_qkv:
+        model = fuse_qkv(model)
+    if speed.fp8 == "static":
+        if calibration is None:
+            raise SpeedPathError("speed.fp8 static calibrates on real images: pass calibration batches")
+        model = calibrate_fp8(model, calibration, speed.calibration_batches)
     if speed.torchao != "none":
         model = torchao_quantize(model, speed.torchao)
     if speed.compile != "none":
@@ -154,11 +272,20 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
+def converted(model: nn.Module) -> bool:
+    """Whether the speed paths changed the weights after loading (torchao tensors, vitlab FP8 linears):
+    then the checkpoint on disk is not what runs."""
+    inner = unwrapped(model)
+    return (any(type(p).__module__.startswith("torchao") for p in inner.parameters())
+            or any(isinstance(m, Fp8Linear) for m in inner.modules()))
+
+
 def storage_bytes(model: nn.Module) -> int:
-    """Size on disk: save_pretrained for plain and bitsandbytes models, torch.save for torchao tensors."""
+    """Size on disk: save_pretrained for plain and bitsandbytes models, torch.save for weights the speed
+    paths converted (torchao tensors, FP8 buffers)."""
     inner = unwrapped(model)
     with tempfile.TemporaryDirectory() as tmp:
-        if any(type(p).__module__.startswith("torchao") for p in inner.parameters()):
+        if converted(model):
             torch.save(inner.state_dict(), Path(tmp) / "model.pt")
         else:
             inner.save_pretrained(tmp)
