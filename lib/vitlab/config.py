@@ -56,6 +56,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.train_image_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a size in pixels, or null for the model's"),
     "finetune.lora.r": _at_least_1,
     "speed.calibration_batches": _at_least_1,
+    "eval.processes": _at_least_1,
     "finetune.lora.alpha": (lambda v: v > 0, "positive"),
     "finetune.lora.dropout": (lambda v: 0 <= v < 1, "0 <= x < 1"),
     "data.max_per_class": _optional_count, "data.max_samples": _optional_count,
@@ -268,6 +269,12 @@ def _validate_cross(params: dict[str, Any]) -> None:
     if params["speed"]["torchao"] != "none" and params["quant"]["bits"] != 16:
         raise ParamsError(f"speed.torchao '{params['speed']['torchao']}' quantizes the 16-bit model itself: "
                           f"set quant.bits: 16 (it is {params['quant']['bits']}), or speed.torchao: none")
+    processes = params["eval"]["processes"]
+    if processes > 1:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+            raise ParamsError(f"eval.processes is {processes}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                              "one process per GPU")
     sp = params["speed"]
     if (sp["fp8"] != "none" or sp["fuse_qkv"]) and params["quant"]["bits"] != 16:
         raise ParamsError(f"speed.fp8 / speed.fuse_qkv change the 16-bit model's linears: set quant.bits: 16 "

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import bench, infer, metrics, models, runs, speed
+from . import bench, infer, metrics, models, parallel, runs, speed
 from .models import ModelSettings
 
 
@@ -51,13 +51,15 @@ def drift(ref_logits: np.ndarray, logits: np.ndarray) -> dict[str, float]:
 
 
 def measure(model: nn.Module, label: str, batches: Iterable, device: torch.device, num_classes: int, seed: int = 0,
-            saved: str | Path | None = None, ref_logits: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+            saved: str | Path | None = None, ref_logits: np.ndarray | None = None,
+            predictions: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """One flat row for one model: accuracy with a bootstrap 95% interval of top-1, sizes, and (given a
-    reference's logits on the same batches) drift. Also returns the logits and labels."""
+    reference's logits on the same batches) drift. Also returns the logits and labels. `predictions`:
+    logits and labels already computed (by the data-parallel pass) instead of predicting `batches`."""
     # Sized before the first forward: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights then
     # and drops the double-quant state, so the same model would measure smaller after a forward.
     size = sizes(model, saved)
-    logits, labels = infer.predict(model, batches, device, desc=label)
+    logits, labels = predictions or infer.predict(model, batches, device, desc=label)
     lo, hi = metrics.bootstrap_ci(logits.argmax(1) == labels, seed=seed)
     row = {"model": label, **metrics.classification(logits, labels, num_classes), "top1_lo": lo, "top1_hi": hi, **size}
     if ref_logits is not None:
@@ -96,8 +98,11 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
     ref = None
     for entry in runs.models_of(run_dir, params):
         model = load(entry, settings, device, data.loader("valid", ev["batch_size"]))
+        # eval.processes > 1: the accuracy pass sharded over that many processes (one per GPU).
+        predictions = (parallel.predict(entry, settings, params["data"], params["seed"], "test", ev["batch_size"],
+                                        ev["processes"]) if ev["processes"] > 1 else None)
         row, logits, labels = measure(model, entry.label, batches, device, len(data.class_names), params["seed"],
-                                      entry.path, ref)
+                                      entry.path, ref, predictions)
         ref = logits if ref is None else ref
         accuracy.append(row)
         print(f"{entry.label}: top-1 {row['top1']:.4f} [{row['top1_lo']:.4f}, {row['top1_hi']:.4f}] on {row['n']} images",
