@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import torch
 from common import quant_settings, random_checkpoint, settings, write
