@@ -266,9 +266,6 @@ def _validate_cross(params: dict[str, Any]) -> None:
         if isinstance(item, int) and layers is not None and not -layers <= item < layers:
             raise ParamsError(f"quant.keep_16bit names layer {item}, but the model has {layers} encoder layers "
                               f"(0..{layers - 1}, or -1 for the last)")
-    if params["speed"]["torchao"] != "none" and params["quant"]["bits"] != 16:
-        raise ParamsError(f"speed.torchao '{params['speed']['torchao']}' quantizes the 16-bit model itself: "
-                          f"set quant.bits: 16 (it is {params['quant']['bits']}), or speed.torchao: none")
     processes = params["eval"]["processes"]
     if processes > 1:
         import torch
@@ -276,9 +273,10 @@ def _validate_cross(params: dict[str, Any]) -> None:
             raise ParamsError(f"eval.processes is {processes}, but this machine has {torch.cuda.device_count()} GPU(s): "
                               "one process per GPU")
     sp = params["speed"]
-    if (sp["fp8"] != "none" or sp["fuse_qkv"]) and params["quant"]["bits"] != 16:
-        raise ParamsError(f"speed.fp8 / speed.fuse_qkv change the 16-bit model's linears: set quant.bits: 16 "
-                          f"(it is {params['quant']['bits']})")
+    rewriting = [f"speed.{k} {sp[k]}" for k in ("torchao", "fp8") if sp[k] != "none"] + (["speed.fuse_qkv"] if sp["fuse_qkv"] else [])
+    if rewriting and params["quant"]["bits"] != 16:
+        raise ParamsError(f"{', '.join(rewriting)} rewrite the 16-bit model's linears themselves: set quant.bits: 16 "
+                          f"(it is {params['quant']['bits']}), or turn them off")
     if sp["fp8"] != "none" and sp["torchao"] != "none":
         raise ParamsError(f"speed.fp8 '{sp['fp8']}' and speed.torchao '{sp['torchao']}' both quantize the linears: pick one")
     ab = params["ablation"]

@@ -50,9 +50,11 @@ class Predictor:
             entry = variants(run_dir)[variant]
             params = runs.load_params(run_dir)
             settings = models.ModelSettings.from_params(params["model"])
-            calibration = (data.for_checkpoint(params["data"], params["seed"], entry.path).loader("valid", params["eval"]["batch_size"])
-                           if entry.speed.fp8 != "none" else None)
-            model = evaluate.load(entry, settings, self.device, calibration)
+
+            def valid():  # only speed.fp8: static asks for them (it calibrates on validation images)
+                return data.for_checkpoint(params["data"], params["seed"], entry.path).loader("valid", params["eval"]["batch_size"])
+
+            model = evaluate.load(entry, settings, self.device, valid)
             processor = transformers.AutoImageProcessor.from_pretrained(entry.path)
             size = processor.size.get("height") or processor.size.get("shortest_edge")
             transform = data.transforms(size, processor.image_mean, processor.image_std, train=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -21,15 +21,14 @@ from . import bench, infer, metrics, models, parallel, runs, speed
 from .models import ModelSettings
 
 
-def load(entry: runs.RunModel, settings: ModelSettings, device: torch.device, calibration: Iterable | None = None) -> nn.Module:
-    """A model of a run as evaluate runs it: its saved weights, then its speed paths (`speed.fp8: static`
-    calibrates on `calibration`, batches of validation images)."""
+def load(entry: runs.RunModel, settings: ModelSettings, device: torch.device,
+         valid: Callable[[], Iterable] | None = None) -> nn.Module:
+    """A model of a run as evaluate runs it: its saved weights, then its speed paths. `valid` gives
+    batches of validation images, asked for only by `speed.fp8: static`, which calibrates on them."""
     model = models.load_checkpoint(entry.path, settings, device)
-    return speed.apply(model, entry.speed, calibration) if entry.speed.active else model
-
-
-def _torchao(model: nn.Module) -> bool:
-    return any(type(p).__module__.startswith("torchao") for p in speed.unwrapped(model).parameters())
+    if not entry.speed.active:
+        return model
+    return speed.apply(model, entry.speed, valid() if valid is not None and entry.speed.fp8 != "none" else None)
 
 
 def sizes(model: nn.Module, saved: str | Path | None = None) -> dict[str, float | None]:
@@ -39,7 +38,7 @@ def sizes(model: nn.Module, saved: str | Path | None = None) -> dict[str, float 
     torchao's get no footprint (its tensors report their outer dtype's element size, so no honest
     number comes from them)."""
     disk = speed.storage_bytes(model) if speed.converted(model) or saved is None else models.disk_bytes(saved)
-    footprint = None if _torchao(model) else models.parameter_bytes(speed.unwrapped(model)) / 2**20
+    footprint = None if speed.torchao_weights(model) else models.parameter_bytes(speed.unwrapped(model)) / 2**20
     return {"disk_mb": disk / 2**20, "footprint_mb": footprint}
 
 
@@ -97,7 +96,7 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
     accuracy, latency, profiles, kernels, confusions, matrices = [], [], [], {}, {}, {}
     ref = None
     for entry in runs.models_of(run_dir, params):
-        model = load(entry, settings, device, data.loader("valid", ev["batch_size"]))
+        model = load(entry, settings, device, lambda: data.loader("valid", ev["batch_size"]))
         # eval.processes > 1: the accuracy pass sharded over that many processes (one per GPU).
         predictions = (parallel.predict(entry, settings, params["data"], params["seed"], "test", ev["batch_size"],
                                         ev["processes"]) if ev["processes"] > 1 else None)

@@ -58,8 +58,7 @@ def _predict_worker(entry, settings, data_cfg: dict[str, Any], seed: int, split:
     from . import data, evaluate, infer
     acc = accelerator()
     ds = data.for_checkpoint(data_cfg, seed, entry.path)
-    calibration = ds.loader("valid", batch_size) if entry.speed.fp8 != "none" else None
-    model = evaluate.load(entry, settings, acc.device, calibration)  # the model as evaluate runs it, speed paths too
+    model = evaluate.load(entry, settings, acc.device, lambda: ds.loader("valid", batch_size))  # speed paths too
     loader = acc.prepare_data_loader(ds.loader(split, batch_size))
     dtype = infer.input_dtype(model)
     logits, labels = [], []

@@ -102,6 +102,13 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
+def _check_fp8_gpu(device: torch.device) -> None:
+    """FP8 tensor cores arrived with Ada and Hopper: on an older GPU, say so before any work."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise SpeedPathError(f"FP8 matmuls need an Ada or Hopper GPU (SM89+); {torch.cuda.get_device_name(device)} is SM{major}{minor}")
+
+
 class Fp8Linear(nn.Module):
     """A linear layer on FP8 tensor cores with a *static* activation scale: weights in e4m3 with one
     scale per output row, inputs scaled by one number calibrated on real images (`calibrate_fp8`).
@@ -133,9 +140,7 @@ def calibrate_fp8(model: nn.Module, batches: Any, max_batches: int) -> nn.Module
     """Replace every encoder-block linear with an `Fp8Linear` whose input scale is the largest |input|
     seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
     device = next(model.parameters()).device
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise SpeedPathError(f"FP8 matmuls need an Ada or Hopper GPU (SM89+); "
-                             f"{torch.cuda.get_device_name(device)} is SM{''.join(map(str, torch.cuda.get_device_capability(device)))}")
+    _check_fp8_gpu(device)
     names = models.block_linears(model)
     if not all(type(model.get_submodule(n)) is nn.Linear for n in names):
         raise SpeedPathError("speed.fp8 needs the 16-bit model's plain linears (quant.bits: 16, speed.torchao: none)")
@@ -212,8 +217,10 @@ def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
     import torchao.quantization as tq
 
     device = next(model.parameters()).device
-    if kind == "fp8" and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
-        raise SpeedPathError("FP8 matmuls need an Ada or Hopper GPU (SM89+)")
+    if kind == "fp8":
+        if device.type != "cuda":
+            raise SpeedPathError("torchao's FP8 matmuls need an Ada or Hopper GPU (SM89+); speed.fp8: static also runs on a CPU")
+        _check_fp8_gpu(device)
     if kind == "fp8":
         config = tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
     elif kind == "int8dyn":
@@ -272,12 +279,14 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
+def torchao_weights(model: nn.Module) -> bool:
+    return any(type(p).__module__.startswith("torchao") for p in unwrapped(model).parameters())
+
+
 def converted(model: nn.Module) -> bool:
     """Whether the speed paths changed the weights after loading (torchao tensors, vitlab FP8 linears):
     then the checkpoint on disk is not what runs."""
-    inner = unwrapped(model)
-    return (any(type(p).__module__.startswith("torchao") for p in inner.parameters())
-            or any(isinstance(m, Fp8Linear) for m in inner.modules()))
+    return torchao_weights(model) or any(isinstance(m, Fp8Linear) for m in unwrapped(model).modules())
 
 
 def storage_bytes(model: nn.Module) -> int:
