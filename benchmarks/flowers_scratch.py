@@ -96,15 +96,19 @@ class GpuUse:
 # Data path and training-step settings measured by `throughput`, each row after one warm-up epoch.
 PATHS = [
     ("pil", "PIL DataLoader, every CPU core a worker",
-     {"data.pipeline": "pil", "finetune.compile": False, "data.train_image_size": None}),
+     {"data.pipeline": "pil", "finetune.compile": False, "finetune.cuda_graph": False, "data.train_image_size": None}),
     ("gpu", "decoded once, augmented on the GPU",
-     {"data.pipeline": "gpu", "finetune.compile": False, "data.train_image_size": None}),
+     {"data.pipeline": "gpu", "finetune.compile": False, "finetune.cuda_graph": False, "data.train_image_size": None}),
     ("gpu+compile", "+ torch.compile of the training step",
-     {"data.pipeline": "gpu", "finetune.compile": True, "data.train_image_size": None}),
+     {"data.pipeline": "gpu", "finetune.compile": True, "finetune.cuda_graph": False, "data.train_image_size": None}),
     ("gpu@160", "GPU path, 160 px training crops (progressive resizing's small phase)",
-     {"data.pipeline": "gpu", "finetune.compile": False, "data.train_image_size": 160}),
+     {"data.pipeline": "gpu", "finetune.compile": False, "finetune.cuda_graph": False, "data.train_image_size": 160}),
     ("gpu+compile@160", "+ torch.compile, 160 px training crops",
-     {"data.pipeline": "gpu", "finetune.compile": True, "data.train_image_size": 160}),
+     {"data.pipeline": "gpu", "finetune.compile": True, "finetune.cuda_graph": False, "data.train_image_size": 160}),
+    ("gpu+graph", "GPU path, each training step one CUDA graph",
+     {"data.pipeline": "gpu", "finetune.compile": False, "finetune.cuda_graph": True, "data.train_image_size": None}),
+    ("gpu+graph@160", "GPU path, each training step one CUDA graph, 160 px training crops",
+     {"data.pipeline": "gpu", "finetune.compile": False, "finetune.cuda_graph": True, "data.train_image_size": 160}),
 ]
 
 
@@ -117,7 +121,7 @@ def throughput(recipe: dict, device: torch.device, epochs: int, paths: list = PA
         for key, value in changes.items():
             _set(params, key, value)
         params["data"]["num_workers"] = os.cpu_count()
-        params["finetune"].update(epochs=epochs, select="last", full_size_epochs=0)
+        params["finetune"].update(epochs=epochs, select="last", full_size_epochs=0, valid_every=1)
         settings = models.ModelSettings.from_params(params["model"])
         ds = data.for_model(params["data"], params["seed"], models.load_processor(settings))
         t0 = time.time()

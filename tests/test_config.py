@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from vitlab import config
 from vitlab.config import ParamsError
@@ -14,7 +15,20 @@ def test_variant_overrides_only_what_it_names():
 
 def test_every_shipped_variant_is_valid():
     for path in config.PARAMS_DIR.glob("*.yaml"):
-        config.resolve(path)
+        if config.load_yaml(path).get("finetune", {}).get("cuda_graph") and not torch.cuda.is_available():
+            with pytest.raises(ParamsError, match="needs a CUDA GPU"):  # refused here, before any work
+                config.resolve(path)
+        else:
+            config.resolve(path)
+
+
+def test_cuda_graph_training_is_checked_before_any_work():
+    with pytest.raises(ParamsError, match="does not combine"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "finetune.mixed_precision=fp16"])
+    with pytest.raises(ParamsError, match="needs a CUDA GPU"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "device=cpu"])
+    # Steps that do not train do not care.
+    config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "device=cpu", "steps=[evaluate]"])
 
 
 def test_set_overrides_parse_yaml_values():

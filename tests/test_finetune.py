@@ -155,3 +155,58 @@ def test_progressive_resizing_trains_small_then_full_size_through_compile(smoke_
     x, _ = next(iter(ds.batches("train", 32, CPU, image_size=8)))
     assert x.shape == (32, 3, 8, 8)
     assert len(ds.batches("train", 32, CPU)) == len(ds.splits.train) // 32  # every training step one shape
+
+
+def test_stochastic_depth_skips_whole_layers_per_sample_only_in_training(checkpoint, f32):
+    model = models.load_checkpoint(checkpoint, f32, CPU)  # dropout 0: a layer is a deterministic function
+    _, layers = models.encoder_layers(model)
+    last = layers[-1]
+    h = torch.randn(64, 5, model.config.hidden_size)
+    with torch.no_grad():
+        plain = last(h)
+        handles = finetune.stochastic_depth(model, 0.5)  # the last layer: p = 0.5
+        assert len(handles) == len(layers) - 1  # the first layer is never skipped
+        last.train()
+        out = last(h)
+        skipped = torch.isclose(out, h).flatten(1).all(1)
+        kept = torch.isclose(out, h + 2 * (plain - h), atol=1e-5).flatten(1).all(1)
+        assert bool((skipped ^ kept).all())  # each sample either skips the layer or takes it, scaled by 1 / (1 - p)
+        assert 10 < int(skipped.sum()) < 54  # about half of 64
+        last.eval()
+        torch.testing.assert_close(last(h), plain)
+    for handle in handles:
+        handle.remove()
+    assert not last._forward_hooks
+
+
+def test_training_validates_every_n_epochs_and_removes_its_stochastic_depth(params, checkpoint, digits_data):
+    p, settings = _cfg(params, checkpoint, "full")
+    p["finetune"].update(epochs=5, drop_path=0.2, valid_every=2, select="best_valid")
+    model = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
+    batches = _few_images(digits_data)
+    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    assert [r["val_acc"] is not None for r in history] == [False, True, False, True, True]  # and the last
+    assert next(r for r in history if r["selected"])["val_acc"] is not None
+    assert not any(layer._forward_hooks for layer in models.encoder_layers(model)[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph training step needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cuda_graph_training_steps_match_eager_ones(params, checkpoint, digits_data, method):
+    cuda = torch.device("cuda")
+    p, settings = _cfg(params, checkpoint, method)
+    p["finetune"].update(epochs=3, ema_decay=0.9, mixed_precision="no", warmup_ratio=0.3)
+    p["finetune"]["lora"]["dropout"] = 0.0
+    x, y = next(iter(digits_data.loader("test", 64)))
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])] * 3  # 6 steps an epoch: 3 warm-up steps, a capture, replays
+    trained = {}
+    for graphed in (False, True):
+        transformers.set_seed(0)
+        model = finetune.build(settings, p["finetune"], digits_data.class_names, cuda)
+        history = finetune.train(model, batches, batches[:1], p["finetune"] | {"cuda_graph": graphed}, cuda)
+        trained[graphed] = ({n: t.detach().cpu() for n, t in model.state_dict().items()}, history)
+    (eager, h_eager), (graph, h_graph) = trained[False], trained[True]
+    for name in eager:
+        torch.testing.assert_close(graph[name], eager[name], atol=2e-4, rtol=2e-3, msg=name)
+    assert [r["lr"] for r in h_graph] == pytest.approx([r["lr"] for r in h_eager])
+    assert [r["train_loss"] for r in h_graph] == pytest.approx([r["train_loss"] for r in h_eager], rel=1e-3)

@@ -53,6 +53,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.ema_decay": (lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.999 is usual)"),
     "finetune.checkpoint_minutes": (lambda v: v >= 0, "0 (every epoch) or more"),
     "finetune.full_size_epochs": (lambda v: v >= 0, "0 or more"),
+    "finetune.valid_every": _at_least_1,
+    "finetune.drop_path": (lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.1 is usual)"),
     "data.train_image_size": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a size in pixels, or null for the model's"),
     "finetune.lora.r": _at_least_1,
     "speed.calibration_batches": _at_least_1,
@@ -266,6 +268,14 @@ def _validate_cross(params: dict[str, Any]) -> None:
         if isinstance(item, int) and layers is not None and not -layers <= item < layers:
             raise ParamsError(f"quant.keep_16bit names layer {item}, but the model has {layers} encoder layers "
                               f"(0..{layers - 1}, or -1 for the last)")
+    if ft["cuda_graph"] and "finetune" in params["steps"]:
+        if ft["compile"] or ft["mixed_precision"] == "fp16" or ft["method"] == "qlora":
+            raise ParamsError("finetune.cuda_graph captures the eager bf16 training step: it does not combine with "
+                              "finetune.compile, mixed_precision fp16 (loss scaling syncs with the host) or method qlora")
+        import torch
+        if params["device"] == "cpu" or not torch.cuda.is_available():
+            raise ParamsError("finetune.cuda_graph replays the training step as a CUDA graph: it needs a CUDA GPU "
+                              "(none here); set it false")
     processes = params["eval"]["processes"]
     if processes > 1:
         import torch

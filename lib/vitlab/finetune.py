@@ -121,40 +121,140 @@ def _mixer(ft_cfg: dict[str, Any], num_classes: int):
     return v2.RandomChoice(mixes) if mixes else None
 
 
+def _logits(model: nn.Module, x: torch.Tensor, other_size: bool) -> torch.Tensor:
+    # Batches smaller than the model's image size see its position embeddings interpolated.
+    return (model(pixel_values=x, interpolate_pos_encoding=True) if other_size else model(pixel_values=x)).logits
+
+
+class TrainStep:
+    """One optimizer step on a batch: forward, loss, backward, clipping, optimizer, LR schedule, EMA.
+    Returns the (detached) loss and logits."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ft_cfg: dict[str, Any],
+                 amp: torch.dtype | None, scaler: torch.amp.GradScaler | None, ema: Ema | None, device: torch.device):
+        self.model, self.optimizer, self.scheduler, self.amp, self.scaler, self.ema = model, optimizer, scheduler, amp, scaler, ema
+        self.device, self.max_grad_norm, self.label_smoothing = device, ft_cfg["max_grad_norm"], ft_cfg["label_smoothing"]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def compute(self, x: torch.Tensor, target: torch.Tensor, other_size: bool, graphed: bool = False):
+        # A CUDA graph must not keep autocast's casts of the weights from its capture.
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                            cache_enabled=not graphed):
+            logits = _logits(self.model, x, other_size)
+            loss = nn.functional.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        return loss.detach(), logits.detach()
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, other_size: bool = False):
+        out = self.compute(x, target, other_size)
+        self.scheduler.step()
+        return out
+
+
+class CudaGraphStep(TrainStep):
+    """The same step replayed as one CUDA graph per input shape: a small ViT's step is hundreds of short
+    kernels, and launching them one by one from Python leaves the GPU idle between them. The first
+    `warmup` steps of a shape run eagerly on a side stream (real steps, as CUDA graphs' capture asks),
+    the next one is captured; then each step copies the batch into the graph's inputs and replays it.
+    The learning rate lives in a device tensor the graph reads, which the schedule refills each step
+    (AdamW must be fused and capturable); dropout and stochastic depth draw fresh randomness per replay."""
+
+    def __init__(self, *args, warmup: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.scaler is not None:
+            raise ValueError("finetune.cuda_graph cannot capture fp16's loss scaling (it syncs with the host): use bf16")
+        # Swapped in after the schedule recorded its float base rates, so its updates stay host-side numbers.
+        self.lrs = []
+        for group in self.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            self.lrs.append(group["lr"])
+        self.warmup, self.shape, self.graph, self.warm = warmup, None, None, 0
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, other_size: bool = False):
+        shape = (tuple(x.shape), tuple(target.shape), other_size)
+        if shape != self.shape:  # progressive resizing: a new graph for the new shape, the old one freed
+            self.shape, self.graph, self.warm = shape, None, 0
+        if self.graph is None and self.warm < self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                out = self.compute(x, target, other_size)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.warm += 1
+        else:
+            if self.graph is None:
+                self.x, self.target, self.graph = x.clone(), target.clone(), torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.out = self.compute(self.x, self.target, other_size, graphed=True)
+            self.x.copy_(x)
+            self.target.copy_(target)
+            self.graph.replay()
+            out = self.out
+        self.scheduler.step()
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            if group["lr"] is not lr:  # a torch whose schedulers assign a float rather than fill the tensor
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+        return out
+
+
+def stochastic_depth(model: nn.Module, rate: float) -> list:
+    """Stochastic depth: in training, each sample skips encoder layer i with probability rate * i / (L - 1)
+    (the residual stream passes it unchanged; kept samples are scaled by 1 / (1 - p)). Forward hooks,
+    so the model stays a plain ViT that saves and loads as one; returns the hooks' handles."""
+    _, layers = models.encoder_layers(model)
+    handles = []
+    for i, layer in enumerate(layers):
+        p = rate * i / max(len(layers) - 1, 1)
+        if p > 0:
+            handles.append(layer.register_forward_hook(_skipper(p), with_kwargs=True))
+    return handles
+
+
+def _skipper(p: float):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        if not module.training:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        keep = torch.empty((len(hidden),) + (1,) * (hidden.ndim - 1), device=hidden.device,
+                           dtype=out.dtype).bernoulli_(1 - p).div_(1 - p)
+        mixed = hidden + keep * (out - hidden)
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+    return hook
+
+
 def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch.dtype | None,
-           optimizer: torch.optim.Optimizer | None = None, scheduler=None, scaler: torch.amp.GradScaler | None = None,
-           max_grad_norm: float = 1.0, label_smoothing: float = 0.0, mixer=None, ema=None, desc: str = "",
-           other_size: bool = False) -> dict:
-    training = optimizer is not None
+           step: TrainStep | None = None, mixer=None, desc: str = "", other_size: bool = False) -> dict:
+    training = step is not None
     model.train(training)
     # Sums stay on the device: a .item() per step would make the GPU wait for Python every batch.
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for x, y in tqdm(batches, desc=desc, leave=False):
         x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
         target = y
-        if training and mixer is not None:
-            x, target = mixer(x, y)
-        with torch.set_grad_enabled(training), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            # Batches smaller than the model's image size see its position embeddings interpolated.
-            logits = (model(pixel_values=x, interpolate_pos_encoding=True) if other_size else model(pixel_values=x)).logits
-            loss = nn.functional.cross_entropy(logits.float(), target, label_smoothing=label_smoothing if training else 0.0)
         if training:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update()
-        loss_sum += loss.detach() * len(y)
+            if mixer is not None:
+                x, target = mixer(x, y)
+            loss, logits = step(x, target, other_size)
+        else:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = _logits(model, x, other_size)
+                loss = nn.functional.cross_entropy(logits.float(), target)
+        loss_sum += loss * len(y)
         # Under MixUp/CutMix a prediction counts as right when it names the larger part of the mix.
         truth = target.argmax(-1) if target.ndim == 2 else target
         correct += (logits.argmax(-1) == truth).sum()
@@ -169,18 +269,21 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
 
     With `ema_decay`, an exponential moving average of the weights is kept and validated (it is
     the model that is kept); with `select: best_valid`, the weights of the epoch with the best
-    validation accuracy are restored at the end (the history says which). With `checkpoint` (a file),
+    validation accuracy are restored at the end (the history says which). Validation runs every
+    `valid_every` epochs and after the last (rows of the others have no validation numbers). With `checkpoint` (a file),
     the state after an epoch is written there at most every `checkpoint_minutes` (0: every epoch), and
     a training that finds one continues after its epoch instead of starting over (random draws after
     that point differ from an uninterrupted run). With `small_batches` (training batches at
     data.train_image_size), every epoch but the last `full_size_epochs` trains on them: progressive
-    resizing, fewer tokens per image for most of the schedule. `compile` trains through torch.compile."""
+    resizing, fewer tokens per image for most of the schedule. `compile` trains through torch.compile;
+    `cuda_graph` replays each step as one CUDA graph (CudaGraphStep); `drop_path` is stochastic depth."""
     if ft_cfg["method"] == "none":
         return []
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel does the update of every tensor in a few launches (CUDA only).
+    graphed = ft_cfg.get("cuda_graph", False)
     optimizer = torch.optim.AdamW(params, lr=ft_cfg["lr"], weight_decay=ft_cfg["weight_decay"],
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda", capturable=graphed)
     total = ft_cfg["epochs"] * len(train_batches)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(ft_cfg["warmup_ratio"] * total), total)
     amp = _autocast_dtype(ft_cfg["mixed_precision"], device)
@@ -191,6 +294,8 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     # Validation runs the plain module: one compiled graph per training shape is enough.
     # .get: a run made before these settings existed can still be resumed.
     stepped = torch.compile(model) if ft_cfg.get("compile") else model
+    step = (CudaGraphStep if graphed else TrainStep)(stepped, optimizer, scheduler, ft_cfg, amp, scaler, ema, device)
+    skips = stochastic_depth(model, ft_cfg.get("drop_path", 0.0))
     small_until = ft_cfg["epochs"] - ft_cfg.get("full_size_epochs", 0) if small_batches is not None else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -205,25 +310,28 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
         small = epoch <= small_until
         batches = small_batches if small else train_batches
         t0 = time.perf_counter()
-        tr = _epoch(stepped, batches, device, amp, optimizer, scheduler, scaler,
-                    ft_cfg["max_grad_norm"], ft_cfg["label_smoothing"], mixer, ema, desc=f"train {epoch}", other_size=small)
+        tr = _epoch(stepped, batches, device, amp, step, mixer, desc=f"train {epoch}", other_size=small)
         seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            va = _epoch(scored, valid_batches, device, amp, desc=f"valid {epoch}")
+        validated = epoch % ft_cfg.get("valid_every", 1) == 0 or epoch == ft_cfg["epochs"]
+        va = (_epoch(scored, valid_batches, device, amp, desc=f"valid {epoch}") if validated
+              else {"loss": None, "acc": None})
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-                        "val_acc": va["acc"], "lr": scheduler.get_last_lr()[0], "seconds": seconds,
+                        "val_acc": va["acc"], "lr": float(scheduler.get_last_lr()[0]), "seconds": seconds,
                         "train_img_s": tr["images"] / seconds,
                         "image_size": getattr(batches, "image_size", None),
                         "peak_vram_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None})
         # One line per epoch: the terminal of `vitlab run` shows it while the step runs.
-        print(f"epoch {epoch}/{ft_cfg['epochs']}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · valid loss "
-              f"{va['loss']:.3f} acc {va['acc']:.3f} · {history[-1]['train_img_s']:.0f} img/s", flush=True)
-        if ft_cfg["select"] == "best_valid" and va["acc"] > best[0]:
+        valid = f"valid loss {va['loss']:.3f} acc {va['acc']:.3f}" if validated else "not validated"
+        print(f"epoch {epoch}/{ft_cfg['epochs']}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · {valid} · "
+              f"{history[-1]['train_img_s']:.0f} img/s", flush=True)
+        if ft_cfg["select"] == "best_valid" and validated and va["acc"] > best[0]:
             best = (va["acc"], epoch, {k: v.clone() for k, v in _trainable(scored, buffers=True).items()})
         if checkpoint is not None and (time.monotonic() - last_save >= 60 * ft_cfg["checkpoint_minutes"]
                                        or epoch == ft_cfg["epochs"]):
             _save(Path(checkpoint), state, history, best)
             last_save = time.monotonic()
+    for handle in skips:
+        handle.remove()
     if ft_cfg["select"] == "best_valid":
         scored.load_state_dict(best[2], strict=False)  # what training changed; a frozen (4-bit) base stays
     for row in history:

@@ -32,12 +32,13 @@ def save(fig: plt.Figure, path: str | Path) -> Path:
 @_styled
 def training_curves(history: list[dict]) -> plt.Figure:
     h = pd.DataFrame(history)
+    v = h.dropna(subset=["val_acc"])  # finetune.valid_every > 1 validates some epochs only
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(h["epoch"], h["train_loss"], "o-", label="train")
-    ax_loss.plot(h["epoch"], h["val_loss"], "o-", label="valid")
+    ax_loss.plot(v["epoch"], v["val_loss"], "o-", label="valid")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.plot(h["epoch"], h["train_acc"], "o-", label="train (augmented)")
-    ax_acc.plot(h["epoch"], h["val_acc"], "o-", label="valid")
+    ax_acc.plot(v["epoch"], v["val_acc"], "o-", label="valid")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.legend()
