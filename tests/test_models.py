@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from vitlab import attention, models
+from transformers import ViTForImageClassification
+
+from vitlab import attention, config, models
 from vitlab.attention import AttentionError
 from vitlab.models import ModelError
 
@@ -104,3 +106,35 @@ def test_parameter_bytes_counts_storage(checkpoint, f32):
     n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     assert models.parameter_bytes(model) == 4 * n
     assert models.parameter_bytes(model.to(torch.bfloat16)) == 2 * n
+
+
+def test_mimetic_and_sincos_init_give_heads_and_positions_their_structure(tmp_path):
+    cfg = {"image_size": 32, "patch_size": 4, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128}
+    plain = models.ModelSettings(id=None, dtype=torch.float32, attention="sdpa", config=cfg)
+    settings = models.ModelSettings(id=None, dtype=torch.float32, attention="sdpa", config=cfg, init="mimetic_sincos")
+    names = [str(i) for i in range(3)]
+    torch.manual_seed(0)
+    default, model = models.build(plain, names), models.build(settings, names)
+    k = 64 // 4
+    for before, after in zip(models.encoder_layers(default)[1], models.encoder_layers(model)[1]):
+        for layer, mimetic in ((before, False), (after, True)):
+            q, key, v, o = models._attention_projections(layer)
+            for h in range(4):
+                rows = slice(h * k, (h + 1) * k)
+                qk = (q.weight[rows].T @ key.weight[rows]).trace()  # x_i^T W x_j: similar tokens attend
+                vo = (o.weight[:, rows] @ v.weight[rows]).trace()
+                assert (qk > 5 and vo < -2) if mimetic else (abs(qk) < 1 and abs(vo) < 1)
+    table = model.vit.embeddings.position_embeddings[0, 1:]  # 8 x 8 patches
+    near = torch.cosine_similarity(table[0], table[1], dim=0)
+    far = torch.cosine_similarity(table[0], table[63], dim=0)
+    assert near > 0.8 > far
+    model.save_pretrained(tmp_path)  # still a plain ViT: it reloads as one, with the same outputs
+    x = torch.randn(2, 3, 32, 32)
+    reloaded = ViTForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
+
+
+def test_init_is_for_models_built_from_a_config():
+    with pytest.raises(config.ParamsError, match="model.init 'mimetic' starts a model built from model.config"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["model.init=mimetic", "model.id=google/vit-base-patch16-224"])

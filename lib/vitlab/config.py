@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple] = {
     "model.dtype": ("bfloat16", "float16", "float32"),
     "data.source": ("flowers102", "imagefolder", "digits"),
     "finetune.method": ("lora", "qlora", "full", "probe", "none"),
+    "model.init": ("default", "mimetic", "sincos", "mimetic_sincos"),
     "data.classes": ("all", "half_a", "half_b"),
     "finetune.mixed_precision": ("auto", "bf16", "fp16", "no"),
     "finetune.select": ("last", "best_valid"),
@@ -232,6 +233,9 @@ def _validate_cross(params: dict[str, Any]) -> None:
         raise ParamsError(
             f"finetune.method '{ft['method']}' starts from a trained model, but model.id is null (random init): "
             "set model.id to a hub id or a local checkpoint dir, or use finetune.method: full")
+    if params["model"]["init"] != "default" and params["model"]["id"] is not None:
+        raise ParamsError(f"model.init '{params['model']['init']}' starts a model built from model.config; model.id "
+                          f"({params['model']['id']}) brings its own weights: set model.id null or model.init default")
     if data["train_image_size"] is not None:
         patch = _model_config(params["model"]).get("patch_size", 16)
         if data["pipeline"] != "gpu":

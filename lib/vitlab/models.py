@@ -34,13 +34,14 @@ class ModelSettings:
     dtype: torch.dtype
     attention: str
     config: dict[str, Any] = field(default_factory=dict)
+    init: str = "default"
 
     @classmethod
     def from_params(cls, model_params: dict[str, Any]) -> "ModelSettings":
         attention.hf_implementation(model_params["attention"])  # an unknown name fails here, not at load
         local = config.local_model(model_params["id"])
         return cls(id=str(local) if local else model_params["id"], dtype=DTYPES[model_params["dtype"]], attention=model_params["attention"],
-                   config=dict(model_params.get("config") or {}))
+                   config=dict(model_params.get("config") or {}), init=model_params.get("init", "default"))
 
     @property
     def dtype_name(self) -> str:
@@ -128,7 +129,12 @@ def build(settings: ModelSettings, class_names: list[str], dtype: torch.dtype = 
     if settings.id is None:
         config = ViTConfig(**settings.config, **labels)
         config._attn_implementation = impl
-        model = ViTForImageClassification(config).to(dtype)
+        model = ViTForImageClassification(config)
+        if settings.init in ("mimetic", "mimetic_sincos"):
+            mimetic_attention(model)
+        if settings.init in ("sincos", "mimetic_sincos"):
+            sincos_positions(model)
+        model = model.to(dtype)
     else:
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl, "ignore_mismatched_sizes": True, **labels}
         if quantization_config is not None:
@@ -140,6 +146,55 @@ def build(settings: ModelSettings, class_names: list[str], dtype: torch.dtype = 
             nn.init.trunc_normal_(head.weight, std=model.config.initializer_range)
             nn.init.zeros_(head.bias)
     return attention.apply(model, settings.attention)
+
+
+def _attention_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """A block's query, key, value and output linears (5.x q_proj..o_proj, 4.x query/key/value/dense)."""
+    named = {n.rsplit(".", 1)[-1]: m for n, m in layer.attention.named_modules() if isinstance(m, nn.Linear)}
+    pick = lambda *names: next(named[n] for n in names if n in named)  # noqa: E731
+    return pick("q_proj", "query"), pick("k_proj", "key"), pick("v_proj", "value"), pick("o_proj", "dense")
+
+
+def _factor(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d x rank) and (rank x d) factors whose product is the best rank-`rank` approximation of m."""
+    u, s, vh = torch.linalg.svd(m)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+@torch.no_grad()
+def mimetic_attention(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4),
+                      seed: int = 0) -> None:
+    """Mimetic initialisation (Trockman & Kolter, ICML 2023): every head starts with the structure the
+    attention of pretrained ViTs has, W_q^T W_k ~ a Z + b I (tokens attend to similar tokens) and
+    W_o W_v ~ a Z - b I, Z Gaussian with variance 1/d; each head gets the best factors of its rank.
+    A data-free start that helps small-data training; the model is a plain ViT afterwards."""
+    d, heads = model.config.hidden_size, model.config.num_attention_heads
+    k, g = d // heads, torch.Generator().manual_seed(seed)
+    eye = torch.eye(d)
+    for layer in encoder_layers(model)[1]:
+        q, key, v, o = _attention_projections(layer)
+        for h in range(heads):
+            rows = slice(h * k, (h + 1) * k)
+            left, right = _factor(qk[0] * torch.randn(d, d, generator=g) / d ** 0.5 + qk[1] * eye, k)
+            q.weight[rows], key.weight[rows] = left.T, right  # q_i . k_j = x_i^T (q_w^T k_w) x_j
+            left, right = _factor(vo[0] * torch.randn(d, d, generator=g) / d ** 0.5 - vo[1] * eye, k)
+            o.weight[:, rows], v.weight[rows] = left, right
+
+
+@torch.no_grad()
+def sincos_positions(model: nn.Module) -> None:
+    """Position embeddings started at 2-D sine-cosine values (as MAE fixes them; here they stay trained):
+    neighbouring patches start alike, so similarity-seeking heads start local. The class token's is 0."""
+    table = next(p for n, p in model.named_parameters() if n.endswith("position_embeddings"))
+    d, side = table.shape[-1], round((table.shape[1] - 1) ** 0.5)
+    if d % 4:
+        raise ModelError(f"sin-cos position embeddings split the width in 4 (sin, cos of rows and columns); {d} is not a multiple of 4")
+    freq = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+    parts = [f(c.flatten()[:, None] * freq) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    table[0, 1:] = torch.cat(parts, 1).to(table.dtype)
+    table[0, 0] = 0
 
 
 def load_checkpoint(path: str | Path, settings: ModelSettings, device: torch.device,
