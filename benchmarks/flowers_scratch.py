@@ -2,11 +2,12 @@
 
     python benchmarks/flowers_scratch.py throughput --set data.root=DIR    # training img/s and GPU use: PIL loader, GPU path, compile, 160 px
     python benchmarks/flowers_scratch.py ingredients --epochs 60 --set data.root=DIR   # ingredients added one at a time
-    python benchmarks/flowers_scratch.py collect RUN_DIR results/*.json    # -> results/flowers_scratch.json
+    python benchmarks/flowers_scratch.py collect RUN_DIR [RUN_DIR | results.json ...]   # -> results/flowers_scratch.json
 
 `ingredients` trains the recipe's ViT from scratch once per row, each row adding one ingredient to
 the one before (a short schedule, so every row fits one device command), and scores each on the
-valid and test splits. `collect` joins those with the full recipe as `vitlab run` made it.
+valid and test splits. `collect` joins those, and full-length runs of the recipe with one thing or
+two changed (run folders, each row named by what it changes), with the recipe as `vitlab run` made it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from common import write
 
-from vitlab import config, data, evaluate, finetune, models, runs
+from vitlab import config, data, evaluate, finetune, models, plots, runs
 
 PARAMS = config.PARAMS_DIR / "flowers_scratch.yaml"
 RESULTS = Path(__file__).parent / "results"
@@ -31,12 +32,15 @@ RESULTS = Path(__file__).parent / "results"
 INGREDIENTS = [
     ("plain: crops + flips, AdamW, cosine", {"data.trivial_augment": False, "data.random_erasing": 0.0,
                                              "finetune.label_smoothing": 0.0, "finetune.mixup_alpha": 0.0,
-                                             "finetune.cutmix_alpha": 0.0, "finetune.ema_decay": 0.0}),
+                                             "finetune.cutmix_alpha": 0.0, "finetune.ema_decay": 0.0,
+                                             "finetune.drop_path": 0.0, "model.init": "default"}),
     ("+ TrivialAugmentWide", {"data.trivial_augment": True}),
     ("+ MixUp / CutMix", {"finetune.mixup_alpha": None, "finetune.cutmix_alpha": None}),
     ("+ label smoothing", {"finetune.label_smoothing": None}),
     ("+ random erasing", {"data.random_erasing": None}),
-    ("+ EMA of weights (the recipe)", {"finetune.ema_decay": None}),
+    ("+ EMA of weights", {"finetune.ema_decay": None}),
+    ("+ stochastic depth", {"finetune.drop_path": None}),
+    ("+ mimetic init (the recipe)", {"model.init": None}),
 ]
 
 
@@ -146,40 +150,74 @@ def throughput(recipe: dict, device: torch.device, epochs: int, paths: list = PA
     return rows
 
 
-def collect(run_dir: Path, measured: list[Path]) -> Path:
-    """benchmarks/results/flowers_scratch.json: the recipe as `vitlab run` trained and evaluated it, the
-    ingredient table and the data-path throughput."""
-    params, man = runs.load_params(run_dir), runs.manifest(run_dir)
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "config":
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _run_row(run_dir: Path, recipe: dict | None) -> dict:
+    """One trained run as a row of the ingredient table, named by how its params differ from the recipe's."""
+    params = runs.load_params(run_dir)
     train = runs.read_json(runs.path(run_dir, "train_metrics"))
     acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
     selected = next(r for r in train["history"] if r["selected"])
-    tables: dict[str, list] = {"measured_with": []}
-    for path in measured:  # rows of the same table from several commands are concatenated
-        content = json.loads(path.read_text())
+    # A run made before a setting existed ran with what is its default now.
+    mine, theirs = _flat(config.merge(config.defaults(), params)), _flat(recipe or params)
+    changed = [f"{k}={mine[k]}" for k in sorted(mine) if k not in ("variant", "steps", "data.root") and mine[k] != theirs.get(k)]
+    return {"ingredients": "the recipe" + (" with " + ", ".join(changed) if changed else ""), "run": run_dir.name,
+            "epochs": params["finetune"]["epochs"], "valid_top1": selected["val_acc"], "test_top1": acc["top1"],
+            "test_top1_lo": acc["top1_lo"], "test_top1_hi": acc["top1_hi"], "test_top5": acc["top5"],
+            "selected_epoch": selected["epoch"], "train_seconds": sum(r["seconds"] for r in train["history"]),
+            "train_img_per_s": statistics.median(r["train_img_s"] for r in train["history"][1:])}
+
+
+def collect(run_dir: Path, others: list[Path]) -> Path:
+    """benchmarks/results/flowers_scratch.json: the recipe as `vitlab run` trained and evaluated it; the
+    ingredient table (other run folders, each named by what it changes, and rows of `ingredients`
+    JSON files); the data-path throughput (rows of `throughput` JSON files)."""
+    params, man = runs.load_params(run_dir), runs.manifest(run_dir)
+    train = runs.read_json(runs.path(run_dir, "train_metrics"))
+    recipe = _run_row(run_dir, None)
+    tables: dict[str, list] = {"measured_with": [], "ingredients": []}
+    for path in sorted(others, key=lambda p: not p.is_dir()):
+        if path.is_dir():
+            tables["ingredients"].append(_run_row(path, params))
+            continue
+        content = json.loads(path.read_text())  # rows of the same table from several commands are concatenated
         tables["measured_with"].append({"file": path.name, "args": content["meta"]["args"],
                                         "device": content["meta"]["device"]["name"],
                                         "torch": content["meta"]["versions"]["torch"]})
         for key, rows in content.items():
             if key != "meta":
                 tables.setdefault(key, []).extend({k: v for k, v in r.items() if k != "history"} for r in rows)
-    result = {"model": f"ViT (transformers), {params['model']['config']}", "parameters": train["total_params"],
-              "epochs": params["finetune"]["epochs"], "selected_epoch": selected["epoch"],
-              "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"], "test_top1_hi": acc["top1_hi"],
-              "test_top5": acc["top5"], "test_images": acc["n"], "valid_top1": selected["val_acc"],
-              "train_img_per_s": statistics.median(r["train_img_s"] for r in train["history"][1:]),
-              "train_seconds": sum(r["seconds"] for r in train["history"]),
+    by_size = {}
+    for row in train["history"][1:]:
+        by_size.setdefault(row["image_size"] or params["model"]["config"]["image_size"], []).append(row["train_img_s"])
+    result = {"model": f"ViT (transformers), {params['model']['config']}, init {params['model']['init']}",
+              "parameters": train["total_params"], "epochs": params["finetune"]["epochs"],
+              "selected_epoch": recipe["selected_epoch"], "test_top1": recipe["test_top1"],
+              "test_top1_lo": recipe["test_top1_lo"], "test_top1_hi": recipe["test_top1_hi"], "test_top5": recipe["test_top5"],
+              "test_images": runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]["n"],
+              "valid_top1": recipe["valid_top1"], "train_img_per_s": recipe["train_img_per_s"],
+              "train_img_per_s_by_size": {size: statistics.median(v) for size, v in by_size.items()},
+              "train_seconds": recipe["train_seconds"],
               "step_seconds": {s: v.get("seconds") for s, v in man["steps"].items()},
               "device": man["device"], "versions": man["versions"], "params": params,
-              "command": f"python -m vitlab run params/flowers_scratch.yaml --steps finetune,quantize,evaluate "
-                         f"--set data.root=<Flowers-102 train/valid/test copy>",
+              "command": "python -m vitlab run params/flowers_scratch.yaml --steps finetune,quantize,evaluate "
+                         "--set data.root=<Flowers-102 train/valid/test copy>",
               "history": train["history"], **tables}
-    result.setdefault("ingredients", []).append({
-        "ingredients": f"the recipe, as vitlab run trained it (training crops {params['data']['train_image_size'] or 'at the model size'}"
-                       f", the last {params['finetune']['full_size_epochs']} epochs at {params['model']['config']['image_size']} px)",
-        "epochs": result["epochs"], "valid_top1": result["valid_top1"],
-        "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"], "test_top1_hi": acc["top1_hi"], "test_top5": acc["top5"],
-        "selected_epoch": selected["epoch"], "train_seconds": result["train_seconds"],
-        "train_img_per_s": result["train_img_per_s"]})
+    result["ingredients"].append(recipe)
+    figures = config.REPO_ROOT / "figures"
+    plots.save(plots.training_curves(train["history"]), figures / "flowers_scratch_curves.png")
+    curves = {row["ingredients"].removeprefix("the recipe with "): runs.read_json(runs.path(path, "train_metrics"))["history"]
+              for row, path in zip(tables["ingredients"], [p for p in others if p.is_dir()])}  # run rows came first
+    curves["the recipe"] = train["history"]
+    plots.save(plots.validation_curves(curves, "changed from the recipe"), figures / "flowers_scratch_ingredients.png")
     out = RESULTS / "flowers_scratch.json"
     out.write_text(json.dumps(result, indent=1, default=str))
     return out
@@ -188,7 +226,8 @@ def collect(run_dir: Path, measured: list[Path]) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["throughput", "ingredients", "collect"])
-    ap.add_argument("paths", nargs="*", help="collect: the run folder, then JSON files of the other two")
+    ap.add_argument("paths", nargs="*", help="collect: the recipe's run folder, then other run folders (ingredient rows) "
+                                           "and JSON files of the other two")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe's params")
     ap.add_argument("--epochs", type=int, default=60, help="ingredients: epochs per row; throughput: epochs per path")
     ap.add_argument("--only", help="comma-separated row numbers (0-based) of INGREDIENTS or PATHS to measure")

@@ -47,6 +47,19 @@ def training_curves(history: list[dict]) -> plt.Figure:
 
 
 @_styled
+def validation_curves(histories: dict[str, list[dict]], legend_title: str | None = None) -> plt.Figure:
+    """Validation accuracy per epoch of several trainings (one line each, named by the dict's keys)."""
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    for name, history in histories.items():
+        v = pd.DataFrame(history).dropna(subset=["val_acc"])
+        ax.plot(v["epoch"], v["val_acc"], label=name, lw=1.4)
+    ax.set(xlabel="epoch", ylabel="valid top-1", title="validation accuracy (EMA weights)", ylim=(0, 1))
+    ax.legend(fontsize=8, loc="lower right", title=legend_title, title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@_styled
 def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int) -> plt.Figure:
     """top-1 (with its bootstrap 95% interval) against p50 latency at one batch size; one point per model.
     The latency axis starts at 0, so distances read as ratios."""
