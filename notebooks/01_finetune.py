@@ -30,7 +30,7 @@ run_dir = None  # ...and the run folder
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitlab import data, finetune, models, plots, runs
+from vitlab import data, finetune, models, parallel, plots, runs
 
 params, run_dir, out, device = runs.open_step("finetune", params, run_dir, params_file)
 settings = models.ModelSettings.from_params(params["model"])
@@ -66,14 +66,20 @@ print(f"{type(model).__name__}: {trainable:,} trainable of {total:,} parameters 
 # not left waiting for CPU workers; `train_img_s` shows what each epoch got. With
 # `data.train_image_size`, most epochs train on smaller crops (fewer tokens per image, so more epochs
 # in the same time) and the last `finetune.full_size_epochs` at the model's size. The state after each
-# epoch is kept, so `vitlab run --resume` of a stopped run continues where it stopped.
+# epoch is kept, so `vitlab run --resume` of a stopped run continues where it stopped. With
+# `finetune.processes` > 1 the training runs in that many data-parallel processes (DDP through
+# accelerate, one GPU each), each on its share of every batch, and the main one saves the model.
 
 # %%
 small = params["data"].get("train_image_size")  # absent in runs made before progressive resizing
-history = finetune.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", ft["batch_size"], device),
-                         ft, device, num_classes=len(ds.class_names),
-                         checkpoint=runs.resume_folder(run_dir, "finetune") / "last.pt",
-                         small_batches=ds.batches("train", ft["batch_size"], device, small) if small else None)
+resume = runs.resume_folder(run_dir, "finetune") / "last.pt"
+processes = ft.get("processes", 1)  # absent in runs made before data parallelism
+if processes > 1:
+    history = parallel.finetune(params, model, out, resume, processes)
+else:
+    history = finetune.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", ft["batch_size"], device),
+                             ft, device, num_classes=len(ds.class_names), checkpoint=resume,
+                             small_batches=ds.batches("train", ft["batch_size"], device, small) if small else None)
 pd.DataFrame(history).set_index("epoch").round(4) if history else Markdown("`finetune.method: none`: nothing trained.")
 
 # %%
@@ -85,7 +91,8 @@ if history:
 # The merged checkpoint (safetensors + image processor) loads like a hub model: `model.id: <its path>`.
 
 # %%
-finetune.save(model, processor, settings, ds.class_names, ft["method"], out)
+if processes == 1:  # the data-parallel processes saved theirs already
+    finetune.save(model, processor, settings, ds.class_names, ft["method"], out)
 runs.write_json(runs.path(run_dir, "train_metrics"), {
     "method": ft["method"], "trainable_params": trainable, "total_params": total,
     "class_names": ds.class_names, "history": history,

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 from IPython.display import Markdown, display
 
-from vitlab import ablation, data, models, plots, quant, runs
+from vitlab import ablation, data, models, parallel, plots, quant, runs
 
 params, run_dir, out, device = runs.open_step("ablation", params, run_dir, params_file)
 settings = models.ModelSettings.from_params(params["model"])
@@ -47,7 +47,12 @@ display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **split*
                  f"({len(ds.splits[split])} images) · **types** {budgets['quant_types']}"))
 
 # %%
-records = ablation.sweep(checkpoint, settings, base_quant, budgets["quant_types"], batches, device, params["seed"])
+# With ablation.processes > 1 the configurations are spread over that many processes (one GPU each).
+if budgets.get("processes", 1) > 1:
+    records = parallel.ablation_sweep(checkpoint, settings, base_quant, budgets["quant_types"], params["data"],
+                                      params["seed"], split, params["eval"]["batch_size"], budgets["processes"])
+else:
+    records = ablation.sweep(checkpoint, settings, base_quant, budgets["quant_types"], batches, device, params["seed"])
 runs.write_json(runs.path(run_dir, "sensitivity"), records)
 rows = pd.DataFrame(records)
 rows.to_csv(runs.path(run_dir, "sensitivity_table"), index=False)

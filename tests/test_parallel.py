@@ -48,3 +48,94 @@ def test_eval_processes_is_checked_before_any_step():
     from vitlab import config
     with pytest.raises(config.ParamsError, match="eval.processes"):
         config.resolve(config.PARAMS_DIR / "smoke.yaml", ["eval.processes=0"])
+
+
+def _train_in(params, model, tmp_path, processes):
+    from vitlab import finetune, models
+    out = tmp_path / f"p{processes}"
+    if processes == 1:
+        import torch
+        from vitlab import data
+        settings = models.ModelSettings.from_params(params["model"])
+        ds = data.for_model(params["data"], params["seed"], models.load_processor(settings))
+        ft = params["finetune"]
+        history = finetune.train(model, ds.batches("train", ft["batch_size"], torch.device(CPU_DEVICE)),
+                                 ds.batches("valid", ft["batch_size"], torch.device(CPU_DEVICE)), ft,
+                                 torch.device(CPU_DEVICE), num_classes=len(ds.class_names))
+        finetune.save(model, models.load_processor(settings), settings, ds.class_names, ft["method"], out)
+        return history, out / "model"
+    return parallel.finetune(params, model, out, None, processes), out / "model"
+
+
+@pytest.mark.parametrize("pipeline", ["gpu", "pil"])
+def test_two_processes_train_as_one_does(smoke_params, test_batch, tmp_path, pipeline):
+    """finetune.processes: 2 (DDP, gloo) against one process from the same initial weights. The decoded
+    path (data.pipeline gpu) shards the batches one process draws, so the runs agree to float rounding;
+    the DataLoader path shuffles through accelerate's sampler, so its batches differ: a tolerance."""
+    import copy
+
+    import torch
+    import transformers
+    from vitlab import data, finetune, models
+    params = copy.deepcopy(smoke_params)
+    params["data"].update(pipeline=pipeline, crop_scale=[1.0, 1.0])  # no random crops: the same images
+    params["finetune"].update(epochs=3, ema_decay=0.9, select="best_valid")
+    settings = models.ModelSettings.from_params(params["model"])
+    names = data.for_model(params["data"], params["seed"], models.load_processor(settings)).class_names
+    results = {}
+    for processes in (1, 2):
+        transformers.set_seed(0)
+        model = finetune.build(settings, params["finetune"], names, torch.device(CPU_DEVICE))
+        history, saved = _train_in(params, model, tmp_path, processes)
+        trained = models.load_checkpoint(saved, settings, torch.device(CPU_DEVICE))
+        with torch.no_grad():
+            results[processes] = (history, trained(pixel_values=test_batch).logits)
+    (h1, logits1), (h2, logits2) = results[1], results[2]
+    assert [r["images"] if "images" in r else None for r in h2] == [r.get("images") for r in h1]
+    close = 1e-4 if pipeline == "gpu" else 2e-2
+    assert [r["train_loss"] for r in h2] == pytest.approx([r["train_loss"] for r in h1], rel=close)
+    assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=close)
+    assert [r["selected"] for r in h2] == [r["selected"] for r in h1] or pipeline == "pil"
+    torch.testing.assert_close(logits2, logits1, atol=close * 10, rtol=close * 10)
+
+
+def test_two_processes_sweep_the_ablation_as_one_does(checkpoint, f32, nf4, smoke_params):
+    import torch
+    from vitlab import ablation, data
+    ds = data.for_checkpoint(smoke_params["data"], 0, checkpoint)
+    one = ablation.sweep(checkpoint, f32, nf4, ["nf4"], list(ds.loader("valid", 32)), torch.device(CPU_DEVICE))
+    two = parallel.ablation_sweep(checkpoint, f32, nf4, ["nf4"], smoke_params["data"], 0, "valid", 32, processes=2)
+    assert [r["config"] for r in two] == [r["config"] for r in one]  # greedy path included: the same order
+    for a, b in zip(one, two):
+        assert b["top1"] == a["top1"] and b["footprint_mb"] == a["footprint_mb"], a["config"]
+        assert b["kl"] == pytest.approx(a["kl"], abs=1e-6), a["config"]
+    budgets = smoke_params["ablation"] | {"quant_types": ["nf4"]}
+    assert ablation.choose_all(two, budgets) == ablation.choose_all(one, budgets)  # the same choice
+
+
+def test_data_parallel_training_is_checked_before_any_work():
+    from vitlab import config
+    with pytest.raises(config.ParamsError, match="global batch"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.processes=3"])
+    with pytest.raises(config.ParamsError, match="4-bit base"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.processes=2", "finetune.method=qlora",
+                                                          "model.id=some/checkpoint"])
+
+
+def test_several_params_files_run_side_by_side(tmp_path):
+    """`vitlab run A B --jobs 2`: both checked first, then run at once (on a CPU: --jobs says how many),
+    each in its own run folder, every output line led by its run's name."""
+    from .conftest import vitlab
+    from vitlab import runs
+    bad = vitlab("run", "params/smoke.yaml", "params/smoke.yaml", "--set", "finetune.epochs=0", "--runs-dir", str(tmp_path))
+    assert bad.returncode == 2 and "finetune.epochs" in bad.stderr and not list(tmp_path.iterdir())  # nothing started
+    proc = vitlab("run", "params/smoke.yaml", "params/offline.yaml", "--steps", "finetune", "--set", "finetune.epochs=1",
+                  "--set", "data.max_per_class=10", "--jobs", "2", "--runs-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    done = runs.list_runs(tmp_path)
+    assert sorted(runs.manifest(d)["variant"] for d in done) == ["offline", "smoke"]
+    assert all(runs.status(d) == "ok" for d in done)
+    for d in done:
+        assert f"{d.name} | [finetune] epoch 1/1" in proc.stdout
+    first, second = (runs.manifest(d)["steps"]["finetune"] for d in done)
+    assert first["started"] <= second["ended"] and second["started"] <= first["ended"]  # they overlapped

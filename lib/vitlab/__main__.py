@@ -22,6 +22,36 @@ def _check_on_this_machine(params: dict) -> None:
     attention.check_supported(params["model"]["attention"], models.resolve_device(params["device"]))
 
 
+def _resolved(params_file: str, args: argparse.Namespace) -> dict:
+    params = config.resolve(params_file, args.set)
+    if args.steps:
+        params["steps"] = _split(args.steps)
+        config.validate(params)
+    _check_on_this_machine(params)
+    return params
+
+
+def _side_by_side(args: argparse.Namespace) -> int:
+    """Several params files: every one checked before any starts, then run at once, one GPU each."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if args.jobs is not None and args.jobs < 1:
+        raise config.ParamsError(f"--jobs is how many runs go at once: at least 1, got {args.jobs}")
+    jobs = args.jobs or max(gpus, 1)
+    every = [_resolved(f, args) for f in args.params]
+    wide = [p["variant"] for p in every if max(p[s]["processes"] for s in ("finetune", "eval", "ablation")) > 1]
+    if wide and len(every) > 1:
+        raise config.ParamsError(f"side by side, each run gets one GPU; {wide} ask for several processes: run those alone")
+    run_dirs = [runs.create(p, args.runs_dir) for p in every]
+    for d in run_dirs:
+        print(f"[vitlab] run folder: {d}", flush=True)
+    statuses = runs.side_by_side(run_dirs, jobs, gpus)
+    for d, status in zip(run_dirs, statuses):
+        print(f"[vitlab] {status}: {d}", flush=True)
+    return 0 if all(s == "ok" for s in statuses) else 1
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.params:
@@ -47,11 +77,9 @@ def _run(args: argparse.Namespace) -> int:
             raise config.ParamsError("give a params file (e.g. params/offline.yaml) or --resume RUN_DIR")
         if args.rerun:
             raise config.ParamsError("--rerun re-runs steps of an existing run: use it with --resume RUN_DIR")
-        params = config.resolve(args.params, args.set)
-        if args.steps:
-            params["steps"] = _split(args.steps)
-            config.validate(params)
-        _check_on_this_machine(params)
+        if len(args.params) > 1 or args.jobs:
+            return _side_by_side(args)
+        params = _resolved(args.params[0], args)
         run_dir, rerun = runs.create(params, args.runs_dir), []
     print(f"[vitlab] run folder: {run_dir}", flush=True)
     man = runs.execute(run_dir, rerun)
@@ -90,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute the step notebooks of a variant into a new run folder")
-    run.add_argument("params", nargs="?", help="params file, e.g. params/offline.yaml")
+    run.add_argument("params", nargs="*", help="params file(s), e.g. params/offline.yaml; several run side by side, "
+                     "one GPU each")
+    run.add_argument("--jobs", type=int, help="with several params files: how many run at once (default: one per "
+                     "GPU, or 1 on a machine without)")
     run.add_argument("--steps", help=f"comma-separated subset of {','.join(config.STEPS)}")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
     run.add_argument("--resume", metavar="RUN_DIR", help="run the steps of RUN_DIR that did not finish "

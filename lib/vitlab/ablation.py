@@ -140,23 +140,30 @@ def _kind(name: str) -> str:
 
 def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, quant_types: list[str],
           batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, seed: int = 0,
-          timings: dict | None = None) -> list[dict]:
+          timings: dict | None = None, shard: tuple[int, int] = (0, 1), gather=None) -> list[dict]:
     """Score every `configurations` entry for each quant type against the 16-bit model, then every
     prefix of `greedy_order` (configs "greedy 1", "greedy 2", ...): the candidates `choose` picks from.
-    `timings`, when given, is filled with the seconds each part took."""
+    `timings`, when given, is filled with the seconds each part took. Data parallel (parallel.ablation_sweep):
+    `shard` (rank, processes) scores configurations rank, rank + processes, ... and `gather` (every
+    process's list -> all of them) joins the shares, so each process holds every row, in order."""
     scorer = _Scorer(checkpoint, settings, batches, device)
+    rank, world = shard
+
+    def score(q: QuantSettings, qname: str, configs: list[Config], kind) -> list[dict]:
+        mine = list(range(rank, len(configs), world))
+        got = []
+        for i, (config, kept, logits, size) in zip(mine, scorer.run(q, [configs[i] for i in mine])):
+            got.append((i, _row(qname, config, kind(config[0]), scorer, logits, size, seed, len(kept))))
+            _say(got[-1][1], f"{i + 1}/{len(configs)}")
+        return [row for _, row in sorted(gather(got) if gather is not None else got, key=lambda pair: pair[0])]
+
     rows = [_row("16-bit", ("16-bit", None, []), "16-bit", scorer, scorer.ref, scorer.ref_bytes, seed)]
     for qname in quant_types:
         q = quant_settings(base, qname)
-        configs = configurations(scorer.n_layers)
-        for i, (config, kept, logits, size) in enumerate(scorer.run(q, configs), 1):
-            rows.append(_row(qname, config, _kind(config[0]), scorer, logits, size, seed, len(kept)))
-            _say(rows[-1], f"{i}/{len(configs)}")
-        order = greedy_order(rows, qname)
-        path = [(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)]
-        for i, (config, kept, logits, size) in enumerate(scorer.run(q, path), 1):
-            rows.append(_row(qname, config, "greedy", scorer, logits, size, seed, len(kept)))
-            _say(rows[-1], f"greedy {i}/{len(path)}")
+        rows += score(q, qname, configurations(scorer.n_layers), _kind)
+        order = greedy_order(rows, qname)  # from every process's rows: the same order everywhere
+        rows += score(q, qname, [(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)],
+                      lambda name: "greedy")
     if timings is not None:
         timings.update(scorer.seconds, configurations=scorer.configs)
     return rows

@@ -60,6 +60,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.lora.r": _at_least_1,
     "speed.calibration_batches": _at_least_1,
     "eval.processes": _at_least_1,
+    "finetune.processes": _at_least_1,
+    "ablation.processes": _at_least_1,
     "finetune.lora.alpha": (lambda v: v > 0, "positive"),
     "finetune.lora.dropout": (lambda v: 0 <= v < 1, "0 <= x < 1"),
     "data.max_per_class": _optional_count, "data.max_samples": _optional_count,
@@ -280,12 +282,20 @@ def _validate_cross(params: dict[str, Any]) -> None:
         if params["device"] == "cpu" or not torch.cuda.is_available():
             raise ParamsError("finetune.cuda_graph replays the training step as a CUDA graph: it needs a CUDA GPU "
                               "(none here); set it false")
-    processes = params["eval"]["processes"]
-    if processes > 1:
-        import torch
-        if torch.cuda.is_available() and torch.cuda.device_count() < processes:
-            raise ParamsError(f"eval.processes is {processes}, but this machine has {torch.cuda.device_count()} GPU(s): "
-                              "one process per GPU")
+    for key in ("eval.processes", "finetune.processes", "ablation.processes"):
+        processes = _value(params, key)
+        if processes > 1:
+            import torch
+            if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+                raise ParamsError(f"{key} is {processes}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                                  "one process per GPU")
+    if ft["processes"] > 1 and "finetune" in params["steps"]:
+        if ft["batch_size"] % ft["processes"]:
+            raise ParamsError(f"finetune.batch_size {ft['batch_size']} is the global batch: it must split evenly over "
+                              f"finetune.processes {ft['processes']}")
+        if ft["cuda_graph"] or ft["method"] == "qlora":
+            raise ParamsError("finetune.processes > 1 trains with DDP, which vitlab does not capture in a CUDA graph "
+                              "(finetune.cuda_graph) nor run on a 4-bit base (method qlora): one process for those")
     sp = params["speed"]
     rewriting = [f"speed.{k} {sp[k]}" for k in ("torchao", "fp8") if sp[k] != "none"] + (["speed.fuse_qkv"] if sp["fuse_qkv"] else [])
     if rewriting and params["quant"]["bits"] != 16:

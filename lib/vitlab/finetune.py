@@ -238,7 +238,8 @@ def _skipper(p: float):
 
 
 def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch.dtype | None,
-           step: TrainStep | None = None, mixer=None, desc: str = "", other_size: bool = False) -> dict:
+           step: TrainStep | None = None, mixer=None, desc: str = "", other_size: bool = False,
+           accelerator=None) -> dict:
     training = step is not None
     model.train(training)
     # Sums stay on the device: a .item() per step would make the GPU wait for Python every batch.
@@ -259,12 +260,15 @@ def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch
         truth = target.argmax(-1) if target.ndim == 2 else target
         correct += (logits.argmax(-1) == truth).sum()
         seen += len(y)
+    if accelerator is not None:  # every process's share of the epoch
+        loss_sum, correct, seen = accelerator.reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]), "sum")
+        seen = int(seen.item())
     return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "images": seen}
 
 
 def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft_cfg: dict[str, Any],
           device: torch.device, num_classes: int | None = None, checkpoint: Path | None = None,
-          small_batches: Iterable | None = None) -> list[dict[str, float]]:
+          small_batches: Iterable | None = None, accelerator=None) -> list[dict[str, float]]:
     """Train for ft_cfg['epochs']; one row per epoch with train/val loss and accuracy and images/s.
 
     With `ema_decay`, an exponential moving average of the weights is kept and validated (it is
@@ -276,7 +280,12 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     that point differ from an uninterrupted run). With `small_batches` (training batches at
     data.train_image_size), every epoch but the last `full_size_epochs` trains on them: progressive
     resizing, fewer tokens per image for most of the schedule. `compile` trains through torch.compile;
-    `cuda_graph` replays each step as one CUDA graph (CudaGraphStep); `drop_path` is stochastic depth."""
+    `cuda_graph` replays each step as one CUDA graph (CudaGraphStep); `drop_path` is stochastic depth.
+
+    With an `accelerator` (one of several data-parallel processes, see parallel.finetune), the model
+    trains wrapped in DDP on this process's share of every batch (`train_batches` already sharded);
+    the main process alone validates, selects and keeps the resumable state (the others' weights are
+    the same after every step, and only the main process's model is saved)."""
     if ft_cfg["method"] == "none":
         return []
     params = [p for p in model.parameters() if p.requires_grad]
@@ -293,7 +302,9 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     scored = ema.module if ema is not None else model
     # Validation runs the plain module: one compiled graph per training shape is enough.
     # .get: a run made before these settings existed can still be resumed.
-    stepped = torch.compile(model) if ft_cfg.get("compile") else model
+    main = accelerator is None or accelerator.is_main_process
+    stepped = accelerator.prepare_model(model) if accelerator is not None else model  # DDP: gradients averaged
+    stepped = torch.compile(stepped) if ft_cfg.get("compile") else stepped
     step = (CudaGraphStep if graphed else TrainStep)(stepped, optimizer, scheduler, ft_cfg, amp, scaler, ema, device)
     skips = stochastic_depth(model, ft_cfg.get("drop_path", 0.0))
     small_until = ft_cfg["epochs"] - ft_cfg.get("full_size_epochs", 0) if small_batches is not None else 0
@@ -310,9 +321,10 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
         small = epoch <= small_until
         batches = small_batches if small else train_batches
         t0 = time.perf_counter()
-        tr = _epoch(stepped, batches, device, amp, step, mixer, desc=f"train {epoch}", other_size=small)
+        tr = _epoch(stepped, batches, device, amp, step, mixer, desc=f"train {epoch}", other_size=small,
+                    accelerator=accelerator)
         seconds = time.perf_counter() - t0
-        validated = epoch % ft_cfg.get("valid_every", 1) == 0 or epoch == ft_cfg["epochs"]
+        validated = main and (epoch % ft_cfg.get("valid_every", 1) == 0 or epoch == ft_cfg["epochs"])
         va = (_epoch(scored, valid_batches, device, amp, desc=f"valid {epoch}") if validated
               else {"loss": None, "acc": None})
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
@@ -322,17 +334,18 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
                         "peak_vram_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None})
         # One line per epoch: the terminal of `vitlab run` shows it while the step runs.
         valid = f"valid loss {va['loss']:.3f} acc {va['acc']:.3f}" if validated else "not validated"
-        print(f"epoch {epoch}/{ft_cfg['epochs']}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · {valid} · "
-              f"{history[-1]['train_img_s']:.0f} img/s", flush=True)
+        if main:
+            print(f"epoch {epoch}/{ft_cfg['epochs']}: train loss {tr['loss']:.3f} acc {tr['acc']:.3f} · {valid} · "
+                  f"{history[-1]['train_img_s']:.0f} img/s", flush=True)
         if ft_cfg["select"] == "best_valid" and validated and va["acc"] > best[0]:
             best = (va["acc"], epoch, {k: v.clone() for k, v in _trainable(scored, buffers=True).items()})
-        if checkpoint is not None and (time.monotonic() - last_save >= 60 * ft_cfg["checkpoint_minutes"]
-                                       or epoch == ft_cfg["epochs"]):
+        if main and checkpoint is not None and (time.monotonic() - last_save >= 60 * ft_cfg["checkpoint_minutes"]
+                                                or epoch == ft_cfg["epochs"]):
             _save(Path(checkpoint), state, history, best)
             last_save = time.monotonic()
     for handle in skips:
         handle.remove()
-    if ft_cfg["select"] == "best_valid":
+    if ft_cfg["select"] == "best_valid" and main:
         scored.load_state_dict(best[2], strict=False)  # what training changed; a frozen (4-bit) base stays
     for row in history:
         row["selected"] = row["epoch"] == (best[1] if ft_cfg["select"] == "best_valid" else ft_cfg["epochs"])

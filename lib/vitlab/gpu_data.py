@@ -94,6 +94,16 @@ class GpuBatches:
         self.std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
         self.generator = torch.Generator().manual_seed(seed)
         self.trivial = v2.TrivialAugmentWide()
+        self.part = slice(None)
+
+    def shard(self, rank: int, world: int) -> "GpuBatches":
+        """This process's share of every batch under data parallelism: images rank, rank + world, ... of
+        it. Every process draws the whole batch's order, crops, flips and erasing boxes from the same
+        seed and applies its share, so N processes see the batches one process would."""
+        if self.batch_size % world:
+            raise ValueError(f"a batch of {self.batch_size} does not split over {world} processes")
+        self.part = slice(rank, None, world)
+        return self
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -108,32 +118,33 @@ class GpuBatches:
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255 - self.mean) / self.std
 
-    def _train_batch(self, idx: torch.Tensor) -> torch.Tensor:
-        a, store = self.augment, self.images.shape[-1]
+    def _train_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        a, store, idx = self.augment, self.images.shape[-1], batch[self.part]
         x = self.images[idx]
-        boxes = _to(_crop_boxes(len(idx), store, a.crop_scale, self.generator), x.device)
+        boxes = _to(_crop_boxes(len(batch), store, a.crop_scale, self.generator)[self.part], x.device)
         batch_index = torch.arange(len(idx), device=x.device, dtype=torch.float32)[:, None]
         x = roi_align(x.float(), torch.cat([batch_index, boxes], 1), self.image_size, aligned=True)
         if a.hflip:
-            flip = _to(torch.rand(len(idx), generator=self.generator) < 0.5, x.device)
+            flip = _to((torch.rand(len(batch), generator=self.generator) < 0.5)[self.part], x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         x = x.round_().clamp_(0, 255).to(torch.uint8)
         if a.trivial_augment:
             # One op (and strength) per group: per image it would be a launch per image and op.
             x = torch.cat([self.trivial(group) for group in x.split(a.augment_group)])
         x = self._normalise(x)
-        return self._erase(x, a.random_erasing) if a.random_erasing else x
+        return self._erase(x, a.random_erasing, len(batch)) if a.random_erasing else x
 
-    def _erase(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        """RandomErasing's boxes (2-33% of the area, aspect 0.3-3.3) set to 0, per image with probability p."""
-        n, s, g = len(x), x.shape[-1], self.generator
+    def _erase(self, x: torch.Tensor, p: float, n: int) -> torch.Tensor:
+        """RandomErasing's boxes (2-33% of the area, aspect 0.3-3.3) set to 0, per image with probability p
+        (drawn for the n images of the whole batch, applied to this process's share x)."""
+        s, g = x.shape[-1], self.generator
         hit = torch.rand(n, generator=g) < p
         area = torch.empty(n).uniform_(0.02, 0.33, generator=g) * s * s
         ratio = torch.exp(torch.empty(n).uniform_(math.log(0.3), math.log(3.3), generator=g))
         h, w = torch.sqrt(area * ratio).clamp(1, s), torch.sqrt(area / ratio).clamp(1, s)
         y1, x1 = torch.rand(n, generator=g) * (s - h), torch.rand(n, generator=g) * (s - w)
         # The draws travel (n x 5 numbers); the (n, s, s) mask is built where the images are.
-        y1, y2, x1, x2, hit = _to(torch.stack([y1, y1 + h, x1, x1 + w, hit.float()]), x.device)
+        y1, y2, x1, x2, hit = _to(torch.stack([y1, y1 + h, x1, x1 + w, hit.float()])[:, self.part], x.device)
         ar = torch.arange(s, device=x.device)
         rows = (ar >= y1[:, None]) & (ar < y2[:, None])
         cols = (ar >= x1[:, None]) & (ar < x2[:, None])
@@ -144,9 +155,9 @@ class GpuBatches:
         n = len(self.images)
         order = _to(torch.randperm(n, generator=self.generator) if self.train else torch.arange(n), self.images.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start:start + self.batch_size]
+            batch = order[start:start + self.batch_size]
             if self.train:
-                x = self._train_batch(idx)
+                x = self._train_batch(batch)
             else:  # decoded at the eval geometry already
-                x = self._normalise(self.images[idx])
-            yield x, self.labels[idx]
+                x = self._normalise(self.images[batch[self.part]])
+            yield x, self.labels[batch[self.part]]

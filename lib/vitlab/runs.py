@@ -409,6 +409,8 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
         man["steps"][step]["status"] = "pending"
     with _Live(run_dir, man) as live, _signals_interrupt():
         man["status"], man["started"] = "running", man.get("started") or _now()
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # which GPU(s) of the machine it ran on
+            man["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         live.save()
         for step in man["steps"]:
             entry = man["steps"][step]
@@ -445,6 +447,49 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
         man.update(status="ok" if done else "partial", ended=_now())
         man.pop("failed_step", None)
     return man
+
+
+def side_by_side(run_dirs: list[Path], jobs: int, gpus: int) -> list[str]:
+    """Execute several created runs at once, each in its own `vitlab run --resume` process: at most `jobs`
+    at a time, and on a machine with GPUs each on one GPU of its own (CUDA_VISIBLE_DEVICES). Their
+    output is passed on with each line led by its run's name. A signal here stops every run (each marks
+    itself failed); returns each run's final status."""
+    if gpus and jobs > gpus:
+        raise RunError(f"{jobs} runs at once on {gpus} GPU(s): each run gets a GPU of its own")
+    free, queue, running, status = list(range(jobs)), list(run_dirs), {}, {}
+
+    def relay(proc: subprocess.Popen, name: str) -> None:
+        for line in proc.stdout:
+            print(f"{name} | {line}", end="", flush=True)
+
+    def start(run_dir: Path, slot: int) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1") | ({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else {})
+        proc = subprocess.Popen([sys.executable, "-m", "vitlab", "run", "--resume", str(run_dir)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+        reader = threading.Thread(target=relay, args=(proc, run_dir.name), daemon=True)
+        reader.start()
+        running[proc] = (run_dir, slot, reader)
+        print(f"[vitlab] {run_dir.name}: started" + (f" on GPU {slot}" if gpus else ""), flush=True)
+
+    try:
+        with _signals_interrupt():
+            while queue or running:
+                while queue and free:
+                    start(queue.pop(0), free.pop(0))
+                for proc in [p for p in running if p.poll() is not None]:
+                    run_dir, slot, reader = running.pop(proc)
+                    reader.join()
+                    free.append(slot)
+                    status[run_dir.name] = manifest(run_dir)["status"]
+                time.sleep(0.2)
+    except (KeyboardInterrupt, Interrupted):
+        for proc in running:  # each marks its run failed with the signal
+            proc.send_signal(signal.SIGTERM)
+        for proc, (_, _, reader) in running.items():
+            proc.wait()
+            reader.join()
+        raise
+    return [status[d.name] for d in run_dirs]
 
 
 def list_runs(runs_dir: str | Path = RUNS_DIR) -> list[Path]:
