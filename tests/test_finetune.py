@@ -210,3 +210,20 @@ def test_cuda_graph_training_steps_match_eager_ones(params, checkpoint, digits_d
         torch.testing.assert_close(graph[name], eager[name], atol=2e-4, rtol=2e-3, msg=name)
     assert [r["lr"] for r in h_graph] == pytest.approx([r["lr"] for r in h_eager])
     assert [r["train_loss"] for r in h_graph] == pytest.approx([r["train_loss"] for r in h_eager], rel=1e-3)
+
+
+def test_accumulated_micro_batches_make_the_whole_batch_step(params, checkpoint, digits_data):
+    p, settings = _cfg(params, checkpoint, "full")
+    p["finetune"].update(epochs=2, lr=1e-3)
+    x, y = next(iter(digits_data.loader("test", 30)))
+    batches = [(x, y)]  # 30 images: 3 micro-batches of 10
+    trained = []
+    for accumulate in (1, 3):
+        transformers.set_seed(0)
+        model = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
+        history = finetune.train(model, batches, batches, p["finetune"] | {"accumulate": accumulate}, CPU)
+        trained.append((history, model.state_dict()))
+    (h1, w1), (h3, w3) = trained
+    assert [r["train_loss"] for r in h3] == pytest.approx([r["train_loss"] for r in h1], rel=1e-5)
+    for name in w1:
+        torch.testing.assert_close(w3[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -86,6 +86,8 @@ def test_two_processes_train_as_one_does(smoke_params, test_batch, tmp_path, pip
     for processes in (1, 2):
         transformers.set_seed(0)
         model = finetune.build(settings, params["finetune"], names, torch.device(CPU_DEVICE))
+        # Two processes each accumulating two micro-batches: one step's gradient is still the whole batch's.
+        params["finetune"]["accumulate"] = processes
         history, saved = _train_in(params, model, tmp_path, processes)
         trained = models.load_checkpoint(saved, settings, torch.device(CPU_DEVICE))
         with torch.no_grad():
@@ -115,8 +117,10 @@ def test_two_processes_sweep_the_ablation_as_one_does(checkpoint, f32, nf4, smok
 
 def test_data_parallel_training_is_checked_before_any_work():
     from vitlab import config
-    with pytest.raises(config.ParamsError, match="global batch"):
+    with pytest.raises(config.ParamsError, match="split evenly"):
         config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.processes=3"])
+    with pytest.raises(config.ParamsError, match="split evenly"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.processes=2", "finetune.accumulate=3"])
     with pytest.raises(config.ParamsError, match="4-bit base"):
         config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.processes=2", "finetune.method=qlora",
                                                           "model.id=some/checkpoint"])

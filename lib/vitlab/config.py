@@ -61,6 +61,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "speed.calibration_batches": _at_least_1,
     "eval.processes": _at_least_1,
     "finetune.processes": _at_least_1,
+    "finetune.accumulate": _at_least_1,
     "ablation.processes": _at_least_1,
     "finetune.lora.alpha": (lambda v: v > 0, "positive"),
     "finetune.lora.dropout": (lambda v: 0 <= v < 1, "0 <= x < 1"),
@@ -289,10 +290,10 @@ def _validate_cross(params: dict[str, Any]) -> None:
             if torch.cuda.is_available() and torch.cuda.device_count() < processes:
                 raise ParamsError(f"{key} is {processes}, but this machine has {torch.cuda.device_count()} GPU(s): "
                                   "one process per GPU")
+    if ft["batch_size"] % (ft["processes"] * ft["accumulate"]) and "finetune" in params["steps"]:
+        raise ParamsError(f"finetune.batch_size {ft['batch_size']} is the whole step's batch: it must split evenly into "
+                          f"finetune.processes ({ft['processes']}) x finetune.accumulate ({ft['accumulate']}) micro-batches")
     if ft["processes"] > 1 and "finetune" in params["steps"]:
-        if ft["batch_size"] % ft["processes"]:
-            raise ParamsError(f"finetune.batch_size {ft['batch_size']} is the global batch: it must split evenly over "
-                              f"finetune.processes {ft['processes']}")
         if ft["cuda_graph"] or ft["method"] == "qlora":
             raise ParamsError("finetune.processes > 1 trains with DDP, which vitlab does not capture in a CUDA graph "
                               "(finetune.cuda_graph) nor run on a 4-bit base (method qlora): one process for those")

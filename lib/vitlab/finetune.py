@@ -2,6 +2,7 @@
 cosine schedule, mixed precision and a seed."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -134,20 +135,29 @@ class TrainStep:
                  amp: torch.dtype | None, scaler: torch.amp.GradScaler | None, ema: Ema | None, device: torch.device):
         self.model, self.optimizer, self.scheduler, self.amp, self.scaler, self.ema = model, optimizer, scheduler, amp, scaler, ema
         self.device, self.max_grad_norm, self.label_smoothing = device, ft_cfg["max_grad_norm"], ft_cfg["label_smoothing"]
+        self.accumulate = ft_cfg.get("accumulate", 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def compute(self, x: torch.Tensor, target: torch.Tensor, other_size: bool, graphed: bool = False):
-        # A CUDA graph must not keep autocast's casts of the weights from its capture.
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
-                            cache_enabled=not graphed):
-            logits = _logits(self.model, x, other_size)
-            loss = nn.functional.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        """With `accumulate` k the batch is k micro-batches, each backpropagated at its share of the batch
+        times its mean loss, so the step's gradient is the whole batch's; under DDP only the last all-reduces."""
         self.optimizer.zero_grad(set_to_none=True)
+        losses, logits = [], []
+        parts = list(zip(x.chunk(self.accumulate), target.chunk(self.accumulate)))  # fewer for a ragged last batch
+        for i, (xi, ti) in enumerate(parts):
+            last, share = i == len(parts) - 1, len(xi) / len(x)
+            quiet = self.model.no_sync() if not last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+            with quiet:
+                # A CUDA graph must not keep autocast's casts of the weights from its capture.
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                                    cache_enabled=not graphed):
+                    out = _logits(self.model, xi, other_size)
+                    loss = nn.functional.cross_entropy(out.float(), ti, label_smoothing=self.label_smoothing)
+                (self.scaler.scale(loss * share) if self.scaler is not None else loss * share).backward()
+            losses.append(loss.detach() * share)
+            logits.append(out.detach())
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -156,7 +166,7 @@ class TrainStep:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update()
-        return loss.detach(), logits.detach()
+        return torch.stack(losses).sum(), torch.cat(logits)
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, other_size: bool = False):
         out = self.compute(x, target, other_size)
