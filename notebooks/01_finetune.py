@@ -71,15 +71,10 @@ print(f"{type(model).__name__}: {trainable:,} trainable of {total:,} parameters 
 # accelerate, one GPU each), each on its share of every batch, and the main one saves the model.
 
 # %%
-small = params["data"].get("train_image_size")  # absent in runs made before progressive resizing
 resume = runs.resume_folder(run_dir, "finetune") / "last.pt"
 processes = ft.get("processes", 1)  # absent in runs made before data parallelism
-if processes > 1:
-    history = parallel.finetune(params, model, out, resume, processes)
-else:
-    history = finetune.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", ft["batch_size"], device),
-                             ft, device, num_classes=len(ds.class_names), checkpoint=resume,
-                             small_batches=ds.batches("train", ft["batch_size"], device, small) if small else None)
+history = (parallel.finetune(params, model, out, resume, processes) if processes > 1
+           else finetune.fit(model, ds, params, device, resume))
 pd.DataFrame(history).set_index("epoch").round(4) if history else Markdown("`finetune.method: none`: nothing trained.")
 
 # %%

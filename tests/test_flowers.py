@@ -77,7 +77,7 @@ def test_gpu_pipeline_augments_each_image_differently(flowers):
     same = train.images[:1].repeat(8, 1, 1, 1)
     boxes = gpu_data._crop_boxes(8, same.shape[-1], (0.35, 1.0), torch.Generator().manual_seed(0))
     assert len({tuple(b.round().tolist()) for b in boxes}) == 8  # one crop per image, not one per batch
-    erased = train._erase(torch.ones(64, 3, 32, 32), 0.5)
+    erased = train._erase(torch.ones(64, 3, 32, 32), 0.5, 64)  # one process: its share is the whole batch
     hit = (erased == 0).flatten(1).any(1)
     assert 10 < hit.sum() < 54 and (erased[~hit] == 1).all()
 

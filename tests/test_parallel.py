@@ -51,20 +51,16 @@ def test_eval_processes_is_checked_before_any_step():
 
 
 def _train_in(params, model, tmp_path, processes):
-    from vitlab import finetune, models
+    import torch
+    from vitlab import data, finetune, models
     out = tmp_path / f"p{processes}"
-    if processes == 1:
-        import torch
-        from vitlab import data
-        settings = models.ModelSettings.from_params(params["model"])
-        ds = data.for_model(params["data"], params["seed"], models.load_processor(settings))
-        ft = params["finetune"]
-        history = finetune.train(model, ds.batches("train", ft["batch_size"], torch.device(CPU_DEVICE)),
-                                 ds.batches("valid", ft["batch_size"], torch.device(CPU_DEVICE)), ft,
-                                 torch.device(CPU_DEVICE), num_classes=len(ds.class_names))
-        finetune.save(model, models.load_processor(settings), settings, ds.class_names, ft["method"], out)
-        return history, out / "model"
-    return parallel.finetune(params, model, out, None, processes), out / "model"
+    if processes > 1:
+        return parallel.finetune(params, model, out, None, processes), out / "model"
+    settings = models.ModelSettings.from_params(params["model"])
+    ds = data.for_model(params["data"], params["seed"], models.load_processor(settings))
+    history = finetune.fit(model, ds, params, torch.device(CPU_DEVICE))
+    finetune.save(model, models.load_processor(settings), settings, ds.class_names, params["finetune"]["method"], out)
+    return history, out / "model"
 
 
 @pytest.mark.parametrize("pipeline", ["gpu", "pil"])

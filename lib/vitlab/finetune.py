@@ -364,6 +364,20 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     return history
 
 
+def fit(model: nn.Module, ds, params: dict[str, Any], device: torch.device, checkpoint: Path | None = None,
+        accelerator=None) -> list[dict[str, float]]:
+    """`train` on a data set's splits as params say: the training batches (and the smaller ones of
+    progressive resizing) and the validation batches; with an `accelerator`, this process's share."""
+    from . import parallel
+
+    ft, small = params["finetune"], params["data"].get("train_image_size")  # absent in runs made before resizing
+    share = (lambda b: b) if accelerator is None else (lambda b: parallel.shard(b, accelerator))
+    return train(model, share(ds.batches("train", ft["batch_size"], device)), ds.batches("valid", ft["batch_size"], device),
+                 ft, device, num_classes=len(ds.class_names), checkpoint=checkpoint,
+                 small_batches=share(ds.batches("train", ft["batch_size"], device, small)) if small else None,
+                 accelerator=accelerator)
+
+
 def _trainable(model: nn.Module, buffers: bool = False) -> dict[str, torch.Tensor]:
     # Only what training changes: a LoRA model's frozen (maybe 4-bit) base is rebuilt from its checkpoint.
     out = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

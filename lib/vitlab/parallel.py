@@ -12,6 +12,7 @@ ablation's configurations over the processes. `train_main` is the same training 
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -59,15 +60,14 @@ def accelerator():
     return Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
-def _shard(batches, acc):
+def shard(batches, acc):
+    """This process's share of every batch: GpuBatches shard themselves, a DataLoader through accelerate."""
     from .gpu_data import GpuBatches
     return batches.shard(acc.process_index, acc.num_processes) if isinstance(batches, GpuBatches) else acc.prepare_data_loader(batches)
 
 
 def _finetune_worker(params: dict[str, Any], out_dir: str, checkpoint: str | None, history_file: str,
                      initial: str | None = None) -> None:
-    import json
-
     import transformers
 
     from . import data, finetune as ft_module, models
@@ -79,11 +79,7 @@ def _finetune_worker(params: dict[str, Any], out_dir: str, checkpoint: str | Non
     model = ft_module.build(settings, ft, ds.class_names, acc.device)
     if initial is not None:  # the caller's model: the run starts from the weights its notebook shows
         model.load_state_dict(torch.load(initial, map_location="cpu"))
-    small, size = params["data"].get("train_image_size"), ft["batch_size"]
-    history = ft_module.train(model, _shard(ds.batches("train", size, acc.device), acc), ds.batches("valid", size, acc.device),
-                              ft, acc.device, num_classes=len(ds.class_names), checkpoint=checkpoint and Path(checkpoint),
-                              small_batches=_shard(ds.batches("train", size, acc.device, small), acc) if small else None,
-                              accelerator=acc)
+    history = ft_module.fit(model, ds, params, acc.device, checkpoint and Path(checkpoint), accelerator=acc)
     if acc.is_main_process:
         ft_module.save(model, processor, settings, ds.class_names, ft["method"], Path(out_dir))
         Path(history_file).write_text(json.dumps(history))
@@ -96,7 +92,6 @@ def finetune(params: dict[str, Any], model: torch.nn.Module, out_dir: str | Path
     """Fine-tune `model` (as finetune.build made it from params) in `processes` data-parallel processes
     (one per GPU; gloo on a CPU), every one starting from its weights; the main process writes adapter/
     and model/ into out_dir as finetune.save does. Returns the history."""
-    import json
     with tempfile.TemporaryDirectory() as tmp:
         history_file, initial = Path(tmp) / "history.json", Path(tmp) / "initial.pt"
         torch.save(model.state_dict(), initial)
@@ -125,8 +120,6 @@ def train_main(argv: list[str] | None = None) -> None:
 
 def _sweep_worker(checkpoint: str, settings, base, quant_types: list[str], data_cfg: dict[str, Any], seed: int,
                   split: str, batch_size: int, out: str) -> None:
-    import json
-
     from accelerate.utils import gather_object
 
     from . import ablation, data
@@ -146,7 +139,6 @@ def ablation_sweep(checkpoint: str | Path, settings, base, quant_types: list[str
                    split: str, batch_size: int, processes: int, timings: dict | None = None) -> list[dict]:
     """ablation.sweep with its configurations spread over `processes` processes (each scores its share
     on the same images; the rows are gathered in the one-process order)."""
-    import json
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         launch(_sweep_worker, processes, str(checkpoint), settings, base, quant_types, data_cfg, seed, split, batch_size, str(out))
