@@ -9,7 +9,7 @@
 same weights in every path (timm's VisionTransformer gets them converted, so its logits are
 comparable), each path at batch 1, 32 and 256: p50/p95 of CUDA-event timings after warm-up (and after
 compilation), img/s, achieved TFLOP/s (matmul FLOPs counted from the shapes) and its share of the
-GPU's dense bf16 and FP8 peaks, logits drift against stock, and the top kernels at the largest batch.
+GPU's dense bf16 and FP8 peaks, logits drift against stock, and the top kernels at the largest and smallest batch.
 `stock` runs first in every process: ratios are only taken within one process.
 `accuracy`: every path on the test split of a trained checkpoint, paired bootstrap against stock.
 """
@@ -87,9 +87,16 @@ def hf(ckpt: Path, device: torch.device) -> nn.Module:
 
 
 def vitlab(ckpt: Path, device: torch.device, calibration, **changes) -> nn.Module:
-    """vitlab's own speed settings on the checkpoint, as `evaluate` applies them."""
+    """vitlab's own speed settings on the checkpoint, as `evaluate` applies them. On a CPU (the accuracy
+    pass only) the same quantized linears run eager on cuBLAS's numerics' stand-in, torch._scaled_mm."""
+    if device.type == "cpu":
+        changes = {**changes, "compile": "none", "cuda_graph": False, "fp8_gemm": "cublas"}
     return speed.apply(hf(ckpt, device), speed.SpeedSettings(**changes), calibration)
 
+
+# vitlab's fastest settings short of the low-bit linears: fused q/k/v, patch matmul, whole-model compile, CUDA graph.
+FAST = {"fuse_qkv": True, "patch_matmul": True, "compile": "model", "cuda_graph": True}
+AUTOTUNE = {**FAST, "compile_mode": "max-autotune"}
 
 # name -> (vitlab's?, weight bits, build(checkpoint, device, calibration batches))
 PATHS = {
@@ -106,6 +113,16 @@ PATHS = {
     "vitlab_fp8": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fuse_qkv=True, fp8="static", compile="model")),
     "vitlab_fp8_graph": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fuse_qkv=True, fp8="static", compile="model",
                                                             cuda_graph=True)),
+    "vitlab_bf16_fast": (True, 16, lambda c, d, cal: vitlab(c, d, cal, **FAST)),
+    "vitlab_bf16_autotune": (True, 16, lambda c, d, cal: vitlab(c, d, cal, **AUTOTUNE)),
+    "vitlab_fp8_fast": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fp8="static", **FAST)),
+    "vitlab_fp8_autotune": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fp8="static", **AUTOTUNE)),
+    "vitlab_fp8_triton": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fp8="static", fp8_gemm="triton", **FAST)),
+    "vitlab_w4a8_triton": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a8", fp8_gemm="triton", **FAST)),
+    "vitlab_w4a8": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a8", **FAST)),
+    "vitlab_w4a8_autotune": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a8", **AUTOTUNE)),
+    "vitlab_w4a16": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a16", **FAST)),
+    "vitlab_w4a16_autotune": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a16", **AUTOTUNE)),
     "nf4_graph": (True, 4, lambda c, d, cal: speed.CudaGraphed(quant.quantize(c, quant_settings(4, "nf4"), settings(), d))),
     "int4wo_graph": (True, 4, lambda c, d, cal: vitlab(c, d, cal, fuse_qkv=True, torchao="int4wo", compile="model",
                                                         cuda_graph=True)),
@@ -137,8 +154,9 @@ def measure(name: str, model: nn.Module, sizes: list[int], flops: float, peaks, 
                      "pct_bf16_peak": 100 * tflops / peaks[0] if peaks else None,
                      "pct_fp8_peak": 100 * tflops / peaks[1] if peaks else None})
         print(f"{name} bs {bs}: p50 {r['p50_ms']:.3f} ms, {r['throughput_img_s']:.0f} img/s, {tflops:.0f} TFLOP/s", flush=True)
-    kernels = bench.kernel_table(model, bench.random_batch(model, max(sizes), 224, x_check.device), top=15)
-    return rows, got, kernels.assign(path=name, batch_size=max(sizes)).to_dict("records")
+    kernels = [bench.kernel_table(model, bench.random_batch(model, bs, 224, x_check.device), top=25).assign(path=name, batch_size=bs)
+               for bs in sorted({max(sizes), min(sizes)}, reverse=True)]
+    return rows, got, pd.concat(kernels).to_dict("records")
 
 
 def run_speed(args) -> None:
@@ -157,7 +175,8 @@ def run_speed(args) -> None:
         cfg = models.load_checkpoint(ckpt, settings(), torch.device("cpu")).config
         flops = matmul_flops(cfg, 224)
         gen = torch.Generator().manual_seed(1)
-        x_check = torch.randn(8, 3, 224, 224, generator=gen).to(device, torch.bfloat16)
+        # The drift check runs at one of the timed batch sizes: a compiled path compiles (and autotunes) no extra shape.
+        x_check = torch.randn(min(32, max(sizes)), 3, 224, 224, generator=gen).to(device, torch.bfloat16)
         calibration = [(torch.randn(32, 3, 224, 224, generator=gen), None) for _ in range(2)]
         for name in names:
             t1 = time.time()

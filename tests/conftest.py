@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitlab import config, data, models, quant, runs
+if not torch.cuda.is_available():  # vitlab's Triton kernel runs in Triton's CPU interpreter; set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vitlab import config, data, models, quant, runs  # noqa: E402
 
 TINY = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
         "intermediate_size": 64}

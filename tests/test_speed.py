@@ -81,24 +81,27 @@ def test_fp8_linear_matches_its_reference_and_saturates():
     xq = (x.float() / layer.input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * layer.input_scale
     wq = layer.weight.float() * layer.weight_scale.t()
     ref = xq @ wq.t() + linear.bias.float()
-    got = layer(x)
+    if torch.cuda.is_available():  # torch before 2.14 runs row-wise FP8 scales on CUDA only
+        layer, linear, x = layer.cuda(), linear.cuda(), x.cuda()
+    got = layer(x).cpu()
     assert got.shape == (5, 7, 48) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
     # FP8 against the 16-bit layer: a few percent, as e4m3's 3 mantissa bits allow.
-    exact = linear(x).float()
+    exact = linear(x).float().cpu()
     assert (got.float() - exact).norm() / exact.norm() < 0.08
     big = layer(x * 1000)  # far beyond the calibrated range: clamped at +-448, never inf
     assert torch.isfinite(big).all()
 
 
 def test_static_fp8_calibrates_on_real_images_and_keeps_predictions(checkpoint, bf16, digits_data):
-    model = models.load_checkpoint(checkpoint, bf16, CPU)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # torch < 2.14: row-wise FP8 on CUDA only
+    model = models.load_checkpoint(checkpoint, bf16, device)
     x, _ = next(iter(digits_data.loader("test", 64)))
-    x = x.to(torch.bfloat16)
+    x = x.to(device, torch.bfloat16)
     with torch.no_grad():
         ref = model(pixel_values=x).logits.float()
     settings = speed.SpeedSettings(fuse_qkv=True, fp8="static", calibration_batches=2)
-    with pytest.raises(speed.SpeedPathError, match="calibrates on real images"):
+    with pytest.raises(speed.SpeedPathError, match="calibrates FP8 activation scales on real images"):
         speed.apply(models.load_checkpoint(checkpoint, bf16, CPU), settings)
     sped = speed.apply(model, settings, digits_data.loader("valid", 32))
     fp8 = [n for n, m in sped.named_modules() if isinstance(m, speed.Fp8Linear)]
@@ -112,7 +115,7 @@ def test_static_fp8_calibrates_on_real_images_and_keeps_predictions(checkpoint, 
     # Sized as it runs (FP8 buffers saved now), not as the 16-bit checkpoint it was loaded from.
     from vitlab import evaluate
     fp8_size = evaluate.sizes(sped, checkpoint)
-    bf16_size = evaluate.sizes(models.load_checkpoint(checkpoint, bf16, CPU), checkpoint)
+    bf16_size = evaluate.sizes(models.load_checkpoint(checkpoint, bf16, device), checkpoint)
     assert fp8_size["disk_mb"] < 0.75 * bf16_size["disk_mb"] and fp8_size["footprint_mb"] < 0.75 * bf16_size["footprint_mb"]
 
 

@@ -35,7 +35,10 @@ CHOICES: dict[str, tuple] = {
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "speed.torchao": ("none", "fp8", "int8dyn", "int4wo"),
     "speed.compile": ("none", "model", "linears"),
+    "speed.compile_mode": ("default", "max-autotune"),
     "speed.fp8": ("none", "static"),
+    "speed.int4": ("none", "w4a8", "w4a16"),
+    "speed.fp8_gemm": ("cublas", "triton"),
 }
 ABLATION_QUANT_TYPES = ("nf4", "fp4", "int8")  # ablation.QUANT_TYPES says what each is
 # Ranges: (test, what a valid value is). Checked for every run before its first step.
@@ -298,12 +301,16 @@ def _validate_cross(params: dict[str, Any]) -> None:
             raise ParamsError("finetune.processes > 1 trains with DDP, which vitlab does not capture in a CUDA graph "
                               "(finetune.cuda_graph) nor run on a 4-bit base (method qlora): one process for those")
     sp = params["speed"]
-    rewriting = [f"speed.{k} {sp[k]}" for k in ("torchao", "fp8") if sp[k] != "none"] + (["speed.fuse_qkv"] if sp["fuse_qkv"] else [])
+    rewriting = ([f"speed.{k} {sp[k]}" for k in ("torchao", "fp8", "int4") if sp[k] != "none"]
+                 + [f"speed.{k}" for k in ("fuse_qkv", "patch_matmul") if sp[k]])
     if rewriting and params["quant"]["bits"] != 16:
         raise ParamsError(f"{', '.join(rewriting)} rewrite the 16-bit model's linears themselves: set quant.bits: 16 "
                           f"(it is {params['quant']['bits']}), or turn them off")
-    if sp["fp8"] != "none" and sp["torchao"] != "none":
-        raise ParamsError(f"speed.fp8 '{sp['fp8']}' and speed.torchao '{sp['torchao']}' both quantize the linears: pick one")
+    quantizing = [f"speed.{k} '{sp[k]}'" for k in ("fp8", "int4", "torchao") if sp[k] != "none"]
+    if len(quantizing) > 1:
+        raise ParamsError(f"{' and '.join(quantizing)} all quantize the linears: pick one")
+    if sp["fp8_gemm"] == "triton" and sp["fp8"] == "none" and sp["int4"] != "w4a8":
+        raise ParamsError("speed.fp8_gemm: triton runs FP8 activations: set speed.fp8: static or speed.int4: w4a8")
     ab = params["ablation"]
     if ab["budget_mb"] is not None and ab["budget_mb"] <= 0:
         raise ParamsError(f"ablation.budget_mb must be a positive size in MB or null, got {ab['budget_mb']}")

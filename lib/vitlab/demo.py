@@ -51,7 +51,7 @@ class Predictor:
             params = runs.load_params(run_dir)
             settings = models.ModelSettings.from_params(params["model"])
 
-            def valid():  # only speed.fp8: static asks for them (it calibrates on validation images)
+            def valid():  # only the settings that calibrate FP8 scales ask for them (speed.fp8: static, int4: w4a8)
                 return data.for_checkpoint(params["data"], params["seed"], entry.path).loader("valid", params["eval"]["batch_size"])
 
             model = evaluate.load(entry, settings, self.device, valid)

@@ -24,11 +24,12 @@ from .models import ModelSettings
 def load(entry: runs.RunModel, settings: ModelSettings, device: torch.device,
          valid: Callable[[], Iterable] | None = None) -> nn.Module:
     """A model of a run as evaluate runs it: its saved weights, then its speed paths. `valid` gives
-    batches of validation images, asked for only by `speed.fp8: static`, which calibrates on them."""
+    batches of validation images, asked for only by the settings that calibrate FP8 activation scales
+    on them (`speed.fp8: static`, `speed.int4: w4a8`)."""
     model = models.load_checkpoint(entry.path, settings, device)
     if not entry.speed.active:
         return model
-    return speed.apply(model, entry.speed, valid() if valid is not None and entry.speed.fp8 != "none" else None)
+    return speed.apply(model, entry.speed, valid() if valid is not None and entry.speed.calibrates else None)
 
 
 def sizes(model: nn.Module, saved: str | Path | None = None) -> dict[str, float | None]:
