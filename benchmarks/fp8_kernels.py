@@ -8,6 +8,9 @@ against torch._scaled_mm (cuBLAS) on the same FP8 operands; for fc1, cuBLAS is f
 and FP8 cast the kernel does in its epilogue (one compiled pointwise kernel, as the compiled model
 runs it). Every configuration is first checked against a float32 reference on the same operands.
 Medians of CUDA-event timings (triton.testing.do_bench), TFLOP/s and % of the dense FP8 peak.
+Each call is launched from Python, so below ~10 us of GPU work (6,304 and 197 rows) the times are the
+launch's, not the kernel's: for those, read the per-kernel tables of the CUDA-graphed models in
+benchmarks/results/peers_h100.json (H100 run of 2026-11-24: 50,432 rows is the trustworthy part).
 """
 from __future__ import annotations
 
