@@ -36,34 +36,27 @@ FP8_PEAK = 1978.9  # H100 SXM dense FP8 TFLOP/s
 
 
 def operands(m: int, n: int, k: int, device: torch.device):
-    """FP8 rows and a real-valued weight in both formats, with the float32 matrices they stand for."""
+    """FP8 rows and one real-valued linear as vitlab's FP8 and int4 (W4A8) layers, with the float32
+    weights each stands for."""
     x = torch.randn(m, k, device=device)
-    x_scale = x.abs().amax() / 448
-    xq = (x / x_scale).to(FP8)
     linear = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
-    fp8 = speed.Fp8Linear(linear, 1.0)
-    packed, exponent, row_scale = speed.int4_quantize(linear.weight)
-    return {"xq": xq, "x_scale": x_scale.float(), "bias": linear.bias.detach(),
-            "fp8": (fp8.weight, None, fp8.weight_scale.reshape(-1).contiguous(), fp8.weight.float() * fp8.weight_scale.t()),
-            "int4": (packed, exponent, row_scale.contiguous(),
-                     speed.int4_dequantize(packed, exponent) * row_scale[:, None])}
+    amax = float(x.abs().amax())
+    layers = {"fp8": speed.Fp8Linear(linear, amax), "int4": speed.Int4Linear(linear, "fp8", amax)}
+    return {"xq": layers["fp8"].quantize(x), "layers": layers,
+            "weights_f32": {kind: layer.fp8_weight().float() * layer.weight_scale.t() for kind, layer in layers.items()}}
 
 
-def reference(ops, weight_f32, gelu: bool, out_scale):
-    y = (ops["xq"].float() * ops["x_scale"]) @ weight_f32.t() + ops["bias"].float()
+def reference(ops, weight_kind: str, gelu: bool, out_scale):
+    layer = ops["layers"][weight_kind]
+    y = (ops["xq"].float() * layer.input_scale) @ ops["weights_f32"][weight_kind].t() + layer.bias.float()
     y = F.gelu(y) if gelu else y
     return y if out_scale is None else (y / out_scale).clamp(-448, 448).to(FP8).float() * out_scale
 
 
 def cublas(ops, weight_kind: str, gelu: bool, out_scale):
-    weight, exponent, w_scale, _ = ops[weight_kind]
-    w8 = weight if weight_kind == "fp8" else (speed.int4_dequantize(weight, exponent)).to(FP8)
-    m = ops["xq"].shape[0]
-    y = torch._scaled_mm(ops["xq"], w8.t(), scale_a=ops["x_scale"].expand(m, 1).contiguous(), scale_b=w_scale[None, :],
-                         bias=ops["bias"], out_dtype=torch.bfloat16, use_fast_accum=True)
-    if gelu:
-        y = _gelu_cast(y, out_scale)
-    return y
+    """The layer's cuBLAS path (int4 weights expanded to FP8 first), then fc1's GELU + cast as compiled."""
+    y = ops["layers"][weight_kind].cublas(ops["xq"])
+    return _gelu_cast(y, out_scale) if gelu else y
 
 
 @torch.compile(dynamic=False)
@@ -72,9 +65,12 @@ def _gelu_cast(y, out_scale):
 
 
 def ours(ops, weight_kind: str, gelu: bool, out_scale, config):
-    weight, exponent, w_scale, _ = ops[weight_kind]
+    """vitlab's kernel at one tile configuration, reading the int4 codes themselves at any row count."""
+    layer = ops["layers"][weight_kind]
+    weight, exponent = (layer.packed, layer.exponent) if weight_kind == "int4" else (layer.weight, None)
     out = torch.empty(ops["xq"].shape[0], weight.shape[0], device=weight.device, dtype=FP8 if out_scale is not None else torch.bfloat16)
-    kernels.launch(ops["xq"], weight, exponent, ops["x_scale"], w_scale, ops["bias"], out_scale, gelu, out, config)
+    kernels.launch(ops["xq"], weight, exponent, layer.input_scale, layer.weight_scale.reshape(-1), layer.bias, out_scale,
+                   gelu, out, config)
     return out
 
 
@@ -92,7 +88,7 @@ def main() -> None:
             out_scale = torch.tensor(0.02, device=device) if gelu else None
             flops = 2 * m * n * k
             for weight_kind in ("fp8", "int4"):
-                ref = reference(ops, ops[weight_kind][3], gelu, out_scale)
+                ref = reference(ops, weight_kind, gelu, out_scale)
                 base = {"rows": m, "layer": layer, "n": n, "k": k, "weights": weight_kind}
                 ms = triton.testing.do_bench(lambda: cublas(ops, weight_kind, gelu, out_scale), return_mode="median")
                 rows.append({**base, "impl": "cublas" + (" + gelu/cast kernel" if gelu else "")

@@ -24,8 +24,7 @@ import os
 import torch
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-INT4_GROUP = 128  # speed.int4_quantize's group of inputs per exponent; a K block never spans two
+INT4_GROUP = 128  # inputs per power-of-two exponent (speed.int4_quantize); a K block never spans two
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
 

@@ -144,7 +144,7 @@ def patch_matmul(model: nn.Module) -> nn.Module:
     return model
 
 
-FP8 = torch.float8_e4m3fn
+FP8 = kernels.FP8
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
@@ -155,7 +155,7 @@ def _check_fp8_gpu(device: torch.device) -> None:
         raise SpeedPathError(f"FP8 matmuls need an Ada or Hopper GPU (SM89+); {torch.cuda.get_device_name(device)} is SM{major}{minor}")
 
 
-INT4_GROUP = 128  # inputs that share one power-of-two exponent in an Int4Linear row
+INT4_GROUP = kernels.INT4_GROUP  # inputs that share one power-of-two exponent in an Int4Linear row
 INT4_MAX_EXPONENT = 9  # q * 2**-9 is still exact in e4m3 (its subnormals are multiples of 2**-9)
 
 
@@ -197,6 +197,7 @@ class Fp8Activations(nn.Module):
     and only fc1 (whose GELU and FP8 output cast the kernel fuses, `FusedMLP`) stays on vitlab's."""
 
     kernel = "cublas"
+    activations = "fp8"
 
     def quantize(self, rows: torch.Tensor) -> torch.Tensor:
         return (rows.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -303,7 +304,7 @@ def fuse_fp8(model: nn.Module) -> nn.Module:
         raise SpeedPathError("vitlab's FP8 kernel needs Triton (`pip install triton`; torch's CUDA wheels bring it)")
     if getattr(model.config, "hidden_act", None) != "gelu":
         raise SpeedPathError(f"the fused MLP applies exact GELU; this model's activation is {model.config.hidden_act!r}")
-    linears = [m for m in model.modules() if isinstance(m, Fp8Activations) and getattr(m, "activations", "fp8") == "fp8"]
+    linears = [m for m in model.modules() if isinstance(m, Fp8Activations) and m.activations == "fp8"]
     if not linears:
         raise SpeedPathError("fuse_fp8 runs FP8 linears (speed.fp8 or speed.int4 w4a8 first)")
     for linear in linears:
