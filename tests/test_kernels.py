@@ -51,6 +51,55 @@ def test_kernel_matches_a_float32_reference(weights, m):
 
 
 @pytest.mark.parametrize("weights", ["fp8", "int4"])
+@pytest.mark.parametrize("tile", [(64, 32, 128, 4, 2, True, 1), (32, 64, 128, 4, 3, False, 1), (128, 128, 128, 8, 3, True, 1),
+                                  (64, 64, 128, 4, 3, False, 2), (32, 32, 128, 4, 3, True, 4)])
+def test_tiles_the_persistent_loop_and_split_k_cover_every_output(weights, tile):
+    # Shapes with a ragged edge for every tile size, and more tiles than the persistent loop has programs
+    # (2 in the interpreter, one per multiprocessor on a GPU), so each program walks several tiles; K of
+    # 512 is four int4 exponent groups, so every split starts at its own group.
+    m, n = (300, 320) if DEVICE.type == "cpu" else (4100, 1056)
+    ops = operands(m, n, 512, 5)
+    weight, exponent, w_scale, _ = ops[weights]
+    out = kernels.launch(ops["xq"], weight, exponent, ops["x_scale"], w_scale.reshape(-1), ops["bias"], None, False,
+                         torch.bfloat16, tile)
+    ref = reference(ops, weights)
+    splits = tile[-1]
+    assert out.shape == ((splits, m, n) if splits > 1 else (m, n))
+    out = out.sum(0) + ops["bias"].float() if splits > 1 else out  # partial sums come without the bias
+    assert torch.isfinite(out).all()
+    assert (out.cpu().float() - ref).norm() / ref.norm() < 5e-3
+
+
+@pytest.mark.parametrize("weights", ["fp8", "int4"])
+def test_a_split_k_configuration_adds_its_partials_and_the_bias_once(weights, monkeypatch):
+    ops = operands(197, 96, 512, 7)
+    weight, exponent, w_scale, _ = ops[weights]
+    monkeypatch.setitem(kernels.TUNED, (True, 96, 512, weights == "int4"), (64, 32, 128, 4, 3, False, 4))
+    got = kernels.fp8_linear(ops["xq"], weight, exponent, ops["x_scale"], w_scale, ops["bias"], None, False, torch.bfloat16)
+    ref = reference(ops, weights)
+    assert got.shape == (197, 96) and got.dtype == torch.bfloat16
+    assert (got.cpu().float() - ref).norm() / ref.norm() < 5e-3
+    # GELU or an FP8 output needs the whole sum in the epilogue: the same tiles then run unsplit.
+    out_scale = torch.tensor(0.05, device=DEVICE)
+    fused = kernels.fp8_linear(ops["xq"], weight, exponent, ops["x_scale"], w_scale, ops["bias"], out_scale, True,
+                               torch.bfloat16)
+    unsplit = kernels.launch(ops["xq"], weight, exponent, ops["x_scale"], w_scale.reshape(-1), ops["bias"], out_scale, True,
+                             torch.bfloat16, (64, 32, 128, 4, 3, False, 1))
+    assert fused.shape == (197, 96) and fused.dtype == FP8 and torch.equal(fused.view(torch.uint8), unsplit.view(torch.uint8))
+
+
+def test_the_epilogue_gelu_is_erf_gelu_to_float32_precision():
+    # float32 output, no FP8 cast: what is left is the GEMM's own rounding and the GELU's approximation
+    # of erf (Abramowitz-Stegun 7.1.26, on a GPU with the special-function unit's reciprocal and exp2).
+    ops = operands(197, 128, 256, 11)
+    weight, _, w_scale, _ = ops["fp8"]
+    got = kernels.fp8_linear(ops["xq"], weight, None, ops["x_scale"], w_scale, ops["bias"], None, True, torch.float32).cpu()
+    pre = kernels.fp8_linear(ops["xq"], weight, None, ops["x_scale"], w_scale, ops["bias"], None, False, torch.float32).cpu()
+    assert pre.abs().max() > 4 and (pre < -3).any()  # both tails of the GELU are exercised
+    torch.testing.assert_close(got, F.gelu(pre.double()).float(), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["fp8", "int4"])
 def test_gelu_and_fp8_cast_in_the_epilogue(weights):
     ops = operands(70, 128, 256, 3)
     weight, exponent, w_scale, _ = ops[weights]
