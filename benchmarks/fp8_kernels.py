@@ -78,9 +78,7 @@ def _gelu_cast(y, out_scale):
     return (F.gelu(y.float()) / out_scale).clamp(-448, 448).to(FP8)
 
 
-@torch.compile(dynamic=False)
-def _add_partials(partials, bias):
-    return (partials.sum(0) + bias.float()).to(torch.bfloat16)
+_add_partials = torch.compile(kernels.add_partials, dynamic=False)
 
 
 def ours(ops, weight_kind: str, gelu: bool, out_scale, config, copy: int = 0):
@@ -90,7 +88,7 @@ def ours(ops, weight_kind: str, gelu: bool, out_scale, config, copy: int = 0):
     weight, exponent = (layer.packed, layer.exponent) if weight_kind == "int4" else (layer.weight, None)
     out = kernels.launch(ops["xq"], weight, exponent, layer.input_scale, layer.weight_scale.reshape(-1), layer.bias,
                          out_scale, gelu, torch.bfloat16, config)
-    return _add_partials(out, layer.bias) if out.dim() == 3 else out
+    return _add_partials(out, layer.bias, torch.bfloat16) if out.dim() == 3 else out
 
 
 def taking_turns(ops, fn):

@@ -217,10 +217,14 @@ def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, exponent: torch.Tensor | 
                 out_dtype: torch.dtype) -> torch.Tensor:
     _check(x, weight, exponent)
     out = launch(x, weight, exponent, x_scale, w_scale.reshape(-1), bias, out_scale, gelu, out_dtype)
-    if out.dim() == 3:  # K was split: under torch.compile this sum fuses into whatever reads the output
-        out = out.sum(0) if bias is None else out.sum(0) + bias.float()
-        out = out.to(out_dtype)
-    return out
+    return add_partials(out, bias, out_dtype) if out.dim() == 3 else out
+
+
+def add_partials(partials: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """`launch`'s (splits, M, N) partial sums as the layer's output; under torch.compile this sum fuses
+    into whatever reads the output."""
+    out = partials.sum(0) if bias is None else partials.sum(0) + bias.float()
+    return out.to(out_dtype)
 
 
 if AVAILABLE and torch.cuda.is_available():
