@@ -90,29 +90,6 @@ def test_runs_created_at_the_same_instant_each_get_a_folder(tmp_path, smoke_para
     assert len(set(made)) == 8 and len(runs.list_runs(tmp_path)) == 8
 
 
-@pytest.mark.parametrize("override, message", [
-    ("finetune.epochs=0", "'finetune.epochs' is 0; it must be at least 1"),
-    ("finetune.batch_size=0", "at least 1"),
-    ("finetune.lr=-0.1", "positive"),
-    ("data.max_per_class=-1", "null for all"),
-    ("eval.iters=0", "'eval.iters'"),
-    ("ablation.quant_types=[nf3]", "'nf4', 'fp4', 'int8'"),
-    ("quant.keep_16bit=[99]", "has 2 encoder layers"),
-    ("steps=[]", "'steps' is empty"),
-    ("variant=../escape", "names the run folder"),
-    ("finetune.lora.target_modules=[1, 2]", "list of names"),
-    ("quant.bits=[8", "not valid YAML"),
-    ("model.attention=sdpa_cudnn", "needs a CUDA GPU"),
-])
-def test_bad_values_are_refused_within_seconds_before_any_folder(tmp_path, override, message):
-    t0 = time.monotonic()
-    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", override)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not tmp_path.exists() or not list(tmp_path.iterdir())
-    assert time.monotonic() - t0 < 60  # the interpreter and torch's import; no step ran
-
-
 @pytest.mark.parametrize("content, message", [
     ("", "holds no parameters"),
     ("model:\n  id: a: b\n", r"bad.yaml, line 2, column 8: not valid YAML \(mapping values are not allowed here\)"),

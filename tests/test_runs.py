@@ -150,7 +150,3 @@ def test_speed_variant_runs_through_the_evaluate_step(tmp_path):
     assert {r["model"] for r in res["latency"]} == {a["model"], b["model"]}
 
 
-def test_bad_params_fail_before_any_run_folder(tmp_path):
-    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", "quant.bitz=4")
-    assert proc.returncode == 2 and "did you mean 'quant.bits'" in proc.stderr
-    assert not list(tmp_path.iterdir())

@@ -5,10 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, report, runs
-from .attention import AttentionError
-from .data import DataError
-from .models import ModelError
+from . import config, runs
+from .errors import VitlabError
 
 
 def _split(value: str | None) -> list[str]:
@@ -16,10 +14,8 @@ def _split(value: str | None) -> list[str]:
 
 
 def _check_on_this_machine(params: dict) -> None:
-    """What would fail only inside a step, checked before any: the device and its attention kernel."""
-    from . import attention, models
-
-    attention.check_supported(params["model"]["attention"], models.resolve_device(params["device"]))
+    """What would fail only inside a step, checked before any (after every value is checked)."""
+    config.check_machine(config.validate(params))
 
 
 def _resolved(params_file: str, args: argparse.Namespace) -> dict:
@@ -33,16 +29,16 @@ def _resolved(params_file: str, args: argparse.Namespace) -> dict:
 
 def _side_by_side(args: argparse.Namespace) -> int:
     """Several params files: every one checked before any starts, then run at once, one GPU each."""
-    import torch
-
-    gpus = torch.cuda.device_count()
     if args.jobs is not None and args.jobs < 1:
         raise config.ParamsError(f"--jobs is how many runs go at once: at least 1, got {args.jobs}")
-    jobs = args.jobs or max(gpus, 1)
     every = [_resolved(f, args) for f in args.params]
     wide = [p["variant"] for p in every if max(p[s]["processes"] for s in ("finetune", "eval", "ablation")) > 1]
     if wide and len(every) > 1:
         raise config.ParamsError(f"side by side, each run gets one GPU; {wide} ask for several processes: run those alone")
+    import torch
+
+    gpus = torch.cuda.device_count()
+    jobs = args.jobs or max(gpus, 1)
     run_dirs = [runs.create(p, args.runs_dir) for p in every]
     for d in run_dirs:
         print(f"[vitlab] run folder: {d}", flush=True)
@@ -88,6 +84,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from . import report
+
     sources = [Path(p).resolve() for p in args.runs] or runs.list_runs(args.runs_dir)
     for source in sources:
         runs.manifest(source)  # fails clearly on a folder that is not a run
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except runs.Interrupted as e:
         print(f"vitlab: {e}; the run is marked failed: resume it with --resume", file=sys.stderr)
         return 128 + e.signum
-    except (config.ParamsError, runs.RunError, DataError, AttentionError, ModelError) as e:
+    except VitlabError as e:
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2
 

@@ -13,20 +13,14 @@ import importlib.util
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import ATTENTION
+from .errors import AttentionError
+from .settings import ATTENTION, GPU_ONLY_ATTENTION as GPU_ONLY
 
 FORCED_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-# PyTorch's flash backend also has a CPU kernel, so sdpa_flash runs on CPU; these do not.
-GPU_ONLY = ("sdpa_efficient", "sdpa_cudnn", "flash_attention_2")
-
-
-class AttentionError(RuntimeError):
-    """An attention kernel this machine or this model cannot run."""
-
 
 def hf_implementation(name: str) -> str:
     """The `attn_implementation` transformers needs for a vitlab attention name."""

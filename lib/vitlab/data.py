@@ -21,12 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from .config import REPO_ROOT
+from .errors import DataError
 
 SPLITS = ("train", "valid", "test")
-
-
-class DataError(RuntimeError):
-    """A data set that is missing, malformed or unreachable."""
 
 
 @dataclass

@@ -18,13 +18,11 @@ from torch import nn
 from transformers import (AutoConfig, AutoImageProcessor, BitsAndBytesConfig, ViTConfig, ViTForImageClassification,
                           ViTImageProcessor)
 
-from . import attention, config
+from . import attention
+from .errors import ModelError
+from .settings import local_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class ModelError(RuntimeError):
-    """A checkpoint that cannot be found or loaded."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class ModelSettings:
     @classmethod
     def from_params(cls, model_params: dict[str, Any]) -> "ModelSettings":
         attention.hf_implementation(model_params["attention"])  # an unknown name fails here, not at load
-        local = config.local_model(model_params["id"])
+        local = local_model(model_params["id"])
         return cls(id=str(local) if local else model_params["id"], dtype=DTYPES[model_params["dtype"]], attention=model_params["attention"],
                    config=dict(model_params.get("config") or {}), init=model_params.get("init", "default"))
 

@@ -18,11 +18,8 @@ from torch import nn
 from transformers import AutoImageProcessor, BitsAndBytesConfig
 
 from . import models
+from .errors import QuantError
 from .models import DTYPES, ModelSettings
-
-
-class QuantError(ValueError):
-    """A quantization setting that does not fit the model."""
 
 
 @dataclass(frozen=True)

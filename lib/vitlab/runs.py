@@ -34,6 +34,7 @@ import yaml
 
 from . import config
 from .config import REPO_ROOT
+from .errors import RunError
 
 if TYPE_CHECKING:
     import torch
@@ -75,10 +76,6 @@ STEPS: dict[str, Step] = {
 }
 assert tuple(STEPS) == config.STEPS
 PRODUCTS = {name: (step, rel) for step, s in STEPS.items() for name, rel in s.products.items()}
-
-
-class RunError(RuntimeError):
-    """A run folder that is missing, incomplete or cannot be resumed."""
 
 
 def path(run_dir: str | Path, product: str) -> Path:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, models
+from .settings import Speed as SpeedSettings  # noqa: F401 (the typed `speed` params, torch-free)
 
 TORCHAO = {
     "fp8": "Float8DynamicActivationFloat8WeightConfig",  # FP8 activations and weights, per-row scales
@@ -31,48 +32,6 @@ TORCHAO = {
 
 class SpeedPathError(RuntimeError):
     """A speed path this machine or model cannot take."""
-
-
-@dataclass(frozen=True)
-class SpeedSettings:
-    """The `speed` params, applied in this order: fused q/k/v and patch matmul, low-bit linears
-    (vitlab's FP8 or int4 ones, or torchao's), torch.compile, CUDA-graph replay."""
-    torchao: str = "none"
-    compile: str = "none"
-    compile_mode: str = "default"
-    cuda_graph: bool = False
-    fuse_qkv: bool = False
-    patch_matmul: bool = False
-    fp8: str = "none"
-    int4: str = "none"
-    fp8_gemm: str = "cublas"
-    calibration_batches: int = 4
-
-    @classmethod
-    def from_params(cls, speed_params: dict[str, Any]) -> "SpeedSettings":
-        return cls(**{name: speed_params[name] for name in cls.__dataclass_fields__})
-
-    @property
-    def active(self) -> bool:
-        return (self.torchao != "none" or self.compile != "none" or self.cuda_graph or self.fuse_qkv
-                or self.patch_matmul or self.fp8 != "none" or self.int4 != "none")
-
-    @property
-    def calibrates(self) -> bool:
-        """Whether applying these settings needs real images (static FP8 activation scales)."""
-        return self.fp8 == "static" or self.int4 == "w4a8"
-
-    def describe(self) -> str:
-        parts = ["fused qkv"] if self.fuse_qkv else []
-        parts += ["patch matmul"] if self.patch_matmul else []
-        parts += [f"fp8 {self.fp8}"] if self.fp8 != "none" else []
-        parts += [f"int4 {self.int4}"] if self.int4 != "none" else []
-        parts += [f"{self.fp8_gemm} gemm"] if self.fp8_gemm != "cublas" else []
-        parts += [f"torchao {self.torchao}"] if self.torchao != "none" else []
-        parts += [f"compile {self.compile}" + (f" {self.compile_mode}" if self.compile_mode != "default" else "")
-                  ] if self.compile != "none" else []
-        parts += ["cuda graph"] if self.cuda_graph else []
-        return " + ".join(parts)
 
 
 class FusedQKVAttention(nn.Module):

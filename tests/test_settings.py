@@ -1,0 +1,125 @@
+"""The front door: every params value is typed and checked without torch, in one line, before any folder.
+
+Refusals are checked in-process through the CLI's own `main` (no interpreter start per case); one test
+runs the real `python -m vitlab` to hold the message format, the exit code, the time and the imports."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vitlab import __main__ as cli
+from vitlab import config, settings
+
+SMOKE = str(config.PARAMS_DIR / "smoke.yaml")
+
+REFUSED = [  # (--set value, what the one line says)
+    ("finetune.epochs=0", "'finetune.epochs' is 0; it must be at least 1"),
+    ("finetune.batch_size=0", "at least 1"),
+    ("finetune.lr=-0.1", "positive"),
+    ("finetune.lr=.inf", "finite number"),
+    ("finetune.lr=.nan", "finite number"),
+    ("finetune.epochs=two", "must be int"),
+    ("finetune.epochs=true", "must be int"),
+    ("finetune.lr=fast", "must be float"),
+    ("finetune.lora=5", "'finetune.lora' must be a mapping"),
+    ("finetune.lora.target_modules=[1, 2]", "list of names"),
+    ("finetune.lora.target_modules=[]", "list of names"),
+    ("finetune.method=probe", "set model.id"),
+    ("finetune.lora.dropout=1.5", "0 <= x < 1"),
+    ("finetune.processes=3", "split evenly"),
+    ("data.max_per_class=-1", "null for all"),
+    ("data.classes=odd", r"choose one of ['all', 'half_a', 'half_b']"),
+    ("data.train_image_size=8", "set data.pipeline: gpu"),
+    ("data.crop_scale=[0.9, 0.1]", "0 < low <= high <= 1"),
+    ("data.valid_fraction=0.7", "between 0 and 0.5"),
+    ("eval.iters=0", "'eval.iters'"),
+    ("eval.latency_batch_sizes=[]", "non-empty list"),
+    ("ablation.quant_types=[nf3]", "'nf4', 'fp4', 'int8'"),
+    ("ablation.budget_mb=-1", "positive size in MB"),
+    ("ablation.max_top1_drop_pt=150", "top-1 points"),
+    ("ablation.split=validation", "choose one of"),
+    ("quant.bits=3", "'quant.bits' is 3; choose one of [16, 8, 4]"),
+    ("quant.bits=4.0", "choose one of [16, 8, 4]"),
+    ("quant.keep_16bit=[99]", "has 2 encoder layers"),
+    ("quant.keep_16bit=middle", "must be 'first_last'"),
+    ("quant.bitz=4", "did you mean 'quant.bits'"),
+    ("quant.bits=[8", "not valid YAML"),
+    ("model.attention=flash", "choose one of"),
+    ("model.attention=sdpa_cudnn", "needs a CUDA GPU"),
+    ("model.config=null", "'model.config' must be a mapping"),
+    ("model.config.hiden_size=64", "did you mean 'model.config.hidden_size'"),
+    ("model.config.hidden_size=-4", "'model.config.hidden_size' is -4"),
+    ("model.config.hidden_size=33", "split evenly into num_attention_heads"),
+    ("model.config.image_size=18", "multiple of model.config.patch_size"),
+    ("model.config.hidden_dropout_prob=2", "0 <= x < 1"),
+    ("model.init=mimetic", None),  # valid: a config model may start mimetic
+    ("device=null", "'device' must be str"),
+    ("device=tpu", "auto, cpu, cuda or cuda:N"),
+    ("seed=-1", "0 or more"),
+    ("steps=[]", "at least one of"),
+    ("steps=[finetune,deploy]", "unknown step"),
+    ("variant=../escape", "names the run folder"),
+    ("variant=a/b", "names the run folder"),
+    ("speed.fp8=static", "set quant.bits: 16"),
+    ("speed.fp8_gemm=triton", "set speed.fp8: static or speed.int4: w4a8"),
+    ("speed.compile=reduce-overhead", "choose one of ['none', 'model', 'linears']"),
+    ("nonsense", "--set expects key=value"),
+]
+
+
+@pytest.mark.parametrize("override, message", REFUSED, ids=[r[0] for r in REFUSED])
+def test_every_bad_value_gets_one_line_before_any_folder(tmp_path, capsys, override, message):
+    code = cli.main(["run", SMOKE, "--runs-dir", str(tmp_path / "runs"), "--set", override, "--steps", "finetune"]
+                    if message is None else ["run", SMOKE, "--runs-dir", str(tmp_path / "runs"), "--set", override])
+    err = capsys.readouterr().err
+    if message is None:  # the valid control: it got past every check and trained
+        assert code == 0, err
+        return
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("vitlab: error: ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_params_file_key_given_twice_is_refused_with_its_line(tmp_path):
+    bad = tmp_path / "twice.yaml"
+    bad.write_text("finetune:\n  epochs: 3\nquant:\n  bits: 8\nfinetune:\n  lr: 0.1\n")
+    with pytest.raises(config.ParamsError, match=r"twice.yaml, line 5, column 1: not valid YAML \(the key 'finetune' is given twice\)"):
+        config.resolve(bad)
+
+
+def test_numbers_are_read_as_a_person_means_them(tmp_path):
+    f = tmp_path / "lr.yaml"
+    f.write_text("finetune:\n  lr: 1e-3\n  weight_decay: 5E-2\n")
+    p = config.resolve(f, ["finetune.warmup_ratio=2e-1"])
+    assert (p["finetune"]["lr"], p["finetune"]["weight_decay"], p["finetune"]["warmup_ratio"]) == (0.001, 0.05, 0.2)
+    assert isinstance(config.resolve(f, ["finetune.epochs=3"])["finetune"]["epochs"], int)
+
+
+def test_the_typed_params_are_what_the_dict_says():
+    p = config.validate(config.resolve(SMOKE))
+    assert isinstance(p, settings.Params) and p.finetune.lora.r == 16 and p.model.layers == 2
+    assert p.speed == settings.Speed() and not p.speed.active and p.quant.describe() == "nf4+dq"
+    with pytest.raises(Exception):  # frozen: a section is read, never changed in place
+        p.finetune.epochs = 3
+
+
+def test_the_vit_config_fields_are_transformers_own():
+    from transformers import ViTConfig
+
+    assert settings.VIT_CONFIG_FIELDS == set(ViTConfig().to_dict())
+
+
+def test_the_command_line_refuses_in_a_blink_without_importing_torch(tmp_path):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "vitlab", "run", SMOKE, "--runs-dir", str(tmp_path),
+                           "--set", "finetune.epochs=0"], capture_output=True, text=True, cwd=config.REPO_ROOT)
+    seconds = time.monotonic() - t0
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert proc.returncode == 2 and lines == ["vitlab: error: parameter 'finetune.epochs' is 0; it must be at least 1"]
+    assert not imported & {"torch", "transformers", "torchvision", "pandas"}, imported & {"torch", "transformers"}
+    assert seconds < 2.0 and not list(tmp_path.iterdir())
+    help_start = time.monotonic()
+    assert subprocess.run([sys.executable, "-m", "vitlab", "--help"], capture_output=True, cwd=config.REPO_ROOT).returncode == 0
+    assert time.monotonic() - help_start < 2.0
