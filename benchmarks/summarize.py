@@ -1,4 +1,6 @@
-"""Tables (markdown) and figures from the benchmark JSON in benchmarks/results/ into figures/.
+"""Tables and figures from the benchmark JSON in benchmarks/results/: docs/results.md, the README's
+headline table (between its `results:begin` / `results:end` markers) and figures/. Numbers are only
+ever typed by the benchmarks; this file formats them.
 
     python benchmarks/summarize.py
 """
@@ -9,10 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from vitlab import plots
+from vitlab import fmt, plots
 
 RESULTS = Path(__file__).parent / "results"
 FIGURES = Path(__file__).parents[1] / "figures"
+DOCS = Path(__file__).parents[1] / "docs"
+README = Path(__file__).parents[1] / "README.md"
 
 
 # Results written before the benchmarks shared vitlab.evaluate named these columns differently.
@@ -103,11 +107,95 @@ def speed_paths() -> str:
     return "\n\n".join(parts)
 
 
+def _device(meta_or_device: dict) -> str:
+    device = meta_or_device.get("device", meta_or_device)
+    return device["name"] if device.get("type") == "cuda" else f"CPU ({device.get('count')} cores)"
+
+
+def _table(rows: list[dict], columns: dict[str, str]) -> str:
+    """A markdown table of `rows` with `columns` (header -> key of the already formatted row)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(r[k]) for k in columns.values()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def peers_headline() -> str:
+    """ViT-L/16 inference: p50 at batch 256 / 32 / 1 and the ratio to stock timed in the same process."""
+    data = load("peers_h100.json")
+    rows = pd.DataFrame(data["rows"])
+    keep = ["stock", "timm_compile", "timm_compile_fp8", "vitlab_bf16_fast", "vitlab_fp8_triton", "vitlab_w4a8_triton"]
+    rows = rows[rows["path"].isin(keep)]
+    out = []
+    for path in keep:
+        mine = rows[rows["path"] == path]
+        mine = mine[mine["process"] == mine["process"].min()].set_index("batch_size")  # process 1: the current kernel
+        if mine.empty:
+            continue
+        cell = lambda b: (f"{fmt.ms(mine.loc[b, 'p50_ms'])} ({fmt.ratio(mine.loc[b, 'ratio_vs_stock'])})"
+                          if b in mine.index and not pd.isna(mine.loc[b, "p50_ms"]) else "–")
+        out.append({"path": f"`{path}`", "bits": int(mine["weight_bits"].iloc[0]), "b256": cell(256), "b32": cell(32),
+                    "b1": cell(1)})
+    return (f"ViT-L/16, 224 px, random init, p50 of CUDA-event timings; ratio to stock transformers bf16 timed in the "
+            f"same process ({_device(data['meta'])}, `benchmarks/results/peers_h100.json`):\n\n"
+            + _table(out, {"path": "path", "weight bits": "bits", "batch 256 (x stock)": "b256",
+                           "batch 32 (x stock)": "b32", "batch 1 (x stock)": "b1"}))
+
+
+def flowers_headline() -> str:
+    scratch = json.loads((RESULTS / "flowers_scratch.json").read_text())
+    variants = json.loads((RESULTS / "flowers_variants.json").read_text())  # its own names, not OLD_NAMES
+    rows = pd.DataFrame(variants["rows"])
+    first = rows.groupby(["variant", "model"], sort=False).first().reset_index()
+    out = [{"variant": f"`{r.variant}`", "model": r.model, "top1": fmt.pct(r.top1, r.top1_lo, r.top1_hi),
+            "f1": f"{r.f1_macro:.3f}", "disk": fmt.mb(r.disk_mb)} for r in first.itertuples()]
+    return (f"A ViT-S/16 ({scratch['parameters'] / 1e6:.1f} M parameters) trained from scratch on Flowers-102's "
+            f"6,552 training photographs by `params/flowers_scratch.yaml`: **{fmt.pct(scratch['test_top1'], scratch['test_top1_lo'], scratch['test_top1_hi'])}** "
+            f"test top-1 on {scratch['test_images']} images ({_device(scratch)}, `benchmarks/results/flowers_scratch.json`). "
+            "The seeds' variants of an earlier, 75% model of the same recipe, each by `vitlab run` "
+            f"(`benchmarks/results/flowers_variants.json`, {_device(variants['meta'])}):\n\n"
+            + _table(out, {"variant": "variant", "model": "model", "test top-1 [95% CI]": "top1", "macro F1": "f1",
+                           "disk": "disk"}))
+
+
+def transfer_table() -> str:
+    data = json.loads((RESULTS / "flowers_transfer.json").read_text())
+    out = [{"method": r["method"], "top1": fmt.pct(r["test_top1"], r["lo"], r["hi"]),
+            "trainable": f"{r['trainable_params']:,}", "vram": fmt.mb(r["peak_vram_mb"]),
+            "s": f"{r['s_per_epoch']:.1f}"} for r in data["rows"]]
+    return (f"Pretrained from scratch on `half_a` of the classes, fine-tuned on `half_b` "
+            f"(`benchmarks/results/flowers_transfer.json`, training on the H100, collected on {_device(data['meta'])}):\n\n"
+            + _table(out, {"method": "method", "test top-1 [95% CI]": "top1", "trainable parameters": "trainable",
+                           "peak VRAM": "vram", "s/epoch": "s"}))
+
+
+def results_md() -> str:
+    return "\n\n".join([
+        "# Results", "Generated by `python benchmarks/summarize.py` from `benchmarks/results/*.json`; do not edit by hand. "
+        "The prose written while the H100 numbers were measured is in [history_h100.md](history_h100.md).",
+        "## ViT-L/16 inference against the peers", peers_headline(),
+        "## Oxford Flowers-102", flowers_headline(),
+        "## Transfer to unseen classes", transfer_table(),
+        "## More tables", "- [figures/h100_matrix.md](../figures/h100_matrix.md): every precision x attention kernel, "
+        "ViT-B/16 and ViT-L/16, p50/p95/p99, sizes\n- [figures/h100_speed_paths.md](../figures/h100_speed_paths.md): "
+        "the speed paths one by one"]) + "\n"
+
+
+def readme_block() -> None:
+    """The README's headline table, between its markers, from the same JSON."""
+    text = README.read_text()
+    begin, end = "<!-- results:begin (python benchmarks/summarize.py) -->", "<!-- results:end -->"
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    README.write_text(f"{head}{begin}\n{peers_headline()}\n\n{flowers_headline()}\n{end}{tail}")
+
+
 def main() -> None:
     FIGURES.mkdir(exist_ok=True)
     (FIGURES / "h100_matrix.md").write_text(matrix() + "\n")
     (FIGURES / "h100_speed_paths.md").write_text(speed_paths() + "\n")
-    print("wrote", sorted(p.name for p in FIGURES.glob("h100_*")))
+    (DOCS / "results.md").write_text(results_md())
+    readme_block()
+    print("wrote", sorted(p.name for p in FIGURES.glob("h100_*")), "docs/results.md and README.md's headline table")
 
 
 if __name__ == "__main__":

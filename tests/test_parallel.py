@@ -93,7 +93,11 @@ def test_two_processes_train_as_one_does(smoke_params, test_batch, tmp_path, pip
     close = 1e-4 if pipeline == "gpu" else 2e-2
     assert [r["train_loss"] for r in h2] == pytest.approx([r["train_loss"] for r in h1], rel=close)
     assert [r["val_loss"] for r in h2] == pytest.approx([r["val_loss"] for r in h1], rel=close)
-    assert [r["selected"] for r in h2] == [r["selected"] for r in h1] or pipeline == "pil"
+    for h in (h1, h2):  # each run keeps the epoch it validated best (first of ties), whatever its batches were
+        best = max(h, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+        assert [r["selected"] for r in h] == [r["epoch"] == best for r in h]
+    if pipeline == "gpu":  # the same batches: the same validation accuracies, so the same epoch
+        assert [r["selected"] for r in h2] == [r["selected"] for r in h1]
     torch.testing.assert_close(logits2, logits1, atol=close * 10, rtol=close * 10)
 
 

@@ -223,11 +223,19 @@ def test_a_long_accuracy_pass_prints_its_batches(checkpoint, f32, digits_data, m
     assert capsys.readouterr().out == ""
 
 
-def test_folders_made_in_the_same_second_do_not_collide(tmp_path):
+def test_folders_made_in_the_same_second_do_not_collide(tmp_path, monkeypatch):
+    import datetime as dt
+
+    class Frozen(dt.datetime):  # every folder is made in the same second
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 2, 9, 30, 0)
+
+    monkeypatch.setattr(runs.dt, "datetime", Frozen)
     made = [runs.new_folder(tmp_path / "reports") for _ in range(3)]
-    stamp = made[0].name
-    assert [m.name for m in made] == [stamp, f"{stamp}-2", f"{stamp}-3"] or len({m.name for m in made}) == 3
-    assert all(m.parent == tmp_path / "reports" and m.name.startswith(stamp[:10]) for m in made)
+    stamp = "2026-12-02_093000"
+    assert [m.name for m in made] == [stamp, f"{stamp}-2", f"{stamp}-3"]
+    assert all(m.parent == tmp_path / "reports" and m.is_dir() for m in made)
 
 
 def test_the_gpu_data_path_refuses_a_bomb_like_the_pil_path(tmp_path):

@@ -522,14 +522,17 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
             run_dir = create({**params, "steps": [step]}, runs_dir)
     import transformers
 
-    from .models import resolve_device
+    from .models import resolve_device, use_cpu_threads
 
     run_dir = Path(run_dir)
     params = params or load_params(run_dir)
     transformers.set_seed(params["seed"])
     out = step_folder(run_dir, step)
     out.mkdir(parents=True, exist_ok=True)
-    return params, run_dir, out, resolve_device(params["device"])
+    device = resolve_device(params["device"])
+    if device.type == "cpu":
+        use_cpu_threads()
+    return params, run_dir, out, device
 
 
 def render_html(notebook: str | Path) -> Path:
