@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import write
 
-from vitlab import config, data, evaluate, finetune, models, plots, runs
+from vitlab import config, data, evaluate, finetune, models, plots, runs, training
 
 PARAMS = config.PARAMS_DIR / "flowers_scratch.yaml"
 RESULTS = Path(__file__).parent / "results"
@@ -67,7 +67,7 @@ def train_and_score(name: str, params: dict, ds: data.Data, device: torch.device
     ds.cfg = params["data"]  # augmentation settings of this row; the decoded splits are shared
     model = finetune.build(settings, ft, ds.class_names, device)
     t0 = time.time()
-    history = finetune.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", 256, device), ft,
+    history = training.train(model, ds.batches("train", ft["batch_size"], device), ds.batches("valid", 256, device), ft,
                              device, num_classes=len(ds.class_names))
     seconds = time.time() - t0
     model = model.to(settings.dtype).eval()
@@ -136,7 +136,7 @@ def throughput(recipe: dict, device: torch.device, epochs: int, paths: list = PA
         torch.manual_seed(params["seed"])
         model = finetune.build(settings, params["finetune"], ds.class_names, device)
         with GpuUse() as use:
-            history = finetune.train(model, train, ds.batches("valid", 256, device), params["finetune"], device,
+            history = training.train(model, train, ds.batches("valid", 256, device), params["finetune"], device,
                                      num_classes=len(ds.class_names), small_batches=small_batches)
         rows.append({"path": name, "what": what, "pipeline": params["data"]["pipeline"],
                      "workers": os.cpu_count() if name == "pil" else 0, "decode_s": decode_s if name != "pil" else None,

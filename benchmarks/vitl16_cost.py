@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import random_checkpoint, write
 
-from vitlab import ablation, config, data, finetune, infer, models, quant
+from vitlab import ablation, config, data, finetune, infer, models, quant, training
 
 TRAIN_BATCH = 32
 
@@ -41,7 +41,7 @@ def training(settings: models.ModelSettings, ds: data.Data, device: torch.device
         torch.manual_seed(0)
         model = finetune.build(settings, ft, ds.class_names, device)
         trainable, total = finetune.trainable_parameters(model)
-        history = finetune.train(model, ds.batches("train", TRAIN_BATCH, device), ds.batches("valid", 256, device), ft,
+        history = training.train(model, ds.batches("train", TRAIN_BATCH, device), ds.batches("valid", 256, device), ft,
                                  device, num_classes=len(ds.class_names))
         rows.append({"method": method, "batch_size": TRAIN_BATCH, "train_images": len(ds.splits.train),
                      "train_img_per_s": statistics.median(r["train_img_s"] for r in history[1:] or history),

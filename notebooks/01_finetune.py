@@ -30,7 +30,7 @@ run_dir = None  # ...and the run folder
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitlab import data, finetune, models, parallel, plots, runs
+from vitlab import data, finetune, models, plots, runs
 
 params, run_dir, out, device = runs.open_step("finetune", params, run_dir, params_file)
 settings = models.ModelSettings.from_params(params["model"])
@@ -71,10 +71,7 @@ print(f"{type(model).__name__}: {trainable:,} trainable of {total:,} parameters 
 # accelerate, one GPU each), each on its share of every batch, and the main one saves the model.
 
 # %%
-resume = runs.resume_folder(run_dir, "finetune") / "last.pt"
-processes = ft.get("processes", 1)  # absent in runs made before data parallelism
-history = (parallel.finetune(params, model, out, resume, processes) if processes > 1
-           else finetune.fit(model, ds, params, device, resume))
+history = finetune.run(model, ds, processor, params, device, out, runs.resume_folder(run_dir, "finetune") / "last.pt")
 pd.DataFrame(history).set_index("epoch").round(4) if history else Markdown("`finetune.method: none`: nothing trained.")
 
 # %%
@@ -82,17 +79,10 @@ if history:
     plots.save(plots.training_curves(history), runs.path(run_dir, "training_curves"))
 
 # %% [markdown]
-# ## Save: adapter, merged 16-bit checkpoint, metrics
+# ## Saved: adapter, merged 16-bit checkpoint, metrics
 # The merged checkpoint (safetensors + image processor) loads like a hub model: `model.id: <its path>`.
 
 # %%
-if processes == 1:  # the data-parallel processes saved theirs already
-    finetune.save(model, processor, settings, ds.class_names, ft["method"], out)
-runs.write_json(runs.path(run_dir, "train_metrics"), {
-    "method": ft["method"], "trainable_params": trainable, "total_params": total,
-    "class_names": ds.class_names, "history": history,
-    "final": {k: history[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")} if history else None,
-    "peak_vram_mb": max((r["peak_vram_mb"] or 0 for r in history), default=None) or None,
-    "s_per_epoch": sum(r["seconds"] for r in history) / len(history) if history else None,
-})
+runs.write_json(runs.path(run_dir, "train_metrics"),
+                finetune.metrics(ft["method"], (trainable, total), ds.class_names, history))
 sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

@@ -27,14 +27,14 @@ run_dir = None  # ...and the run folder
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitlab import data, evaluate, plots, runs
+from vitlab import data, evaluate, plots, run_models, runs
 
 params, run_dir, out, device = runs.open_step("evaluate", params, run_dir, params_file)
 ev = params["eval"]
 ds = data.for_checkpoint(params["data"], params["seed"], runs.path(run_dir, "checkpoint"))
 display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **attention** `{params['model']['attention']}` · "
                  f"**test images** {len(ds.splits.test)} · **models** "
-                 + ", ".join(m.label for m in runs.models_of(run_dir, params))))
+                 + ", ".join(m.label for m in run_models.models_of(run_dir, params))))
 
 # %%
 result = evaluate.evaluate_run(run_dir, params, ds, device, out)

@@ -29,10 +29,9 @@ run_dir = None  # ...and the run folder
 
 # %%
 import pandas as pd
-import yaml
 from IPython.display import Markdown, display
 
-from vitlab import ablation, data, models, parallel, plots, quant, runs
+from vitlab import ablation, data, models, plots, quant, runs
 
 params, run_dir, out, device = runs.open_step("ablation", params, run_dir, params_file)
 settings = models.ModelSettings.from_params(params["model"])
@@ -48,11 +47,7 @@ display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **split*
 
 # %%
 # With ablation.processes > 1 the configurations are spread over that many processes (one GPU each).
-if budgets.get("processes", 1) > 1:
-    records = parallel.ablation_sweep(checkpoint, settings, base_quant, budgets["quant_types"], params["data"],
-                                      params["seed"], split, params["eval"]["batch_size"], budgets["processes"])
-else:
-    records = ablation.sweep(checkpoint, settings, base_quant, budgets["quant_types"], batches, device, params["seed"])
+records = ablation.sweep_for_run(checkpoint, settings, base_quant, params, batches, device)
 runs.write_json(runs.path(run_dir, "sensitivity"), records)
 rows = pd.DataFrame(records)
 rows.to_csv(runs.path(run_dir, "sensitivity_table"), index=False)
@@ -77,13 +72,12 @@ plots.save(plots.sensitivity(rows, "top1"), out / "sensitivity_top1.png");
 # measured prefix with the lowest KL within it wins. `ablation.max_top1_drop_pt` caps the top-1 loss
 # against the 16-bit model on this split: the smallest prefix within it wins. With neither set the
 # size budget is a quarter of the way from fully quantized to 16-bit. Each choice is written as a
-# params file `vitlab run` takes.
+# params file `vitlab run` takes: it starts from this run's trained checkpoint as it is (nothing is
+# trained again) and quantizes it as chosen.
 
 # %%
 choices = ablation.choose_all(records, budgets)
-for choice in choices.values():
-    mixed = ablation.mixed_params(params, choice)
-    (out / f"{mixed['variant']}.yaml").write_text(yaml.safe_dump(mixed, sort_keys=False))
+ablation.write_mixed(out, params, choices, checkpoint)
 pd.DataFrame(choices).T
 
 # %% [markdown]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vitlab import config
+from vitlab import config, machine
 from vitlab.config import ParamsError
 
 
@@ -14,7 +14,7 @@ def test_variant_overrides_only_what_it_names():
 
 
 def _on_this_machine(params: dict) -> None:
-    config.check_machine(config.validate(params))
+    machine.check(config.validate(params))
 
 
 def test_every_shipped_variant_is_valid():

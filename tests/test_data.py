@@ -2,11 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from vitlab import data
+from vitlab import config, data, images
 from vitlab.data import DataError
 
-CFG = {"source": "imagefolder", "root": None, "max_per_class": None, "max_samples": None, "hflip": False,
-       "num_workers": 0, "valid_fraction": 0.15, "test_fraction": 0.15}
+CFG = {**config.defaults()["data"], "source": "imagefolder", "root": None, "hflip": False, "num_workers": 0}
 
 
 def test_digits_splits_are_stratified_and_seeded(smoke_params):
@@ -65,4 +64,4 @@ def test_flowers102_offline_fails_with_the_local_alternatives(tmp_path, monkeypa
 
 def test_open_image_rejects_non_images():
     with pytest.raises(DataError, match="uploaded bytes"):
-        data.open_image(b"%PDF-1.4 not an image")
+        images.open_image(b"%PDF-1.4 not an image")

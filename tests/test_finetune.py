@@ -6,7 +6,7 @@ import torch
 import transformers
 from peft import PeftModel
 
-from vitlab import data, finetune, models
+from vitlab import data, finetune, models, training
 
 CPU = torch.device("cpu")
 
@@ -41,7 +41,7 @@ def test_lora_lowers_the_loss_and_merges_exactly(params, checkpoint, digits_data
     trainable, total = finetune.trainable_parameters(model)
     assert 0 < trainable < total
     batches = _few_images(digits_data)
-    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    history = training.train(model, batches, batches, p["finetune"], CPU)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
 
@@ -66,7 +66,7 @@ def test_qlora_trains_adapters_on_a_4bit_base(params, checkpoint, digits_data, t
     model = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     batches = _few_images(digits_data)
-    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    history = training.train(model, batches, batches, p["finetune"], CPU)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     merged = finetune.save(model, models.load_processor(settings), settings, digits_data.class_names, "qlora", tmp_path)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
@@ -85,7 +85,7 @@ def test_best_valid_restores_the_selected_epoch_of_a_4bit_model(params, checkpoi
     p["finetune"].update(epochs=3, select="best_valid")
     model = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
     batches = _few_images(digits_data)
-    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    history = training.train(model, batches, batches, p["finetune"], CPU)
     (x, y), = batches
     model.eval()
     with torch.no_grad():
@@ -112,13 +112,13 @@ def test_probe_trains_the_head_alone_and_none_trains_nothing(params, checkpoint,
     assert trainable == ["classifier.weight", "classifier.bias"]
     body = {n: q.detach().clone() for n, q in model.named_parameters() if not q.requires_grad}
     batches = _few_images(digits_data)
-    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    history = training.train(model, batches, batches, p["finetune"], CPU)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert all(torch.equal(q, body[n]) for n, q in model.named_parameters() if n in body)
 
     p["finetune"]["method"] = "none"
     kept = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
-    assert finetune.train(kept, batches, batches, p["finetune"], CPU) == []
+    assert training.train(kept, batches, batches, p["finetune"], CPU) == []
     assert finetune.trainable_parameters(kept)[0] == 0
     with pytest.raises(ValueError, match="labels"):
         finetune.build(settings, p["finetune"], names, CPU)
@@ -148,7 +148,7 @@ def test_progressive_resizing_trains_small_then_full_size_through_compile(smoke_
     ft = {**smoke_params["finetune"], "epochs": 3, "full_size_epochs": 1, "compile": True, "lr": 3e-3,
           "warmup_ratio": 0.0}
     model = finetune.build(f32, ft, ds.class_names, CPU)
-    history = finetune.train(model, ds.batches("train", 32, CPU), ds.batches("valid", 64, CPU), ft, CPU,
+    history = training.train(model, ds.batches("train", 32, CPU), ds.batches("valid", 64, CPU), ft, CPU,
                              small_batches=ds.batches("train", 32, CPU, image_size=8))
     assert [r["image_size"] for r in history] == [8, 8, 16]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -164,7 +164,7 @@ def test_stochastic_depth_skips_whole_layers_per_sample_only_in_training(checkpo
     h = torch.randn(64, 5, model.config.hidden_size)
     with torch.no_grad():
         plain = last(h)
-        handles = finetune.stochastic_depth(model, 0.5)  # the last layer: p = 0.5
+        handles = training.stochastic_depth(model, 0.5)  # the last layer: p = 0.5
         assert len(handles) == len(layers) - 1  # the first layer is never skipped
         last.train()
         out = last(h)
@@ -184,7 +184,7 @@ def test_training_validates_every_n_epochs_and_removes_its_stochastic_depth(para
     p["finetune"].update(epochs=5, drop_path=0.2, valid_every=2, select="best_valid")
     model = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
     batches = _few_images(digits_data)
-    history = finetune.train(model, batches, batches, p["finetune"], CPU)
+    history = training.train(model, batches, batches, p["finetune"], CPU)
     assert [r["val_acc"] is not None for r in history] == [False, True, False, True, True]  # and the last
     assert next(r for r in history if r["selected"])["val_acc"] is not None
     assert not any(layer._forward_hooks for layer in models.encoder_layers(model)[1])
@@ -203,7 +203,7 @@ def test_cuda_graph_training_steps_match_eager_ones(params, checkpoint, digits_d
     for graphed in (False, True):
         transformers.set_seed(0)
         model = finetune.build(settings, p["finetune"], digits_data.class_names, cuda)
-        history = finetune.train(model, batches, batches[:1], p["finetune"] | {"cuda_graph": graphed}, cuda)
+        history = training.train(model, batches, batches[:1], p["finetune"] | {"cuda_graph": graphed}, cuda)
         trained[graphed] = ({n: t.detach().cpu() for n, t in model.state_dict().items()}, history)
     (eager, h_eager), (graph, h_graph) = trained[False], trained[True]
     for name in eager:
@@ -221,7 +221,7 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(params, checkpoint,
     for accumulate in (1, 3):
         transformers.set_seed(0)
         model = finetune.build(settings, p["finetune"], digits_data.class_names, CPU)
-        history = finetune.train(model, batches, batches, p["finetune"] | {"accumulate": accumulate}, CPU)
+        history = training.train(model, batches, batches, p["finetune"] | {"accumulate": accumulate, "batch_size": 30}, CPU)
         trained.append((history, model.state_dict()))
     (h1, w1), (h3, w3) = trained
     assert [r["train_loss"] for r in h3] == pytest.approx([r["train_loss"] for r in h1], rel=1e-5)

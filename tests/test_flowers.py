@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from vitlab import config, data, finetune, gpu_data, models
+from vitlab import config, data, finetune, gpu_data, models, training
 
 FLOWERS = config.REPO_ROOT.parent / "shared" / "data" / "flowers102"
 pytestmark = pytest.mark.skipif(not (FLOWERS / "train").is_dir(),
@@ -91,7 +91,7 @@ def test_a_vit_learns_flowers_on_the_gpu_pipeline_with_the_recipe(flowers, smoke
     model = finetune.build(settings, p["finetune"], flowers.class_names, CPU)
     ft = {**p["finetune"], "epochs": 4, "lr": 2e-3, "warmup_ratio": 0.0, "label_smoothing": 0.1, "mixup_alpha": 0.2,
           "cutmix_alpha": 1.0, "ema_decay": 0.5, "select": "best_valid"}
-    history = finetune.train(model, flowers.batches("train", 68, CPU), flowers.batches("valid", 68, CPU), ft, CPU,
+    history = training.train(model, flowers.batches("train", 68, CPU), flowers.batches("valid", 68, CPU), ft, CPU,
                              num_classes=102)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert sum(r["selected"] for r in history) == 1 and all(r["train_img_s"] > 0 for r in history)

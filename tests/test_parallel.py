@@ -14,9 +14,9 @@ def test_two_processes_predict_every_test_image_once_as_one_process_does(checkpo
                                            digits_data.loader("test", 16), torch.device(CPU_DEVICE), progress=False)
     # 16 per batch over 2 processes: the split does not divide evenly, so gather_for_metrics must drop the padding.
     assert len(one_labels) % 32 != 0
-    from vitlab import runs, speed
-    entry = runs.RunModel("16-bit", checkpoint, speed.SpeedSettings())
-    logits, labels = parallel.predict(entry, f32, smoke_params["data"], 0, "test", 16, processes=2)
+    from vitlab import run_models, speed
+    entry = run_models.RunModel("16-bit", checkpoint, speed.SpeedSettings())
+    logits, labels = evaluate.predict_in_processes(entry, f32, smoke_params["data"], 0, "test", 16, processes=2)
     np.testing.assert_array_equal(labels, one_labels)
     np.testing.assert_allclose(logits, one_logits, atol=1e-5, rtol=1e-5)
 
@@ -55,7 +55,7 @@ def _train_in(params, model, tmp_path, processes):
     from vitlab import data, finetune, models
     out = tmp_path / f"p{processes}"
     if processes > 1:
-        return parallel.finetune(params, model, out, None, processes), out / "model"
+        return finetune.train_in_processes(params, model, out, None, processes), out / "model"
     settings = models.ModelSettings.from_params(params["model"])
     ds = data.for_model(params["data"], params["seed"], models.load_processor(settings))
     history = finetune.fit(model, ds, params, torch.device(CPU_DEVICE))
@@ -106,7 +106,7 @@ def test_two_processes_sweep_the_ablation_as_one_does(checkpoint, f32, nf4, smok
     from vitlab import ablation, data
     ds = data.for_checkpoint(smoke_params["data"], 0, checkpoint)
     one = ablation.sweep(checkpoint, f32, nf4, ["nf4"], list(ds.loader("valid", 32)), torch.device(CPU_DEVICE))
-    two = parallel.ablation_sweep(checkpoint, f32, nf4, ["nf4"], smoke_params["data"], 0, "valid", 32, processes=2)
+    two = ablation.sweep_in_processes(checkpoint, f32, nf4, ["nf4"], smoke_params["data"], 0, "valid", 32, processes=2)
     assert [r["config"] for r in two] == [r["config"] for r in one]  # greedy path included: the same order
     for a, b in zip(one, two):
         assert b["top1"] == a["top1"] and b["footprint_mb"] == a["footprint_mb"], a["config"]
@@ -130,7 +130,7 @@ def test_several_params_files_run_side_by_side(tmp_path):
     """`vitlab run A B --jobs 2`: both checked first, then run at once (on a CPU: --jobs says how many),
     each in its own run folder, every output line led by its run's name."""
     from .conftest import vitlab
-    from vitlab import runs
+    from vitlab import runner, runs
     bad = vitlab("run", "params/smoke.yaml", "params/smoke.yaml", "--set", "finetune.epochs=0", "--runs-dir", str(tmp_path))
     assert bad.returncode == 2 and "finetune.epochs" in bad.stderr and not list(tmp_path.iterdir())  # nothing started
     proc = vitlab("run", "params/smoke.yaml", "params/offline.yaml", "--steps", "finetune", "--set", "finetune.epochs=1",
@@ -138,7 +138,7 @@ def test_several_params_files_run_side_by_side(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     done = runs.list_runs(tmp_path)
     assert sorted(runs.manifest(d)["variant"] for d in done) == ["offline", "smoke"]
-    assert all(runs.status(d) == "ok" for d in done)
+    assert all(runner.status(d) == "ok" for d in done)
     for d in done:
         assert f"{d.name} | [finetune] epoch 1/1" in proc.stdout
     first, second = (runs.manifest(d)["steps"]["finetune"] for d in done)

@@ -13,7 +13,7 @@ import time
 import pytest
 from PIL import Image
 
-from vitlab import config, data, demo, report, runs
+from vitlab import config, data, demo, report, runner, runs
 
 from .conftest import vitlab
 
@@ -47,7 +47,7 @@ def test_a_signalled_run_is_marked_failed_not_left_running(tmp_path, sig):
     assert man["status"] == "failed" and man["failed_step"] == "finetune"
     assert signal.Signals(sig).name in man["steps"]["finetune"]["error"] and "resume" in err
     assert man["pid"] == proc.pid and man["host"] and man["heartbeat"]
-    assert runs.status(run_dir) == "failed" and not (run_dir / "finetune").exists()  # partial products moved aside
+    assert runner.status(run_dir) == "failed" and not (run_dir / "finetune").exists()  # partial products moved aside
     assert (run_dir / "finetune.failed").is_dir()
 
 
@@ -57,14 +57,14 @@ def test_resume_of_a_live_run_is_refused_with_the_pid_that_holds_it(tmp_path):
         run_dir = _wait_for_step(tmp_path, "finetune")
         second = vitlab("run", "--resume", str(run_dir))
         assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr
-        assert runs.status(run_dir) == "running"
+        assert runner.status(run_dir) == "running"
         with pytest.raises(runs.RunError, match="being executed right now"):  # the lock, not only the manifest
-            runs.execute(run_dir)
+            runner.execute(run_dir)
     finally:
         proc.kill()
         proc.communicate()
     # Killed without a chance to say so (SIGKILL): its pid is gone, so it reads as interrupted.
-    assert runs.manifest(run_dir)["status"] == "running" and runs.status(run_dir) == "interrupted"
+    assert runs.manifest(run_dir)["status"] == "running" and runner.status(run_dir) == "interrupted"
     assert report.collect([run_dir]).status.iloc[0]["status"] == "interrupted"
 
 
@@ -73,10 +73,10 @@ def test_a_running_run_without_heartbeat_is_interrupted(tmp_path, smoke_params):
     man = runs.manifest(run_dir)
     man.update(status="running", host="another-host", pid=1, heartbeat="2026-01-01T00:00:00")
     runs.write_json(run_dir / "manifest.json", man)
-    assert runs.status(run_dir) == "interrupted"
+    assert runner.status(run_dir) == "interrupted"
     man["heartbeat"] = runs._now()
     runs.write_json(run_dir / "manifest.json", man)
-    assert runs.status(run_dir) == "running"
+    assert runner.status(run_dir) == "running"
 
 
 def _create(args):
@@ -150,7 +150,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
 
 def test_progress_shows_printed_lines_and_thins_progress_bars_out():
     out = io.StringIO()
-    progress = runs.Progress("finetune", out, every_s=3600)
+    progress = runner.Progress("finetune", out, every_s=3600)
     progress.write("epoch 1/2: train loss 2.3\n")
     progress.write("\rpredict:   0%|          | 0/9 [00:00<?, ?it/s]\rpredict:  11%|#         | 1/9 [00:01<00:08]")
     progress.write("\rpredict:  22%|##        | 2/9\rpredict: 100%|##########| 9/9 [00:02<00:00]\n")
@@ -199,7 +199,7 @@ def test_an_interrupted_finetune_continues_from_its_last_epoch(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert runs.manifest(run_dir)["status"] == "failed"
-    saved = torch.load(state, weights_only=False)["history"]
+    saved = torch.load(state, weights_only=True)["history"]
     assert 1 <= len(saved) < epochs
     resumed = vitlab("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
@@ -246,3 +246,17 @@ def test_the_gpu_data_path_refuses_a_bomb_like_the_pil_path(tmp_path):
     bomb.write_bytes(_bomb())
     with pytest.raises(data.DataError, match=r"bomb.png is 12000 x 12000"):
         gpu_data.decode([bomb], 36, 32, torch.device("cpu"), max_pixels=60_000_000)
+
+
+def test_a_strip_under_the_pixel_cap_is_refused_by_its_aspect_ratio(tmp_path):
+    """A 60,000 x 1 PNG is 87 bytes and 60 K pixels, but resized to the model's input its long side
+    becomes millions of pixels: refused from the header, before decoding or resizing."""
+    from vitlab import images
+    buf = io.BytesIO()
+    Image.new("L", (60_000, 1)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 1_000
+    with pytest.raises(data.DataError, match=r"strip.png is 60000 x 1, an aspect ratio over 50:1"):
+        images.open_image(buf.getvalue(), name="strip.png")
+    ok = io.BytesIO()
+    Image.new("RGB", (400, 100)).save(ok, format="PNG")  # a panorama is fine
+    assert images.open_image(ok.getvalue()).size == (400, 100)

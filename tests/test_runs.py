@@ -6,7 +6,7 @@ import yaml
 
 import pytest
 
-from vitlab import config, demo, report, runs
+from vitlab import config, demo, report, run_models, runs
 
 from .conftest import vitlab
 
@@ -77,7 +77,7 @@ def test_the_terminal_gets_the_steps_lines_and_library_noise_goes_to_a_log(smoke
 
 
 def test_the_models_of_a_run_are_labelled_once(smoke_run):
-    (base, variant) = runs.models_of(smoke_run)
+    (base, variant) = run_models.models_of(smoke_run)
     assert (base.label, variant.label) == ("16-bit (float32)", "nf4+dq")
     assert base.path == runs.path(smoke_run, "checkpoint") and variant.path == runs.path(smoke_run, "quantized")
     assert not variant.speed.active

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import config, runs
+from . import config, machine, runner, runs
 from .errors import VitlabError
 
 
@@ -15,7 +15,7 @@ def _split(value: str | None) -> list[str]:
 
 def _check_on_this_machine(params: dict) -> None:
     """What would fail only inside a step, checked before any (after every value is checked)."""
-    config.check_machine(config.validate(params))
+    machine.check(config.validate(params))
 
 
 def _resolved(params_file: str, args: argparse.Namespace) -> dict:
@@ -42,7 +42,7 @@ def _side_by_side(args: argparse.Namespace) -> int:
     run_dirs = [runs.create(p, args.runs_dir) for p in every]
     for d in run_dirs:
         print(f"[vitlab] run folder: {d}", flush=True)
-    statuses = runs.side_by_side(run_dirs, jobs, gpus)
+    statuses = runner.side_by_side(run_dirs, jobs, gpus)
     for d, status in zip(run_dirs, statuses):
         print(f"[vitlab] {status}: {d}", flush=True)
     return 0 if all(s == "ok" for s in statuses) else 1
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
                                      "(--set changes what the steps still to run use)")
         run_dir = Path(args.resume)
         man = runs.manifest(run_dir)  # fails clearly on a folder that is not a run
-        if runs.status(run_dir) == "running":
+        if runner.status(run_dir) == "running":
             raise runs.RunError(f"{run_dir} is being executed right now (pid {man.get('pid')} on {man.get('host')})")
         rerun = _split(args.rerun) + _split(args.steps)
         params = runs.load_params(run_dir)
@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         params = _resolved(args.params[0], args)
         run_dir, rerun = runs.create(params, args.runs_dir), []
     print(f"[vitlab] run folder: {run_dir}", flush=True)
-    man = runs.execute(run_dir, rerun)
+    man = runner.execute(run_dir, rerun)
     print(f"[vitlab] {man['status']}: {run_dir}", flush=True)
     return 0 if man["status"] == "ok" else 1
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except runs.Interrupted as e:
+    except runner.Interrupted as e:
         print(f"vitlab: {e}; the run is marked failed: resume it with --resume", file=sys.stderr)
         return 128 + e.signum
     except VitlabError as e:

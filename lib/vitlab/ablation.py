@@ -10,6 +10,8 @@ and each layer quantized once per type (`_Scorer`): what makes a 24-layer sweep 
 """
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import infer, metrics, models, quant
+from . import data, infer, metrics, models, parallel, quant
 from .models import ModelSettings
 from .quant import QuantSettings
 
@@ -143,7 +145,7 @@ def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, 
           timings: dict | None = None, shard: tuple[int, int] = (0, 1), gather=None) -> list[dict]:
     """Score every `configurations` entry for each quant type against the 16-bit model, then every
     prefix of `greedy_order` (configs "greedy 1", "greedy 2", ...): the candidates `choose` picks from.
-    `timings`, when given, is filled with the seconds each part took. Data parallel (parallel.ablation_sweep):
+    `timings`, when given, is filled with the seconds each part took. Data parallel (sweep_in_processes):
     `shard` (rank, processes) scores configurations rank, rank + processes, ... and `gather` (every
     process's list -> all of them) joins the shares, so each process holds every row, in order."""
     scorer = _Scorer(checkpoint, settings, batches, device)
@@ -167,6 +169,37 @@ def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, 
     if timings is not None:
         timings.update(scorer.seconds, configurations=scorer.configs)
     return rows
+
+
+def _sweep_worker(checkpoint: str, settings, base, quant_types: list[str], data_cfg: dict[str, Any], seed: int,
+                  split: str, batch_size: int, out: str) -> None:
+    from accelerate.utils import gather_object
+
+    acc = parallel.accelerator()
+    ds = data.for_checkpoint(data_cfg, seed, checkpoint)
+    batches = list(ds.loader(split, batch_size))  # the same images, in the same order, in every process
+    timings: dict = {}
+    rows = sweep(checkpoint, settings, base, quant_types, batches, acc.device, seed, timings,
+                          shard=(acc.process_index, acc.num_processes), gather=gather_object)
+    if acc.is_main_process:
+        Path(out).write_text(json.dumps({"rows": rows, "timings": timings, "processes": acc.num_processes}))
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def sweep_in_processes(checkpoint: str | Path, settings, base, quant_types: list[str], data_cfg: dict[str, Any], seed: int,
+                   split: str, batch_size: int, processes: int, timings: dict | None = None) -> list[dict]:
+    """`sweep` with its configurations spread over `processes` processes (each scores its share
+    on the same images; the rows are gathered in the one-process order)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        parallel.launch(_sweep_worker, processes, str(checkpoint), settings, base, quant_types, data_cfg, seed, split, batch_size, str(out))
+        got = json.loads(out.read_text())
+    if got["processes"] != processes:
+        raise RuntimeError(f"asked for {processes} processes, the sweep ran in {got['processes']}")
+    if timings is not None:
+        timings.update(got["timings"])
+    return got["rows"]
 
 
 def _say(row: dict, where: str) -> None:
@@ -239,10 +272,36 @@ def choose_all(rows: list[dict], ablation_params: dict[str, Any]) -> dict[str, d
     return choices
 
 
-def mixed_params(params: dict[str, Any], choice: dict) -> dict[str, Any]:
-    """The run's params with `quant` set to the choice: a params file `vitlab run` takes."""
+def mixed_params(params: dict[str, Any], choice: dict, checkpoint: str | Path) -> dict[str, Any]:
+    """The run's params with `quant` set to the choice, starting from the run's trained `checkpoint` as it
+    is (finetune.method none: nothing is trained again): a params file `vitlab run` takes."""
     return {**params, "variant": f"{params['variant']}_{choice['quant']}_mixed",
+            "steps": [s for s in params["steps"] if s != "ablation"],
+            "model": {**params["model"], "id": str(Path(checkpoint).resolve()), "init": "default"},
+            "finetune": {**params["finetune"], "method": "none"},
             "quant": {**params["quant"], **QUANT_TYPES[choice["quant"]], "keep_16bit": choice["keep_16bit"]}}
+
+
+def write_mixed(out: Path, params: dict[str, Any], choices: dict[str, dict], checkpoint: str | Path) -> list[Path]:
+    """Each choice as <out>/<variant>_<quant>_mixed.yaml; returns the files."""
+    import yaml
+
+    written = []
+    for choice in choices.values():
+        mixed = mixed_params(params, choice, checkpoint)
+        written.append(out / f"{mixed['variant']}.yaml")
+        written[-1].write_text(yaml.safe_dump(mixed, sort_keys=False))
+    return written
+
+
+def sweep_for_run(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, params: dict[str, Any],
+                  batches: list, device: torch.device) -> list[dict]:
+    """`sweep` as the ablation step runs it: in this process, or spread over `ablation.processes`."""
+    ab = params["ablation"]
+    if ab["processes"] == 1:
+        return sweep(checkpoint, settings, base, ab["quant_types"], batches, device, params["seed"])
+    return sweep_in_processes(checkpoint, settings, base, ab["quant_types"], params["data"], params["seed"], ab["split"],
+                              params["eval"]["batch_size"], ab["processes"])
 
 
 def verdicts(checks: list[dict]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ParamsError
-from .settings import ATTENTION, REPO_ROOT, STEPS, Params, check_machine, local_model  # noqa: F401 (re-exported)
+from .settings import ATTENTION, REPO_ROOT, STEPS, Params, local_model  # noqa: F401 (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = REPO_ROOT / "params"

@@ -6,9 +6,7 @@ Every source yields train/valid/test datasets of (PIL image, label) plus class n
 from __future__ import annotations
 
 import functools
-import io
 import json
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +14,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from .config import REPO_ROOT
 from .errors import DataError
+from .images import open_image
 
 SPLITS = ("train", "valid", "test")
 
@@ -68,7 +67,7 @@ class Data:
         """Training and validation batches by `data.pipeline`: `loader`, or the split decoded once onto
         `device` and augmented there (`gpu_data.GpuBatches`; `image_size`: training crops of another
         size than the model's, from the same decoded images)."""
-        if self.cfg.get("pipeline", "pil") == "pil":
+        if self.cfg["pipeline"] == "pil":
             return self.loader(split, batch_size)
         from . import gpu_data
 
@@ -143,44 +142,6 @@ def images_and_labels(ds: Dataset) -> tuple[list, list[int]]:
     raise DataError(f"data.pipeline gpu cannot read the images of a {type(ds).__name__}; use data.pipeline: pil")
 
 
-MAX_IMAGE_PIXELS = 60_000_000  # params/defaults.yaml's data.max_image_pixels
-
-
-def _open_header(source: str | Path | bytes, name: str, max_pixels: int) -> Image.Image:
-    """The image's header only (no pixels decoded yet), refused when it declares more than max_pixels."""
-    with warnings.catch_warnings():  # PIL warns of a possible bomb at open; the check below decides
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise DataError(f"{name} is {width} x {height} = {width * height:,} pixels, more than the "
-                        f"{max_pixels:,} allowed (data.max_image_pixels): it would take "
-                        f"{width * height * 3 / 2**30:.1f} GB decoded; downscale it first")
-    return image
-
-
-def check_pixels(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """open_image's size check, for decoders other than PIL (the GPU data path)."""
-    _open_header(path, str(path), max_pixels).close()
-
-
-def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
-    """Open an image file (path or raw bytes) as RGB, with an error that names the input (`name`, else
-    the path, else "uploaded bytes"). Its size is read from the header and checked against `max_pixels`
-    before any pixel is decoded."""
-    name = name or ("uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source))
-    try:
-        image = _open_header(source, name, max_pixels)
-        image.load()
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{name}: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot read {name} as an image ({e}); give a JPEG/PNG file, "
-                        "or remove the corrupt file from the data set") from e
-    return image.convert("RGB")
-
-
 # --- sources ---------------------------------------------------------------------------------------
 
 def _digits(cfg: dict[str, Any], seed: int, size: int) -> Splits:
@@ -203,7 +164,7 @@ def _digits(cfg: dict[str, Any], seed: int, size: int) -> Splits:
 def _checked_loader(cfg: dict[str, Any]) -> Callable[[str], Image.Image]:
     """open_image with the params' pixel limit, as an ImageFolder loader (torchvision's own would raise
     without naming the file). Runs made before the limit existed get the default."""
-    return functools.partial(open_image, max_pixels=cfg.get("max_image_pixels", MAX_IMAGE_PIXELS))
+    return functools.partial(open_image, max_pixels=cfg["max_image_pixels"])
 
 
 def _imagefolder(cfg: dict[str, Any]) -> Splits:
@@ -335,7 +296,7 @@ def load_splits(data_cfg: dict[str, Any], seed: int, image_size: int) -> Splits:
         splits = _flowers102(data_cfg)
     else:
         raise DataError(f"unknown data.source '{source}'")
-    which = data_cfg.get("classes", "all")  # runs made before the key existed used every class
+    which = data_cfg["classes"]
     if which != "all":
         keep = class_subset(len(splits.class_names), which, data_cfg["class_split_seed"])
         splits = Splits(*(Selected(splits[s], keep) for s in SPLITS), [splits.class_names[c] for c in keep])

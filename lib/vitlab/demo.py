@@ -11,20 +11,20 @@ import torch
 import transformers
 from PIL import Image
 
-from . import data, evaluate, infer, models, runs, speed
+from . import data, images, infer, models, run_models, runs, speed
 
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # a photo is a few MB; more is a mistake or an attack
 
 
 def read_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
-                max_pixels: int = data.MAX_IMAGE_PIXELS) -> Image.Image:
+                max_pixels: int = images.MAX_IMAGE_PIXELS) -> Image.Image:
     """An uploaded file as an RGB image, or a DataError that says why not (too large, too many pixels,
     not an image), before anything large is decoded."""
     if len(content) > max_bytes:
         raise data.DataError(f"{name} is {len(content) / 2**20:.1f} MB; this demo takes images up to "
                              f"{max_bytes / 2**20:.0f} MB")
-    return data.open_image(bytes(content), max_pixels=max_pixels, name=name)
+    return images.open_image(bytes(content), max_pixels=max_pixels, name=name)
 
 
 def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
@@ -32,9 +32,9 @@ def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
     return [r for r in reversed(runs.list_runs(runs_dir)) if all(runs.done(r, s) for s in runs.STEPS["demo"].needs)]
 
 
-def variants(run_dir: Path) -> dict[str, runs.RunModel]:
+def variants(run_dir: Path) -> dict[str, run_models.RunModel]:
     """The models of a run by label, as evaluate names them."""
-    return {m.label: m for m in runs.models_of(run_dir)}
+    return {m.label: m for m in run_models.models_of(run_dir)}
 
 
 class Predictor:
@@ -54,7 +54,7 @@ class Predictor:
             def valid():  # only the settings that calibrate FP8 scales ask for them (speed.fp8: static, int4: w4a8)
                 return data.for_checkpoint(params["data"], params["seed"], entry.path).loader("valid", params["eval"]["batch_size"])
 
-            model = evaluate.load(entry, settings, self.device, valid)
+            model = run_models.load(entry, settings, self.device, valid)
             processor = transformers.AutoImageProcessor.from_pretrained(entry.path)
             size = processor.size.get("height") or processor.size.get("shortest_edge")
             transform = data.transforms(size, processor.image_mean, processor.image_std, train=False)

@@ -8,28 +8,18 @@ returns one flat row; loops, tables and files sit around it.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from . import bench, infer, metrics, models, parallel, runs, speed
+from . import bench, data, infer, metrics, models, parallel, run_models, runs, speed
 from .models import ModelSettings
-
-
-def load(entry: runs.RunModel, settings: ModelSettings, device: torch.device,
-         valid: Callable[[], Iterable] | None = None) -> nn.Module:
-    """A model of a run as evaluate runs it: its saved weights, then its speed paths. `valid` gives
-    batches of validation images, asked for only by the settings that calibrate FP8 activation scales
-    on them (`speed.fp8: static`, `speed.int4: w4a8`)."""
-    model = models.load_checkpoint(entry.path, settings, device)
-    if not entry.speed.active:
-        return model
-    return speed.apply(model, entry.speed, valid() if valid is not None and entry.speed.calibrates else None)
 
 
 def sizes(model: nn.Module, saved: str | Path | None = None) -> dict[str, float | None]:
@@ -88,34 +78,34 @@ class Evaluation:
             "kernels": {name: t.to_dict("records") for name, t in self.kernels.items()}})
 
 
-def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.device, out: Path) -> Evaluation:
+def evaluate_run(run_dir: Path, params: dict[str, Any], ds, device: torch.device, out: Path) -> Evaluation:
     """Every model of the run on the test split: `measure`, `bench.latency` at each of
     eval.latency_batch_sizes, and a profile (by component for eager models; a kernel table on a GPU for
     compiled or graph-replayed ones, whose insides module hooks cannot see)."""
     ev, settings = params["eval"], ModelSettings.from_params(params["model"])
-    batches = data.loader("test", ev["batch_size"])
+    batches = ds.loader("test", ev["batch_size"])
     accuracy, latency, profiles, kernels, confusions, matrices = [], [], [], {}, {}, {}
     ref = None
-    for entry in runs.models_of(run_dir, params):
-        model = load(entry, settings, device, lambda: data.loader("valid", ev["batch_size"]))
+    for entry in run_models.models_of(run_dir, params):
+        model = run_models.load(entry, settings, device, lambda: ds.loader("valid", ev["batch_size"]))
         # eval.processes > 1: the accuracy pass sharded over that many processes (one per GPU).
-        predictions = (parallel.predict(entry, settings, params["data"], params["seed"], "test", ev["batch_size"],
+        predictions = (predict_in_processes(entry, settings, params["data"], params["seed"], "test", ev["batch_size"],
                                         ev["processes"]) if ev["processes"] > 1 else None)
-        row, logits, labels = measure(model, entry.label, batches, device, len(data.class_names), params["seed"],
+        row, logits, labels = measure(model, entry.label, batches, device, len(ds.class_names), params["seed"],
                                       entry.path, ref, predictions)
         ref = logits if ref is None else ref
         accuracy.append(row)
         print(f"{entry.label}: top-1 {row['top1']:.4f} [{row['top1_lo']:.4f}, {row['top1_hi']:.4f}] on {row['n']} images",
               flush=True)
-        matrices[entry.label] = metrics.confusion_table(labels, logits.argmax(1), data.class_names)
+        matrices[entry.label] = metrics.confusion_table(labels, logits.argmax(1), ds.class_names)
         confusions[entry.label] = metrics.confused_pairs(matrices[entry.label])
         for bs in ev["latency_batch_sizes"]:
-            latency.append({"model": entry.label, **bench.latency(model, bs, data.image_size, device, ev["warmup"],
+            latency.append({"model": entry.label, **bench.latency(model, bs, ds.image_size, device, ev["warmup"],
                                                                   ev["iters"])})
             print(f"{entry.label}: batch {bs}: p50 {latency[-1]['p50_ms']:.2f} ms, "
                   f"{latency[-1]['throughput_img_s']:.0f} img/s", flush=True)
         if ev["profile"]:
-            x = bench.random_batch(model, ev["profile_batch_size"], data.image_size, device)
+            x = bench.random_batch(model, ev["profile_batch_size"], ds.image_size, device)
             if not entry.speed.active:
                 trace = out / f"trace_{len(profiles)}.json" if device.type == "cuda" else None
                 table = bench.profile_components(model, x, ev["profile_iters"], trace)
@@ -128,3 +118,35 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], data, device: torch.devi
     if not profile.empty:
         profile.attrs["clock"] = profile["clock"].iloc[0]
     return Evaluation(pd.DataFrame(accuracy), pd.DataFrame(latency), profile, kernels, confusions, matrices)
+
+
+def _predict_worker(entry, settings, data_cfg: dict[str, Any], seed: int, split: str, batch_size: int, out: str) -> None:
+    acc = parallel.accelerator()
+    ds = data.for_checkpoint(data_cfg, seed, entry.path)
+    model = run_models.load(entry, settings, acc.device, lambda: ds.loader("valid", batch_size))  # speed paths too
+    loader = acc.prepare_data_loader(ds.loader(split, batch_size))
+    dtype = infer.input_dtype(model)
+    logits, labels = [], []
+    with torch.inference_mode():
+        for x, y in loader:
+            out_logits = model(pixel_values=x.to(acc.device, dtype)).logits.float()
+            got_logits, got_labels = acc.gather_for_metrics((out_logits, torch.as_tensor(y, device=acc.device)))
+            logits.append(got_logits.cpu())
+            labels.append(got_labels.cpu())
+    if acc.is_main_process:
+        np.savez(out, logits=torch.cat(logits).numpy(), labels=torch.cat(labels).numpy(), processes=acc.num_processes)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def predict_in_processes(entry, settings, data_cfg: dict[str, Any], seed: int, split: str, batch_size: int,
+                         processes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 logits and labels of a run's model (a `run_models.RunModel`, loaded as evaluate loads it) on a
+    split sharded over `processes` processes (one per GPU): every image once, in the split's order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "predictions.npz")
+        parallel.launch(_predict_worker, processes, entry, settings, data_cfg, seed, split, batch_size, out)
+        got = np.load(out)
+        if int(got["processes"]) != processes:
+            raise RuntimeError(f"asked for {processes} processes, the prediction ran in {int(got['processes'])}")
+        return got["logits"], got["labels"]

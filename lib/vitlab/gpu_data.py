@@ -23,7 +23,7 @@ from torchvision import io
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from . import data
+from .images import check_pixels
 
 
 def decode(sources: Sequence, short_side: int, crop: int, device: torch.device, chunk: int = 512,
@@ -41,7 +41,7 @@ def decode(sources: Sequence, short_side: int, crop: int, device: torch.device, 
         else:
             if max_pixels is not None:
                 for p in part:
-                    data.check_pixels(p, max_pixels)
+                    check_pixels(p, max_pixels)
             files = [io.read_file(str(p)) for p in part]
             jpeg = device.type == "cuda" and all(str(p).lower().endswith((".jpg", ".jpeg")) for p in part)
             images = (io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device) if jpeg else

@@ -9,7 +9,6 @@ import functools
 import os
 import re
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ class ModelSettings:
         attention.hf_implementation(model_params["attention"])  # an unknown name fails here, not at load
         local = local_model(model_params["id"])
         return cls(id=str(local) if local else model_params["id"], dtype=DTYPES[model_params["dtype"]], attention=model_params["attention"],
-                   config=dict(model_params.get("config") or {}), init=model_params.get("init", "default"))
+                   config=dict(model_params["config"] or {}), init=model_params["init"])
 
     @property
     def dtype_name(self) -> str:
@@ -54,40 +53,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device '{name}' asked for, but no CUDA GPU is visible; use device: cpu or auto")
     return device
-
-
-def _busy_cores(seconds: float = 0.3) -> float:
-    """How many of this machine's cores other processes keep busy right now (Linux' /proc/stat, sampled
-    over `seconds`; 0 where it cannot be read)."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(t) for t in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    try:
-        (total0, idle0), _ = sample(), time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
-
-
-def cpu_threads() -> int:
-    """torch's CPU threads for a step: the cores this process may use that no other process keeps busy.
-    On small models each op ends in a barrier of every thread; one thread descheduled by other work
-    stalls the rest (measured: 2 threads 3.6x slower than 1 on a 2-core box with one core busy)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, round(cores - _busy_cores())))
-
-
-def use_cpu_threads() -> int:
-    """Set torch's intra-op threads to `cpu_threads()`, saying so when other work takes cores."""
-    threads, cores = cpu_threads(), torch.get_num_threads()
-    if threads < cores:
-        print(f"other processes keep {cores - threads} of {cores} cores busy: torch uses {threads} thread(s)",
-              flush=True)
-    torch.set_num_threads(threads)
-    return threads
 
 
 def _offline_hint(model_id: str, error: Exception) -> ModelError:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runs
+from . import runner, runs
 from .config import REPO_ROOT
 
 NOTEBOOK = "06_report.py"
@@ -45,7 +45,7 @@ def collect(run_dirs: list[Path]) -> Collected:
     status, acc, lat, prof, sens, choices = [], [], [], [], [], {}
     for r in run_dirs:
         man = runs.manifest(r)
-        status.append({"run": r.name, "label": labels[r], "status": runs.status(r),
+        status.append({"run": r.name, "label": labels[r], "status": runner.status(r),
                        **{s: v["status"] for s, v in man["steps"].items()},
                        "failed": man.get("failed_step"), "device": man["device"]["name"],
                        "commit": (man["git"]["commit"] or "")[:8]})
@@ -67,8 +67,8 @@ def collect(run_dirs: list[Path]) -> Collected:
 def render(run_dirs: list[Path], runs_root: Path) -> Path:
     """Execute the report notebook over `run_dirs` into a new folder under runs_root/reports; its HTML."""
     out = runs.new_folder(Path(runs_root) / "reports")
-    notebook = runs.execute_notebook(NOTEBOOK, out, {"run_dirs": [str(r) for r in run_dirs], "runs_root": str(runs_root)})
-    return runs.render_html(notebook)
+    notebook = runner.execute_notebook(NOTEBOOK, out, {"run_dirs": [str(r) for r in run_dirs], "runs_root": str(runs_root)})
+    return runner.render_html(notebook)
 
 
 def publish(report_dir: Path, target: Path = PUBLISHED) -> list[tuple[str, bool]]:

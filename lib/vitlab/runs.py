@@ -1,4 +1,4 @@
-"""Run folders: the contract of what each step reads and writes, creating and executing them.
+"""Run folders: the contract of what each step reads and writes, and making and reading them.
 
 runs/<YYYY-MM-DD_HHMMSS>_<variant>/
     params.yaml        the resolved parameters
@@ -7,28 +7,21 @@ runs/<YYYY-MM-DD_HHMMSS>_<variant>/
     finetune/ ...      each step's products, as STEPS declares them
 
 Every reader (the notebooks, the demo, the report, the benchmarks) finds a product with
-`path(run_dir, name)`, asks `done(run_dir, step)`, and lists the models of a run with `models_of`.
+`path(run_dir, name)` and asks `done(run_dir, step)`; `run_models.models_of` lists the models of a run.
+Executing a run folder's steps is `runner`'s.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import platform
-import re
-import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -39,10 +32,7 @@ from .errors import RunError
 if TYPE_CHECKING:
     import torch
 
-    from .speed import SpeedSettings
-
 RUNS_DIR = REPO_ROOT / "runs"
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 LIBRARIES = ("torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate", "numpy",
              "scikit-learn", "papermill", "jupytext", "flash-attn", "torchao")
 
@@ -104,30 +94,6 @@ def done(run_dir: str | Path, step: str) -> bool:
 def needs_of(steps: list[str]) -> list[str]:
     """The steps `steps` read from but do not include: what must already be done in the run folder."""
     return [n for s in steps for n in STEPS[s].needs if n not in steps]
-
-
-@dataclass(frozen=True)
-class RunModel:
-    """One model a run holds: its label (used by every table, figure and the demo), where its weights are,
-    and the speed paths evaluate runs it with."""
-    label: str
-    path: Path
-    speed: "SpeedSettings"
-
-
-def models_of(run_dir: str | Path, params: dict[str, Any] | None = None) -> list[RunModel]:
-    """The models of a run: its merged 16-bit checkpoint, and the variant this run is about (quantized
-    and/or run a `speed` way) when it differs from that."""
-    from .quant import QuantSettings
-    from .speed import SpeedSettings
-
-    params = params or load_params(run_dir)
-    q, sp = QuantSettings.from_params(params["quant"]), SpeedSettings.from_params(params["speed"])
-    out = [RunModel(f"16-bit ({params['model']['dtype']})", path(run_dir, "checkpoint"), SpeedSettings())]
-    if q.bits != 16 or sp.active:
-        label = q.describe() if q.bits != 16 else params["model"]["dtype"]
-        out.append(RunModel(label + (f" + {sp.describe()}" if sp.active else ""), path(run_dir, "quantized"), sp))
-    return out
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -224,269 +190,12 @@ def manifest(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_params(run_dir: str | Path) -> dict[str, Any]:
-    return yaml.safe_load((Path(run_dir) / "params.yaml").read_text())
-
-
-# Lines a step's kernel prints that say nothing to a researcher: transport and kernel-hub notices, and
-# transformers naming "eetq" when an ablation keeps every linear of a model in 16-bit (nothing to quantize).
-NOISE = ("Kernel is running over TCP without encryption", "Failed to load CPU gemm_4bit_forward", "USDT:",
-         "no linear modules were found in your model")
-
-
-class Progress:
-    """A step's printed lines and progress bars, in the terminal while the notebook runs: printed lines as
-    they come; a progress bar (tqdm redraws one line with carriage returns) as a line when it starts,
-    every `every_s` seconds and when it ends, instead of every redraw; known noise dropped."""
-
-    def __init__(self, step: str, stream=None, every_s: float = 10.0):
-        self.prefix, self.stream, self.every_s = f"[{step}] ", stream or sys.stdout, every_s
-        self.shown: dict[str, float] = {}
-
-    def _show(self, line: str) -> None:
-        self.stream.write(self.prefix + line + "\n")
-        self.stream.flush()
-
-    def write(self, text: str) -> None:
-        for piece in text.replace("\r", "\n").split("\n"):
-            piece = piece.strip()
-            if not piece or any(n in piece for n in NOISE):
-                continue
-            bar = re.match(r"^(.*?):\s+(\d+)%\|", piece)
-            if bar is None:
-                self._show(piece)
-                continue
-            name, now = bar.group(1), time.monotonic()
-            done = bar.group(2) == "100"
-            if done or name not in self.shown or now - self.shown[name] >= self.every_s:
-                self.shown[name] = now
-                self._show(piece)
-            if done:
-                self.shown.pop(name, None)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _kernel_stderr_to(path: Path) -> type:
-    """A kernel manager whose kernel process writes its own stderr to `path`: what C++ libraries print
-    past Python (the profiler's Kineto: `USDT: ... profiler_start`) lands there, not in the terminal.
-    Cell output still travels through the notebook (and `progress`)."""
-    from jupyter_client import AsyncKernelManager
-
-    class Manager(AsyncKernelManager):
-        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
-            with open(path, "ab") as log:  # the kernel holds its own copy of the descriptor
-                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
-
-    return Manager
-
-
-def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:
-    """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir; with
-    `progress`, what its cells print reaches the terminal as they run. The kernel process's own stderr
-    goes to out_dir/<notebook>.stderr.log (kept only when something was written)."""
-    import jupytext
-    import papermill
-
-    nb = jupytext.read(NOTEBOOK_DIR / notebook)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    executed = out_dir / notebook.replace(".py", ".ipynb")
-    stderr_log = out_dir / notebook.replace(".py", ".stderr.log")
-    try:
-        # The kernel's own warning about TCP transport on localhost is noise in every step's terminal output.
-        papermill.execute_notebook(nb, str(executed), parameters=parameters, kernel_name="python3", cwd=str(out_dir),
-                                   progress_bar=False, log_output=False, stdout_file=progress, stderr_file=progress,
-                                   extra_arguments=["--IPKernelApp.log_level=ERROR"],
-                                   kernel_manager_class=_kernel_stderr_to(stderr_log))
-    finally:
-        if stderr_log.is_file() and not stderr_log.stat().st_size:
-            stderr_log.unlink()
-    return executed
-
-
-HEARTBEAT_S = 30.0  # a running run rewrites its heartbeat this often; three missed beats mean it is gone
-
-
-class Interrupted(BaseException):
-    """A run stopped by a signal (SIGTERM from a scheduler, SIGHUP from a closed terminal)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Interrupted in the main thread, as Ctrl-C raises KeyboardInterrupt, so the
-    run is marked failed with the signal instead of dying with `running` in its manifest."""
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-class _Live:
-    """While a run executes: an exclusive lock on <run>/.lock (a second `vitlab run --resume` of it is
-    refused), pid and host in the manifest, and a heartbeat: <run>/.heartbeat touched every HEARTBEAT_S
-    seconds by a thread (which never writes the manifest the main thread is changing), and the time of
-    every manifest save."""
-
-    def __init__(self, run_dir: Path, man: dict[str, Any]):
-        self.run_dir, self.man, self.stop = run_dir, man, threading.Event()
-
-    def __enter__(self) -> "_Live":
-        self.lock_file = open(self.run_dir / ".lock", "a+")
-        try:
-            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock_file.close()
-            holder = manifest(self.run_dir)
-            raise RunError(f"{self.run_dir} is being executed right now (pid {holder.get('pid')} on "
-                           f"{holder.get('host')}); wait for it, or stop that process first") from None
-        self.man.update(pid=os.getpid(), host=platform.node())
-        self.save()
-        threading.Thread(target=self._beat, daemon=True).start()
-        return self
-
-    def _beat(self) -> None:
-        while True:
-            (self.run_dir / ".heartbeat").touch()
-            if self.stop.wait(HEARTBEAT_S):
-                return
-
-    def save(self) -> None:
-        self.man["heartbeat"] = _now()
-        write_json(self.run_dir / "manifest.json", self.man)
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.save()
-        fcntl.flock(self.lock_file, fcntl.LOCK_UN)
-        self.lock_file.close()
-
-
-def status(run_dir: str | Path) -> str:
-    """The manifest's status, except that a `running` run whose process is gone (dead pid on this host, or
-    no heartbeat for three intervals) is `interrupted`."""
-    man = manifest(run_dir)
-    if man["status"] != "running":
-        return man["status"]
-    if man.get("host") == platform.node() and man.get("pid"):
-        try:
-            os.kill(man["pid"], 0)
-        except ProcessLookupError:
-            return "interrupted"
-        except PermissionError:
-            pass
-    beats = [dt.datetime.fromisoformat(man["heartbeat"]).timestamp()] if man.get("heartbeat") else []
-    if (Path(run_dir) / ".heartbeat").exists():
-        beats.append((Path(run_dir) / ".heartbeat").stat().st_mtime)
-    if beats and time.time() - max(beats) > 3 * HEARTBEAT_S:
-        return "interrupted"
-    return "running"
-
-
-def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
-    """Execute the steps that are not `ok` yet (and those in `rerun`), in order; stop at the first
-    failure and mark the run failed. A failed step's partial products are moved to <step>.failed/."""
-    run_dir = Path(run_dir).resolve()
-    man = manifest(run_dir)
-    params = load_params(run_dir)
-    for step in rerun or []:
-        if step not in man["steps"]:
-            raise RunError(f"cannot re-run '{step}': run {run_dir.name} has the steps {list(man['steps'])}")
-        man["steps"][step]["status"] = "pending"
-    with _Live(run_dir, man) as live, _signals_interrupt():
-        man["status"], man["started"] = "running", man.get("started") or _now()
-        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # which GPU(s) of the machine it ran on
-            man["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
-        live.save()
-        for step in man["steps"]:
-            entry = man["steps"][step]
-            if entry["status"] == "ok":
-                continue
-            # A step re-runs from scratch: nothing half-written by an earlier attempt survives.
-            for old in (step_folder(run_dir, step), run_dir / f"{step}.failed"):
-                shutil.rmtree(old, ignore_errors=True)
-            entry.update(status="running", started=_now(), error=None)
-            live.save()
-            print(f"[vitlab] {run_dir.name}: {step} ...", flush=True)
-            t0 = time.perf_counter()
-            try:
-                execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)},
-                                 Progress(step))
-            except BaseException as e:  # Ctrl-C and signals too: the folder must say it did not finish
-                error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-                entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
-                man.update(status="failed", ended=_now(), failed_step=step)
-                if step_folder(run_dir, step).exists():
-                    step_folder(run_dir, step).rename(run_dir / f"{step}.failed")
-                live.save()
-                print(f"[vitlab] {run_dir.name}: {step} FAILED: {error}\n"
-                      f"[vitlab] see {run_dir / STEPS[step].notebook.replace('.py', '.ipynb')}; "
-                      f"resume with: python -m vitlab run --resume {run_dir}", file=sys.stderr, flush=True)
-                if not isinstance(e, Exception):
-                    raise
-                return man
-            entry.update(status="ok", ended=_now(), seconds=round(time.perf_counter() - t0, 1))
-            shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)
-            live.save()
-            print(f"[vitlab] {run_dir.name}: {step} ok ({entry['seconds']} s)", flush=True)
-        done = all(man["steps"][s]["status"] == "ok" for s in man["steps"])
-        man.update(status="ok" if done else "partial", ended=_now())
-        man.pop("failed_step", None)
-    return man
-
-
-def side_by_side(run_dirs: list[Path], jobs: int, gpus: int) -> list[str]:
-    """Execute several created runs at once, each in its own `vitlab run --resume` process: at most `jobs`
-    at a time, and on a machine with GPUs each on one GPU of its own (CUDA_VISIBLE_DEVICES). Their
-    output is passed on with each line led by its run's name. A signal here stops every run (each marks
-    itself failed); returns each run's final status."""
-    if gpus and jobs > gpus:
-        raise RunError(f"{jobs} runs at once on {gpus} GPU(s): each run gets a GPU of its own")
-    free, queue, running, status = list(range(jobs)), list(run_dirs), {}, {}
-
-    def relay(proc: subprocess.Popen, name: str) -> None:
-        for line in proc.stdout:
-            print(f"{name} | {line}", end="", flush=True)
-
-    def start(run_dir: Path, slot: int) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1") | ({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else {})
-        proc = subprocess.Popen([sys.executable, "-m", "vitlab", "run", "--resume", str(run_dir)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
-        reader = threading.Thread(target=relay, args=(proc, run_dir.name), daemon=True)
-        reader.start()
-        running[proc] = (run_dir, slot, reader)
-        print(f"[vitlab] {run_dir.name}: started" + (f" on GPU {slot}" if gpus else ""), flush=True)
-
-    try:
-        with _signals_interrupt():
-            while queue or running:
-                while queue and free:
-                    start(queue.pop(0), free.pop(0))
-                for proc in [p for p in running if p.poll() is not None]:
-                    run_dir, slot, reader = running.pop(proc)
-                    reader.join()
-                    free.append(slot)
-                    status[run_dir.name] = manifest(run_dir)["status"]
-                time.sleep(0.2)
-    except (KeyboardInterrupt, Interrupted):
-        for proc in running:  # each marks its run failed with the signal
-            proc.send_signal(signal.SIGTERM)
-        for proc, (_, _, reader) in running.items():
-            proc.wait()
-            reader.join()
-        raise
-    return [status[d.name] for d in run_dirs]
+    """A run's params.yaml over today's defaults (keys added since it was made read as their defaults),
+    checked as a new run's params are: a hand-edited value is refused, not obeyed."""
+    path = Path(run_dir) / "params.yaml"
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no params.yaml: not a vitlab run folder, or one copied without it")
+    return config.load_recorded(config.load_yaml(path), path)
 
 
 def list_runs(runs_dir: str | Path = RUNS_DIR) -> list[Path]:
@@ -522,7 +231,8 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
             run_dir = create({**params, "steps": [step]}, runs_dir)
     import transformers
 
-    from .models import resolve_device, use_cpu_threads
+    from .machine import use_cpu_threads
+    from .models import resolve_device
 
     run_dir = Path(run_dir)
     params = params or load_params(run_dir)
@@ -533,14 +243,3 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
     if device.type == "cpu":
         use_cpu_threads()
     return params, run_dir, out, device
-
-
-def render_html(notebook: str | Path) -> Path:
-    """An executed notebook as a standalone HTML report, code cells hidden."""
-    from nbconvert import HTMLExporter
-
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_filename(str(notebook))
-    html = Path(notebook).with_suffix(".html")
-    html.write_text(body)
-    return html

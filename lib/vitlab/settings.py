@@ -3,16 +3,14 @@
 `Params.of(merged_dict)` turns the merged YAML (defaults <- variant <- --set) into one `Params`:
 every value is checked against its field's type (choices are `Literal`s), its range (a field's
 `rule`), then each section's own cross-field checks, then those that span sections. The first
-problem raises one `ParamsError` naming the key and the fix. `check_machine` adds what needs this
-machine (a GPU, the flash-attn package); it imports torch only when the answer depends on it.
+problem raises one `ParamsError` naming the key and the fix. What needs this machine (a GPU, the
+flash-attn package) is `machine.check`'s.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +49,14 @@ SHARE = (lambda v: 0 <= v < 1, "0 <= x < 1")
 COUNT_OR_ALL = (lambda v: v is None or v >= 1, "at least 1, or null for all")
 
 
+class Section:
+    """A params section: `of` builds it from its dict, every value checked."""
+
+    @classmethod
+    def of(cls, raw: dict[str, Any], prefix: str | None = None):
+        return _build(cls, raw, f"{cls.__name__.lower()}." if prefix is None else prefix)
+
+
 def local_model(model_id: str | None) -> Path | None:
     """The directory a model.id names (absolute, or relative to the repo root like data.root), or None
     for a hub id (or null)."""
@@ -62,7 +68,7 @@ def local_model(model_id: str | None) -> Path | None:
 
 
 @dataclass(frozen=True)
-class Lora:
+class Lora(Section):
     r: int = rule(*AT_LEAST_1)
     alpha: float = rule(*POSITIVE)
     dropout: float = rule(*SHARE)
@@ -71,7 +77,7 @@ class Lora:
 
 
 @dataclass(frozen=True)
-class Model:
+class Model(Section):
     id: Union[str, None]
     config: dict
     init: Literal["default", "mimetic", "sincos", "mimetic_sincos"]
@@ -125,7 +131,7 @@ class Model:
 
 
 @dataclass(frozen=True)
-class Data:
+class Data(Section):
     source: Literal["flowers102", "imagefolder", "digits"]
     root: str
     classes: Literal["all", "half_a", "half_b"]
@@ -150,7 +156,7 @@ class Data:
 
 
 @dataclass(frozen=True)
-class Finetune:
+class Finetune(Section):
     method: Literal["lora", "qlora", "full", "probe", "none"]
     epochs: int = rule(*AT_LEAST_1)
     batch_size: int = rule(*AT_LEAST_1)
@@ -188,7 +194,7 @@ class Finetune:
 
 
 @dataclass(frozen=True)
-class Quant:
+class Quant(Section):
     bits: Literal[16, 8, 4]
     type: Literal["nf4", "fp4"]
     double_quant: bool
@@ -208,7 +214,7 @@ class Quant:
 
 
 @dataclass(frozen=True)
-class Speed:
+class Speed(Section):
     """How evaluate runs the variant, applied in this order: fused q/k/v and patch matmul, low-bit
     linears (vitlab's FP8 or int4 ones, or torchao's), torch.compile, CUDA-graph replay."""
     torchao: Literal["none", "fp8", "int8dyn", "int4wo"] = "none"
@@ -231,7 +237,7 @@ class Speed:
 
     @classmethod
     def from_params(cls, speed_params: dict[str, Any]) -> "Speed":
-        return _build(cls, speed_params, "speed.")
+        return cls.of(speed_params)
 
     @property
     def rewrites(self) -> list[str]:
@@ -265,7 +271,7 @@ class Speed:
 
 
 @dataclass(frozen=True)
-class Eval:
+class Eval(Section):
     batch_size: int = rule(*AT_LEAST_1)
     processes: int = rule(*AT_LEAST_1)
     latency_batch_sizes: list[int] = rule(lambda v: bool(v) and all(b >= 1 for b in v),
@@ -278,7 +284,7 @@ class Eval:
 
 
 @dataclass(frozen=True)
-class Ablation:
+class Ablation(Section):
     quant_types: list[AblationQuant] = rule(bool, f"a non-empty list of {list(get_args(AblationQuant))}")
     split: Literal["train", "valid", "test"]
     budget_mb: Union[float, None] = rule(lambda v: v is None or v > 0, "a positive size in MB, or null")
@@ -289,7 +295,7 @@ class Ablation:
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Section):
     variant: str
     seed: int = rule(*NON_NEGATIVE)
     device: str = rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N")
@@ -338,9 +344,9 @@ class Params:
                                   f"(0..{layers - 1}, or -1 for the last)")
 
     @classmethod
-    def of(cls, params: dict[str, Any]) -> "Params":
+    def of(cls, params: dict[str, Any], prefix: str = "") -> "Params":
         """The typed, checked form of merged params (defaults <- variant <- overrides)."""
-        return _build(cls, params, "")
+        return _build(cls, params, prefix)
 
 
 # --- turning a dict into a section ---------------------------------------------------------------
@@ -413,42 +419,3 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         else:
             values[f.name] = _check_value(dotted, raw[f.name], hints[f.name], f)
     return cls(**values)
-
-
-# --- what needs this machine ----------------------------------------------------------------------
-
-def _no_gpu_here() -> bool:
-    """True when this machine certainly has no NVIDIA GPU (no driver): then nothing needs torch to say so."""
-    return not os.path.exists("/proc/driver/nvidia/gpus") and not any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-def check_machine(p: Params) -> None:
-    """What would fail only inside a step, checked before any: the device, its attention kernel, CUDA graphs,
-    one GPU per process. Fast on a machine without a GPU; with one, torch answers."""
-    wants_gpu = [reason for needed, reason in (
-        (p.model.attention in GPU_ONLY_ATTENTION, f"attention '{p.model.attention}'"),
-        (p.finetune.cuda_graph and "finetune" in p.steps, "finetune.cuda_graph (the training step as a CUDA graph)"),
-        (p.device.startswith("cuda"), f"device '{p.device}'")) if needed]
-    if p.model.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ParamsError("attention 'flash_attention_2' needs the flash-attn package, which is not installed: "
-                          "`pip install flash-attn --no-build-isolation` (or `pip install -e '.[flash]'`), "
-                          "or use 'sdpa_flash' (PyTorch's built-in FlashAttention-2 kernel)")
-    if p.device == "cpu" or _no_gpu_here():
-        gpus = 0
-    else:
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if wants_gpu and gpus == 0:
-        where = "device: cpu" if p.device == "cpu" else "no CUDA GPU is visible here"
-        raise ParamsError(f"{wants_gpu[0]} needs a CUDA GPU ({where}); use attention 'sdpa' or 'eager', "
-                          "finetune.cuda_graph: false, device: auto or cpu")
-    for key, processes in (("eval.processes", p.eval.processes), ("finetune.processes", p.finetune.processes),
-                           ("ablation.processes", p.ablation.processes)):
-        if processes > 1 and gpus and gpus < processes:
-            raise ParamsError(f"{key} is {processes}, but this machine has {gpus} GPU(s): one process per GPU")
-    if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
-        from .attention import check_supported  # capability and dtype: torch's answer
-        from .models import resolve_device
-
-        check_supported(p.model.attention, resolve_device(p.device))

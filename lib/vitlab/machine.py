@@ -1,0 +1,86 @@
+"""What this machine can do, asked without importing torch where the answer does not need it: whether a
+run's params fit it (a GPU for CUDA-only settings, one GPU per process, the flash-attn package), and how
+many CPU threads a step should use while other work shares the cores."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from .errors import ParamsError
+from .settings import GPU_ONLY_ATTENTION, Params
+
+
+def _no_gpu_here() -> bool:
+    """True when this machine certainly has no NVIDIA GPU (no driver): then nothing needs torch to say so."""
+    return not os.path.exists("/proc/driver/nvidia/gpus") and not any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def check(p: Params) -> None:
+    """What would fail only inside a step, checked before any: the device, its attention kernel, CUDA graphs,
+    one GPU per process. Fast on a machine without a GPU; with one, torch answers."""
+    wants_gpu = [reason for needed, reason in (
+        (p.model.attention in GPU_ONLY_ATTENTION, f"attention '{p.model.attention}'"),
+        (p.finetune.cuda_graph and "finetune" in p.steps, "finetune.cuda_graph (the training step as a CUDA graph)"),
+        (p.device.startswith("cuda"), f"device '{p.device}'")) if needed]
+    if p.model.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ParamsError("attention 'flash_attention_2' needs the flash-attn package, which is not installed: "
+                          "`pip install flash-attn --no-build-isolation` (or `pip install -e '.[flash]'`), "
+                          "or use 'sdpa_flash' (PyTorch's built-in FlashAttention-2 kernel)")
+    if p.device == "cpu" or _no_gpu_here():
+        gpus = 0
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if wants_gpu and gpus == 0:
+        where = "device: cpu" if p.device == "cpu" else "no CUDA GPU is visible here"
+        raise ParamsError(f"{wants_gpu[0]} needs a CUDA GPU ({where}); use attention 'sdpa' or 'eager', "
+                          "finetune.cuda_graph: false, device: auto or cpu")
+    for key, processes in (("eval.processes", p.eval.processes), ("finetune.processes", p.finetune.processes),
+                           ("ablation.processes", p.ablation.processes)):
+        if processes > 1 and gpus and gpus < processes:
+            raise ParamsError(f"{key} is {processes}, but this machine has {gpus} GPU(s): one process per GPU")
+    if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
+        import torch
+
+        from .attention import check_supported  # capability and dtype: torch's answer
+
+        check_supported(p.model.attention, torch.device("cuda" if p.device == "auto" else p.device))
+
+
+def _busy_cores(seconds: float = 0.3) -> float:
+    """How many of this machine's cores other processes keep busy right now (Linux' /proc/stat, sampled
+    over `seconds`; 0 where it cannot be read)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    try:
+        (total0, idle0), _ = sample(), time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def cpu_threads() -> int:
+    """torch's CPU threads for a step: the cores this process may use that no other process keeps busy.
+    On small models each op ends in a barrier of every thread; one thread descheduled by other work
+    stalls the rest (measured: 2 threads 3.6x slower than 1 on a 2-core box with one core busy)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, round(cores - _busy_cores())))
+
+
+def use_cpu_threads() -> int:
+    """Set torch's intra-op threads to `cpu_threads()`, saying so when other work takes cores."""
+    import torch
+
+    threads, cores = cpu_threads(), torch.get_num_threads()
+    if threads < cores:
+        print(f"other processes keep {cores - threads} of {cores} cores busy: torch uses {threads} thread(s)",
+              flush=True)
+    torch.set_num_threads(threads)
+    return threads
