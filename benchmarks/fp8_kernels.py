@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton.testing
 from common import write
 
-from vitlab import kernels, speed
+from vitlab import kernels, lowbit
 
 FP8 = torch.float8_e4m3fn
 LAYERS = {"qkv": (3072, 1024), "o_proj": (1024, 1024), "fc1": (4096, 1024), "fc2": (1024, 4096)}
@@ -54,8 +54,8 @@ def operands(m: int, n: int, k: int, device: torch.device):
     layers = {"fp8": [], "int4": []}
     for _ in range(copies):
         linear = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
-        layers["fp8"].append(speed.Fp8Linear(linear, amax))
-        layers["int4"].append(speed.Int4Linear(linear, "fp8", amax))
+        layers["fp8"].append(lowbit.Fp8Linear(linear, amax))
+        layers["int4"].append(lowbit.Int4Linear(linear, "fp8", amax))
     return {"xq": layers["fp8"][0].quantize(x), "layers": layers,
             "weights_f32": {kind: copy[0].fp8_weight().float() * copy[0].weight_scale.t() for kind, copy in layers.items()}}
 

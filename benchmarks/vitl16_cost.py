@@ -33,7 +33,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def training(settings: models.ModelSettings, ds: data.Data, device: torch.device, epochs: int) -> list[dict]:
+def training_rows(settings: models.ModelSettings, ds: data.Data, device: torch.device, epochs: int) -> list[dict]:
     """One row per method: LoRA and QLoRA on the train split, the median epoch after the first."""
     rows = []
     for method in ("lora", "qlora"):
@@ -118,7 +118,7 @@ def main() -> None:
         cfg = copy.deepcopy(config.defaults()["data"])
         cfg.update(source="flowers102", root=str(layout), pipeline="gpu", max_per_class=args.max_per_class)
         ds = data.for_checkpoint(cfg, 0, checkpoint)
-        tables = {"training": training(settings, ds, device, args.epochs)}
+        tables = {"training": training_rows(settings, ds, device, args.epochs)}
         write(out, "vitl16_cost", args, t0, **tables)
         tables["accuracy_pass"] = accuracy_pass(checkpoint, settings, ds, device)
         write(out, "vitl16_cost", args, t0, **tables)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitlab import config, kernels, models, speed
+from vitlab import config, kernels, lowbit, models, speed
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="vitlab's kernel needs Triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,12 +23,12 @@ def operands(m, n, k, seed):
     with torch.no_grad():
         linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
         linear.bias.copy_(torch.randn(n, generator=g))
-    fp8 = speed.Fp8Linear(linear, 1.0)
-    packed, exponent, row_scale = speed.int4_quantize(linear.weight)
+    fp8 = lowbit.Fp8Linear(linear, 1.0)
+    packed, exponent, row_scale = lowbit.int4_quantize(linear.weight)
     to = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
     return {"xq": to((x / x_scale).to(FP8)), "x_scale": to(x_scale), "bias": to(linear.bias.detach()),
             "fp8": (to(fp8.weight), None, to(fp8.weight_scale), fp8.weight.float() * fp8.weight_scale.t()),
-            "int4": (to(packed), to(exponent), to(row_scale[None]), speed.int4_dequantize(packed, exponent) * row_scale[:, None])}
+            "int4": (to(packed), to(exponent), to(row_scale[None]), lowbit.int4_dequantize(packed, exponent) * row_scale[:, None])}
 
 
 def reference(ops, weights, gelu=False):
@@ -138,10 +138,10 @@ def test_bad_operands_are_refused_before_launch():
 def test_int4_codes_are_exact_in_fp8_and_bf16_and_close_to_the_weight():
     torch.manual_seed(0)
     weight = torch.randn(64, 512) * torch.logspace(-3, 0, 512)  # groups whose ranges differ by powers of ten
-    packed, exponent, row_scale = speed.int4_quantize(weight)
+    packed, exponent, row_scale = lowbit.int4_quantize(weight)
     assert packed.dtype == torch.uint8 and packed.shape == (64, 256) and exponent.shape == (64, 4)
     assert exponent.max() > 0  # small groups took finer steps
-    units = speed.int4_dequantize(packed, exponent)
+    units = lowbit.int4_dequantize(packed, exponent)
     assert torch.equal(units.to(FP8).float(), units) and torch.equal(units.to(torch.bfloat16).float(), units)
     restored = units * row_scale[:, None]
     # Per group, the error is at most half a step, and a step is at most twice the group's ideal max/7.
@@ -152,9 +152,9 @@ def test_int4_codes_are_exact_in_fp8_and_bf16_and_close_to_the_weight():
 def test_w4a16_linear_is_the_dequantized_weight_in_bf16():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 48).to(torch.bfloat16)
-    layer = speed.Int4Linear(linear, "bf16")
+    layer = lowbit.Int4Linear(linear, "bf16")
     x = torch.randn(3, 7, 256, dtype=torch.bfloat16)
-    ref = x.float() @ (speed.int4_dequantize(layer.packed, layer.exponent) * layer.weight_scale.t()).t() + linear.bias.float()
+    ref = x.float() @ (lowbit.int4_dequantize(layer.packed, layer.exponent) * layer.weight_scale.t()).t() + linear.bias.float()
     torch.testing.assert_close(layer(x).float(), ref, atol=3e-2, rtol=2e-2)
     assert (layer(x).float() - linear(x).float()).norm() / linear(x).float().norm() < 0.1  # int4 against 16-bit
 
@@ -198,7 +198,7 @@ def test_fused_paths_keep_the_predictions_on_real_images(wide, digits_data, low_
         sped = speed.apply(model, settings, digits_data.loader("valid", 32))
         with torch.no_grad():
             logits[gemm] = sped(pixel_values=x).logits.float()
-    assert sum(isinstance(m, speed.FusedMLP) for m in sped.modules()) == len(models.encoder_layers(sped)[1])
+    assert sum(isinstance(m, lowbit.FusedMLP) for m in sped.modules()) == len(models.encoder_layers(sped)[1])
     error = {k: ((logits[k] - logits["bf16"]).norm() / logits["bf16"].norm()).item() for k in ("cublas", "triton")}
     between = ((logits["triton"] - logits["cublas"]).norm() / logits["cublas"].norm()).item()
     # The same FP8 operands: they differ by float32 sums in another order and GELU on float32 rather than
@@ -212,7 +212,7 @@ def test_int4_model_is_sized_as_it_runs(wide):
     sped = speed.apply(models.load_checkpoint(wide[0], wide[1], torch.device("cpu")), speed.SpeedSettings(int4="w4a16"))
     int4 = evaluate.sizes(sped, wide[0])
     full = evaluate.sizes(models.load_checkpoint(wide[0], wide[1], torch.device("cpu")), wide[0])
-    linears = sum(m.packed.numel() * 2 for m in sped.modules() if isinstance(m, speed.Int4Linear))
+    linears = sum(m.packed.numel() * 2 for m in sped.modules() if isinstance(m, lowbit.Int4Linear))
     assert linears > 0 and int4["disk_mb"] < full["disk_mb"] - 0.7 * linears * 2 / 2**20  # ~1.5 of 2 bytes per weight saved
 
 

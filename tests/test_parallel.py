@@ -14,7 +14,7 @@ def test_two_processes_predict_every_test_image_once_as_one_process_does(checkpo
                                            digits_data.loader("test", 16), torch.device(CPU_DEVICE), progress=False)
     # 16 per batch over 2 processes: the split does not divide evenly, so gather_for_metrics must drop the padding.
     assert len(one_labels) % 32 != 0
-    from vitlab import run_models, speed
+    from vitlab import evaluate, run_models, speed
     entry = run_models.RunModel("16-bit", checkpoint, speed.SpeedSettings())
     logits, labels = evaluate.predict_in_processes(entry, f32, smoke_params["data"], 0, "test", 16, processes=2)
     np.testing.assert_array_equal(labels, one_labels)

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from vitlab import models, speed
+from vitlab import lowbit, models, speed
 
 CPU = torch.device("cpu")
 
@@ -76,7 +76,7 @@ def test_fp8_linear_matches_its_reference_and_saturates():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
     x = torch.randn(5, 7, 64, dtype=torch.bfloat16)
-    layer = speed.Fp8Linear(linear, input_amax=float(x.abs().max()))
+    layer = lowbit.Fp8Linear(linear, input_amax=float(x.abs().max()))
     # The reference: the same FP8 operands dequantized, multiplied in float32.
     xq = (x.float() / layer.input_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * layer.input_scale
     wq = layer.weight.float() * layer.weight_scale.t()
@@ -104,7 +104,7 @@ def test_static_fp8_calibrates_on_real_images_and_keeps_predictions(checkpoint, 
     with pytest.raises(speed.SpeedPathError, match="calibrates FP8 activation scales on real images"):
         speed.apply(models.load_checkpoint(checkpoint, bf16, CPU), settings)
     sped = speed.apply(model, settings, digits_data.loader("valid", 32))
-    fp8 = [n for n, m in sped.named_modules() if isinstance(m, speed.Fp8Linear)]
+    fp8 = [n for n, m in sped.named_modules() if isinstance(m, lowbit.Fp8Linear)]
     assert len(fp8) == len(models.encoder_layers(sped)[1]) * 4  # qkv, o_proj, fc1, fc2 per block
     assert all(float(sped.get_submodule(n).input_scale) > 0 for n in fp8)
     with torch.no_grad():

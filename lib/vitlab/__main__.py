@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                      "one GPU each")
     run.add_argument("--jobs", type=int, help="with several params files: how many run at once (default: one per "
                      "GPU, or 1 on a machine without)")
-    run.add_argument("--steps", help=f"comma-separated subset of {','.join(config.STEPS)}")
+    run.add_argument("--steps", help=f"comma-separated subset of {','.join(runs.STEPS)}")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
     run.add_argument("--resume", metavar="RUN_DIR", help="run the steps of RUN_DIR that did not finish "
                      "(with --steps or --rerun: those steps again too; with --set: changed params for what runs)")

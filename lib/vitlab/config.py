@@ -15,9 +15,8 @@ from typing import Any
 import yaml
 
 from .errors import ParamsError
-from .settings import ATTENTION, REPO_ROOT, STEPS, Params, local_model  # noqa: F401 (re-exported)
+from .settings import REPO_ROOT, Params
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = REPO_ROOT / "params"
 DEFAULTS_FILE = PARAMS_DIR / "defaults.yaml"
 # Dicts whose keys are not ours to fix: model.config is handed to transformers' ViTConfig.

@@ -28,3 +28,7 @@ class AttentionError(VitlabError, RuntimeError):
 
 class QuantError(VitlabError, ValueError):
     """A quantization setting that does not fit the model."""
+
+
+class SpeedPathError(VitlabError, RuntimeError):
+    """A speed path this machine or model cannot take."""

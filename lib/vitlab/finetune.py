@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
-from . import data, models, parallel, quant, runs, training
+from . import data, models, parallel, quant, training
 from .models import ModelSettings
 
 

@@ -1,11 +1,14 @@
 """Accuracy, F1, confusions, latency statistics, bootstrap intervals and logit divergence."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from scipy.special import log_softmax
 from sklearn.metrics import confusion_matrix, f1_score, top_k_accuracy_score
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def classification(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:

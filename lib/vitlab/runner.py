@@ -75,8 +75,30 @@ def _kernel_stderr_to(path: Path) -> type:
         async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
             with open(path, "ab") as log:  # the kernel holds its own copy of the descriptor
                 await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
+            KERNELS.add(self.provisioner.process)
 
     return Manager
+
+
+# The kernels of steps executing now. A kernel busy in a cell does not stop when the run is interrupted
+# (nbclient asks it to shut down, which it answers after the cell): left alone, a stopped finetune went on
+# training to its last epoch behind a manifest that said failed.
+KERNELS: set = set()
+
+
+def _stop_kernels() -> None:
+    """Interrupt every running step's kernel (KeyboardInterrupt in its cell), then kill what is left."""
+    for process in list(KERNELS):
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 5
+    for process in list(KERNELS):
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        KERNELS.discard(process)
 
 
 def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:
@@ -97,6 +119,7 @@ def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], p
                                    extra_arguments=["--IPKernelApp.log_level=ERROR"],
                                    kernel_manager_class=_kernel_stderr_to(stderr_log))
     finally:
+        KERNELS.difference_update({p for p in KERNELS if p.poll() is not None})
         if stderr_log.is_file() and not stderr_log.stat().st_size:
             stderr_log.unlink()
     return executed
@@ -222,6 +245,7 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
                 execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)},
                                  Progress(step))
             except BaseException as e:  # Ctrl-C and signals too: the folder must say it did not finish
+                _stop_kernels()
                 error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
                 entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
                 man.update(status="failed", ended=_now(), failed_step=step)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import config
+from . import config, settings
 from .config import REPO_ROOT
 from .errors import RunError
 
@@ -64,7 +64,7 @@ STEPS: dict[str, Step] = {
         "choice": "ablation/choice.json"}),
     "demo": Step("05_demo.py", ("finetune", "quantize"), {}),
 }
-assert tuple(STEPS) == config.STEPS
+assert tuple(STEPS) == settings.STEPS
 PRODUCTS = {name: (step, rel) for step, s in STEPS.items() for name, rel in s.products.items()}
 
 

@@ -1,7 +1,7 @@
-"""Speed paths beyond stock eager PyTorch (the `speed` params): one fused q/k/v projection with
-mask-free attention, the patch embedding as one matmul, vitlab's static-scale FP8 linears and 4-bit
-linears (int4 weights with FP8 or 16-bit activations), torchao's tensor-core int8 / FP8 and int4
-weight-only kernels (Hopper), torch.compile (with Inductor's GEMM autotuning) and CUDA-graph replay.
+"""Speed paths beyond stock eager PyTorch (the `speed` params), applied by `apply` in one order: one
+fused q/k/v projection with mask-free attention, the patch embedding as one matmul, vitlab's low-bit
+linears (`lowbit`: static-scale FP8, int4 weights with FP8 or 16-bit activations, on `kernels`),
+torchao's tensor-core int8 / FP8 and int4 weight-only kernels, torch.compile and CUDA-graph replay.
 
 bitsandbytes makes a model small; on a GPU its eager forward pays Python dispatch and a
 dequantisation per linear layer. These paths attack those costs. Each returns something called as
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, models
+from . import lowbit, models
+from .errors import SpeedPathError
 from .settings import Speed as SpeedSettings  # noqa: F401 (the typed `speed` params, torch-free)
 
 TORCHAO = {
@@ -28,10 +28,6 @@ TORCHAO = {
     "int8dyn": "Int8DynamicActivationInt8WeightConfig",  # int8 activations and weights, int8 tensor cores
     "int4wo": "Int4WeightOnlyConfig",  # int4 weights (group 128), bf16 activations, tinygemm kernel
 }
-
-
-class SpeedPathError(RuntimeError):
-    """A speed path this machine or model cannot take."""
 
 
 class FusedQKVAttention(nn.Module):
@@ -103,239 +99,6 @@ def patch_matmul(model: nn.Module) -> nn.Module:
     return model
 
 
-FP8 = kernels.FP8
-FP8_MAX = torch.finfo(FP8).max  # 448
-
-
-def _check_fp8_gpu(device: torch.device) -> None:
-    """FP8 tensor cores arrived with Ada and Hopper: on an older GPU, say so before any work."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise SpeedPathError(f"FP8 matmuls need an Ada or Hopper GPU (SM89+); {torch.cuda.get_device_name(device)} is SM{major}{minor}")
-
-
-INT4_GROUP = kernels.INT4_GROUP  # inputs that share one power-of-two exponent in an Int4Linear row
-INT4_MAX_EXPONENT = 9  # q * 2**-9 is still exact in e4m3 (its subnormals are multiples of 2**-9)
-
-
-def int4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric int4 codes of a (out, in) weight: one float scale per output row, and per group of 128
-    inputs a power-of-two exponent e (the group's step is the row's step / 2**e). Power-of-two group
-    steps keep every dequantized value q * 2**-e exact in FP8 e4m3 and bf16, so the tensor cores see
-    the 4-bit weights themselves, with the row scale applied to the GEMM's output.
-    Returns (codes packed two per byte (out, in/2) uint8: inputs 2j and 2j + 1 in byte j's low and high
-    nibble; exponents (out, in/128) uint8; row scales (out,) float32)."""
-    out, inp = weight.shape
-    if inp % INT4_GROUP:
-        raise SpeedPathError(f"int4 linears need inputs in groups of {INT4_GROUP}; this layer has {inp}")
-    w = weight.detach().float().view(out, inp // INT4_GROUP, INT4_GROUP)
-    row_max = w.abs().amax(dim=(1, 2)).clamp(min=1e-12)
-    group_max = w.abs().amax(dim=2).clamp(min=1e-30)
-    exponent = torch.floor(torch.log2(row_max[:, None] / group_max)).clamp(0, INT4_MAX_EXPONENT)
-    step = (row_max / 7)[:, None, None] * torch.exp2(-exponent)[..., None]
-    codes = (torch.round(w / step).clamp(-7, 7) + 8).to(torch.uint8).view(out, inp)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), exponent.to(torch.uint8), row_max / 7
-
-
-def int4_dequantize(packed: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """The (out, in) float32 weight of `int4_quantize`'s codes in units of the row scale. Plain tensor
-    ops, so under torch.compile it is one kernel per layer reading half a byte per weight (or a
-    prologue fused into the GEMM that reads it)."""
-    out = packed.shape[0]
-    codes = torch.stack([packed & 15, packed >> 4], dim=-1).view(out, -1, INT4_GROUP)
-    return ((codes.to(torch.float32) - 8) * torch.exp2(-exponent.to(torch.float32))[..., None]).view(out, -1)
-
-
-class Fp8Activations(nn.Module):
-    """What the linears with static FP8 activation scales share. Inputs are divided by one number
-    calibrated on real images (`input_amax`), so the cast to FP8 is a pointwise op that torch.compile
-    fuses into whatever produced the input (layer norm, GELU, the attention output); inputs beyond the
-    calibrated range saturate at +-448 rather than overflow. The GEMM is cuBLAS's (`torch._scaled_mm`)
-    or, with kernel "triton" (`fuse_fp8`), vitlab's (kernels.fp8_linear) where that one is faster: at up
-    to kernels.SMALL_M rows, where its tiles fit the shape; with more rows cuBLAS's main loop is faster,
-    and only fc1 (whose GELU and FP8 output cast the kernel fuses, `FusedMLP`) stays on vitlab's."""
-
-    kernel = "cublas"
-    activations = "fp8"
-
-    def quantize(self, rows: torch.Tensor) -> torch.Tensor:
-        return (rows.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-    def fp8_weight(self) -> torch.Tensor:
-        """The (out, in) e4m3 weight, in units of the row scales."""
-        raise NotImplementedError
-
-    def kernel_weight(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight operand (and int4 exponents) vitlab's kernel reads for this many rows."""
-        return self.fp8_weight(), None
-
-    def cublas(self, xq: torch.Tensor) -> torch.Tensor:
-        return torch._scaled_mm(xq, self.fp8_weight().t(), scale_a=self.input_scale.expand(xq.shape[0], 1).contiguous(),
-                                scale_b=self.weight_scale, bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=True)
-
-    def matmul(self, xq: torch.Tensor, gelu: bool = False, out_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """FP8 rows times the weight on vitlab's kernel: GELU and an FP8 output cast in its epilogue."""
-        weight, exponent = self.kernel_weight(xq.shape[0])
-        return kernels.fp8_linear(xq, weight, exponent, self.input_scale, self.weight_scale, self.bias, out_scale,
-                                  gelu, self.out_dtype)
-
-    def gemm(self, xq: torch.Tensor) -> torch.Tensor:
-        """The faster GEMM for this many rows."""
-        return self.matmul(xq) if self.kernel == "triton" and xq.shape[0] <= kernels.SMALL_M else self.cublas(xq)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        return self.gemm(self.quantize(rows)).view(*x.shape[:-1], self.out_features)
-
-
-class Fp8Linear(Fp8Activations):
-    """A linear layer on FP8 tensor cores with a *static* activation scale: weights in e4m3 with one
-    scale per output row, inputs scaled by one number calibrated on real images (`calibrate_fp8`)."""
-
-    def __init__(self, linear: nn.Linear, input_amax: float):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        row_scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-        self.register_buffer("weight", (weight / row_scale).to(FP8))  # (out, in): .t() is the column-major operand
-        self.register_buffer("weight_scale", row_scale.t().contiguous())  # (1, out)
-        self.register_buffer("input_scale", torch.tensor(max(input_amax, 1e-12) / FP8_MAX, device=weight.device))
-        self.bias = linear.bias
-        self.out_dtype = linear.weight.dtype
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def fp8_weight(self) -> torch.Tensor:
-        return self.weight
-
-
-class Int4Linear(Fp8Activations):
-    """A linear layer with 4-bit weights (`int4_quantize`: ~4.06 bits per weight with its exponents).
-    activations "fp8" (W4A8): inputs cast to e4m3 with a static scale, and the exact 4-bit weights
-    expanded to e4m3 for the FP8 tensor cores: in memory by a compiled kernel before cuBLAS (or before
-    vitlab's kernel for many rows), in registers inside vitlab's kernel for few rows, where reading
-    half a byte per weight matters; "bf16" (W4A16): the weights expanded to the input's 16-bit type."""
-
-    def __init__(self, linear: nn.Linear, activations: str, input_amax: float | None = None):
-        super().__init__()
-        if activations not in ("fp8", "bf16"):
-            raise SpeedPathError(f"Int4Linear activations are 'fp8' or 'bf16', not '{activations}'")
-        packed, exponent, row_scale = int4_quantize(linear.weight)
-        self.register_buffer("packed", packed)
-        self.register_buffer("exponent", exponent)
-        self.register_buffer("weight_scale", row_scale[None, :].contiguous())  # (1, out)
-        if activations == "fp8":
-            self.register_buffer("input_scale", torch.tensor(max(input_amax, 1e-12) / FP8_MAX, device=packed.device))
-        self.bias, self.activations = linear.bias, activations
-        self.out_dtype = linear.weight.dtype
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def fp8_weight(self) -> torch.Tensor:
-        return int4_dequantize(self.packed, self.exponent).to(FP8)
-
-    def kernel_weight(self, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return (self.packed, self.exponent) if rows <= kernels.SMALL_M else (self.fp8_weight(), None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "fp8":
-            return super().forward(x)
-        rows = x.reshape(-1, x.shape[-1])
-        out = F.linear(rows, int4_dequantize(self.packed, self.exponent).to(rows.dtype)) * self.weight_scale.to(rows.dtype)
-        out = out + self.bias if self.bias is not None else out
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-class FusedMLP(nn.Module):
-    """A ViT block's MLP on vitlab's FP8 kernel: fc1 applies GELU and casts to FP8 at fc2's static input
-    scale in its epilogue, so fc2 reads one byte per activation and no kernel sits between them."""
-
-    def __init__(self, fc1: nn.Module, fc2: nn.Module):
-        super().__init__()
-        self.fc1, self.fc2 = fc1, fc2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        hidden = self.fc1.matmul(self.fc1.quantize(rows), gelu=True, out_scale=self.fc2.input_scale)
-        return self.fc2.gemm(hidden).view(*x.shape[:-1], self.fc2.out_features)
-
-
-def fuse_fp8(model: nn.Module) -> nn.Module:
-    """Every FP8-activation linear on vitlab's kernel, and each block's fc1 -> GELU -> fc2 a `FusedMLP`."""
-    if not kernels.AVAILABLE:
-        raise SpeedPathError("vitlab's FP8 kernel needs Triton (`pip install triton`; torch's CUDA wheels bring it)")
-    if getattr(model.config, "hidden_act", None) != "gelu":
-        raise SpeedPathError(f"the fused MLP applies exact GELU; this model's activation is {model.config.hidden_act!r}")
-    linears = [m for m in model.modules() if isinstance(m, Fp8Activations) and m.activations == "fp8"]
-    if not linears:
-        raise SpeedPathError("fuse_fp8 runs FP8 linears (speed.fp8 or speed.int4 w4a8 first)")
-    for linear in linears:
-        linear.kernel = "triton"
-    for layer in models.encoder_layers(model)[1]:
-        layer.mlp = FusedMLP(layer.mlp.fc1, layer.mlp.fc2)
-    return model
-
-
-@torch.inference_mode()
-def input_amax(model: nn.Module, names: list[str], batches: Any, max_batches: int) -> dict[str, float]:
-    """The largest |input| of each named module over `max_batches` batches of real images."""
-    amax = dict.fromkeys(names, 0.0)
-
-    def record(name):
-        return lambda module, args: amax.__setitem__(name, max(amax[name], args[0].detach().abs().amax().item()))
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
-    parameter = next(model.parameters())
-    seen = 0
-    try:
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(pixel_values=x.to(parameter.device, parameter.dtype))
-            seen += 1
-            if seen == max_batches:
-                break
-    finally:
-        for h in hooks:
-            h.remove()
-    if seen == 0:
-        raise SpeedPathError("static FP8 activation scales are calibrated on real images, and none came")
-    return amax
-
-
-def _plain_linears(model: nn.Module, setting: str) -> list[str]:
-    """The encoder-block linears, refused unless all are the 16-bit model's own."""
-    names = models.block_linears(model)
-    if not all(type(model.get_submodule(n)) is nn.Linear for n in names):
-        raise SpeedPathError(f"{setting} needs the 16-bit model's plain linears (quant.bits: 16, speed.torchao: none)")
-    return names
-
-
-def _replace(model: nn.Module, names: list[str], make) -> nn.Module:
-    for name in names:
-        parent, leaf = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), leaf, make(name, model.get_submodule(name)))
-    return model
-
-
-def calibrate_fp8(model: nn.Module, batches: Any, max_batches: int) -> nn.Module:
-    """Replace every encoder-block linear with an `Fp8Linear` whose input scale is the largest |input|
-    seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
-    _check_fp8_gpu(next(model.parameters()).device)
-    names = _plain_linears(model, "speed.fp8")
-    amax = input_amax(model, names, batches, max_batches)
-    return _replace(model, names, lambda name, linear: Fp8Linear(linear, amax[name]))
-
-
-def int4_linears(model: nn.Module, mode: str, batches: Any = None, max_batches: int = 4) -> nn.Module:
-    """Every encoder-block linear as an `Int4Linear`: mode "w4a8" (FP8 activations, scales calibrated on
-    `batches` of real images) or "w4a16"."""
-    if mode not in ("w4a8", "w4a16"):
-        raise SpeedPathError(f"unknown speed.int4 '{mode}'; choose 'w4a8' or 'w4a16'")
-    names = _plain_linears(model, "speed.int4")
-    if mode == "w4a16":
-        return _replace(model, names, lambda name, linear: Int4Linear(linear, "bf16"))
-    _check_fp8_gpu(next(model.parameters()).device)
-    amax = input_amax(model, names, batches, max_batches)
-    return _replace(model, names, lambda name, linear: Int4Linear(linear, "fp8", amax[name]))
-
-
 class CudaGraphed(nn.Module):
     """Replays one captured CUDA graph per input shape: no Python or launch overhead per layer.
 
@@ -387,7 +150,7 @@ def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
     if kind == "fp8":
         if device.type != "cuda":
             raise SpeedPathError("torchao's FP8 matmuls need an Ada or Hopper GPU (SM89+); speed.fp8: static also runs on a CPU")
-        _check_fp8_gpu(device)
+        lowbit.check_fp8_gpu(device)
     if kind == "fp8":
         config = tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
     elif kind == "int8dyn":
@@ -442,11 +205,11 @@ def apply(model: nn.Module, speed: SpeedSettings, calibration: Any = None) -> nn
     if speed.patch_matmul:
         model = patch_matmul(model)
     if speed.fp8 == "static":
-        model = calibrate_fp8(model, calibration, speed.calibration_batches)
+        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches)
     if speed.int4 != "none":
-        model = int4_linears(model, speed.int4, calibration, speed.calibration_batches)
+        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches)
     if speed.fp8_gemm == "triton":
-        model = fuse_fp8(model)
+        model = lowbit.fuse_fp8(model)
     if speed.torchao != "none":
         model = torchao_quantize(model, speed.torchao)
     if speed.compile != "none":
@@ -470,7 +233,7 @@ def torchao_weights(model: nn.Module) -> bool:
 def converted(model: nn.Module) -> bool:
     """Whether the speed paths changed the weights after loading (torchao tensors, vitlab FP8 / int4 linears):
     then the checkpoint on disk is not what runs."""
-    return torchao_weights(model) or any(isinstance(m, Fp8Activations) for m in unwrapped(model).modules())
+    return torchao_weights(model) or any(isinstance(m, lowbit.Fp8Activations) for m in unwrapped(model).modules())
 
 
 def storage_bytes(model: nn.Module) -> int:
