@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/offline.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install run report test lab clean-runs
+.PHONY: install run report test test-fast lab clean-runs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ report: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The edit-test loop: every test but the end-to-end (runner, subprocesses, processes, browser) and slow ones.
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 # Containers run as root, where JupyterLab refuses to start without --allow-root.
 lab: install

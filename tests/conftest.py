@@ -102,3 +102,15 @@ def smoke_run(tmp_path_factory) -> Path:
     (runs_dir / "terminal.txt").write_text(proc.stdout + proc.stderr)  # what the user saw, for the tests
     (run_dir,) = runs.list_runs(runs_dir)
     return run_dir
+
+
+# Tests that run the real runner (notebooks through papermill), `python -m vitlab` subprocesses, several
+# processes, or a browser: the whole-suite tier. `make test-fast` (pytest -m "not e2e") leaves them out.
+E2E_FIXTURES = {"smoke_run", "page"}
+E2E_MODULES = {"test_parallel", "test_demo_browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)

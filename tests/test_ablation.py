@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,16 +93,20 @@ def test_choose_under_an_accuracy_budget_takes_the_smallest_that_fits(rows):
         ablation.choose(rows, "nf4")
 
 
-def test_choose_all_applies_the_default_budget_and_writes_a_runnable_params_file(rows, smoke_params):
+def test_choose_all_applies_the_default_budget_and_writes_a_runnable_params_file(rows, smoke_params, checkpoint,
+                                                                                 tmp_path):
     from vitlab import config
     budgets = {**smoke_params["ablation"], "quant_types": ["nf4"]}
     c = by_config(rows)
-    (choice,) = ablation.choose_all(rows, budgets).values()
+    choices = ablation.choose_all(rows, budgets)
     smallest, full = c["all quantized"]["footprint_mb"], c["16-bit"]["footprint_mb"]
-    assert choice["budget_mb"] == pytest.approx(smallest + (full - smallest) / 4)
-    mixed = ablation.mixed_params(smoke_params, choice)
-    assert mixed["variant"] == "smoke_nf4_mixed" and mixed["quant"]["keep_16bit"] == choice["keep_16bit"]
-    config.validate(mixed)
+    assert choices["nf4"]["budget_mb"] == pytest.approx(smallest + (full - smallest) / 4)
+    (written,) = ablation.write_mixed(tmp_path, smoke_params, choices, checkpoint)
+    mixed = config.resolve(written)
+    assert written.name == "smoke_nf4_mixed.yaml" and mixed["quant"]["keep_16bit"] == choices["nf4"]["keep_16bit"]
+    # The run's trained model, as it is: `vitlab run` of this file quantizes it, it does not train again.
+    assert mixed["model"]["id"] == str(Path(checkpoint).resolve()) and mixed["finetune"]["method"] == "none"
+    assert "ablation" not in mixed["steps"]
 
 
 def test_check_choice_gives_paired_differences_against_the_heuristics(rows, checkpoint, digits_data, f32, nf4):

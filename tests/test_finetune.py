@@ -142,6 +142,7 @@ def test_half_the_classes_pretrain_the_other_half_transfer(smoke_params, f32):
         assert label == labels[0] and image is sources[0]
 
 
+@pytest.mark.slow  # Inductor compiles two training graphs on the CPU: about a minute
 def test_progressive_resizing_trains_small_then_full_size_through_compile(smoke_params, digits_data, f32):
     torch.manual_seed(0)
     ds = data.for_model({**smoke_params["data"], "pipeline": "gpu"}, 0, models.load_processor(f32))

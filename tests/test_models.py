@@ -9,10 +9,11 @@ from vitlab.models import ModelError
 
 
 CPU = torch.device("cpu")
+MODEL = config.defaults()["model"]
 
 
 def test_local_checkpoint_loads_as_model_id(checkpoint):
-    settings = models.ModelSettings.from_params({"id": checkpoint, "config": {}, "attention": "eager", "dtype": "float32"})
+    settings = models.ModelSettings.from_params({**MODEL, "id": checkpoint, "config": {}, "attention": "eager", "dtype": "float32"})
     model = models.build(settings, ["a", "b", "c"])  # a new head for 3 classes on the saved backbone
     assert model.config.num_labels == 3 and model.config.id2label[2] == "c"
     assert model.config._attn_implementation == "eager" and attention.of(model) == "eager"
@@ -20,8 +21,8 @@ def test_local_checkpoint_loads_as_model_id(checkpoint):
 
 
 def test_settings_resolve_strings_once():
-    s = models.ModelSettings.from_params({"id": None, "config": {"hidden_size": 8}, "attention": "sdpa_flash",
-                                          "dtype": "bfloat16"})
+    s = models.ModelSettings.from_params({**MODEL, "id": None, "config": {"hidden_size": 8},
+                                          "attention": "sdpa_flash", "dtype": "bfloat16"})
     assert s.dtype is torch.bfloat16 and s.dtype_name == "bfloat16" and s.attention == "sdpa_flash"
     with pytest.raises(AttentionError, match="unknown attention 'flash'"):
         models.ModelSettings.from_params({"id": None, "config": {}, "attention": "flash", "dtype": "float32"})

@@ -32,6 +32,7 @@ def _wait_for_step(runs_dir, step, timeout=240):
     raise AssertionError(f"no run reached a running {step}")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signalled_run_is_marked_failed_not_left_running(tmp_path, sig):
     proc = _start("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", "finetune.epochs=200")
@@ -50,6 +51,7 @@ def test_a_signalled_run_is_marked_failed_not_left_running(tmp_path, sig):
     assert (run_dir / "finetune.failed").is_dir()
 
 
+@pytest.mark.e2e
 def test_resume_of_a_live_run_is_refused_with_the_pid_that_holds_it(tmp_path):
     proc = _start("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--set", "finetune.epochs=200")
     try:
@@ -184,6 +186,7 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_local_alternatives(monkeyp
         models.hub_reachable.cache_clear()
 
 
+@pytest.mark.e2e
 def test_an_interrupted_finetune_continues_from_its_last_epoch(tmp_path):
     import torch
     # The step's kernel is stopped with the run (runner._stop_kernels), so a few dozen epochs leave room enough.

@@ -115,12 +115,14 @@ def test_a_hand_opened_step_finds_the_newest_run_with_what_it_needs(smoke_run, t
         runs.open_step("quantize", None, None, "params/offline.yaml", tmp_path)
 
 
+@pytest.mark.e2e
 def test_steps_without_what_they_need_are_refused_before_any_folder(tmp_path):
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "evaluate")
     assert proc.returncode == 2 and "finetune" in proc.stderr and "quantize" in proc.stderr
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.e2e
 def test_failed_step_marks_the_run_and_resume_finishes_it(tmp_path, folder):
     root = tmp_path / "flowers-like"
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path / "runs"), "--steps", "finetune,quantize",
@@ -139,6 +141,7 @@ def test_failed_step_marks_the_run_and_resume_finishes_it(tmp_path, folder):
     assert man["status"] == "ok" and all(s["status"] == "ok" for s in man["steps"].values())
 
 
+@pytest.mark.e2e
 def test_speed_variant_runs_through_the_evaluate_step(tmp_path):
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "finetune,quantize,evaluate",
                   "--set", "quant.bits=16", "--set", "speed.compile=linears")
