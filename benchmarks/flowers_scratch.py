@@ -223,7 +223,7 @@ def collect(run_dir: Path, others: list[Path]) -> Path:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["throughput", "ingredients", "collect"])
     ap.add_argument("paths", nargs="*", help="collect: the recipe's run folder, then other run folders (ingredient rows) "
@@ -232,7 +232,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=60, help="ingredients: epochs per row; throughput: epochs per path")
     ap.add_argument("--only", help="comma-separated row numbers (0-based) of INGREDIENTS or PATHS to measure")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.what == "collect":
         print(collect(Path(args.paths[0]), [Path(p) for p in args.paths[1:]]))
         return

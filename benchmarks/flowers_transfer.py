@@ -60,14 +60,14 @@ def row(run_dir: Path) -> dict:
             "lr": params["finetune"]["lr"], "pretrained": params["model"]["id"], "run": run_dir.name}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["pretrain", "methods", "collect"])
     ap.add_argument("paths", nargs="*", help="collect: the run folders of the methods (and of the pretraining)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params for every run")
     ap.add_argument("--only", default=",".join(map(str, range(len(METHODS)))), help="methods: indices into METHODS")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_intermixed_args()  # run folders may follow the options
+    args = ap.parse_intermixed_args(argv)  # run folders may follow the options
     t0 = time.time()
     if args.what == "pretrain":
         pretrain(args.set)

@@ -67,14 +67,14 @@ def collect(folders: list[Path], args: argparse.Namespace, t0: float) -> None:
         print(json.dumps({k: r[k] for k in ("variant", "batch_size", "top1", "p50_ms", "throughput_img_s")}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["run", "collect"])
     ap.add_argument("paths", nargs="+", help="run: the checkpoint; collect: the run folders")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run: more params for every run")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"run: which (the full one, {FULL}, among them)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t0 = time.time()
     folders = run_all(args.paths[0], args.set, args.variants.split(",")) if args.what == "run" else [Path(p) for p in args.paths]
     collect(folders, args, t0)

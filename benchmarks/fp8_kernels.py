@@ -101,12 +101,12 @@ def timed(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="50432,197")
     ap.add_argument("--large-layers", default="fc1", help="layers swept above kernels.SMALL_M rows")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device, t0, rows = torch.device("cuda"), time.time(), []
     torch.manual_seed(0)
     for m in [int(r) for r in args.rows.split(",")]:

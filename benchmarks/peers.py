@@ -16,6 +16,7 @@ GPU's dense bf16 and FP8 peaks, logits drift against stock, and the top kernels 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import tempfile
@@ -29,7 +30,7 @@ import torch
 from common import quant_settings, random_checkpoint, settings, write
 from torch import nn
 
-from vitlab import bench, data, evaluate, infer, metrics, models, quant, speed
+from vitlab import bench, config, data, evaluate, infer, metrics, models, quant, speed
 
 RESULTS = Path(__file__).parent / "results"
 FIGURES = Path(__file__).parents[1] / "figures"
@@ -94,6 +95,15 @@ def vitlab(ckpt: Path, device: torch.device, calibration, **changes) -> nn.Modul
     return speed.apply(hf(ckpt, device), speed.SpeedSettings(**changes), calibration)
 
 
+def shipped(variant: str):
+    """A shipped variant's speed settings, read from params/<variant>.yaml as `vitlab run` reads them (a
+    16-bit base: the variants whose speed paths rewrite the linears themselves)."""
+    params = config.resolve(config.PARAMS_DIR / f"{variant}.yaml")
+    if params["quant"]["bits"] != 16:
+        raise ValueError(f"params/{variant}.yaml quantizes with bitsandbytes first; peers times 16-bit bases")
+    return lambda c, d, cal: vitlab(c, d, cal, **dataclasses.asdict(speed.SpeedSettings.from_params(params["speed"])))
+
+
 # vitlab's fastest settings short of the low-bit linears: fused q/k/v, patch matmul, whole-model compile, CUDA graph.
 FAST = {"fuse_qkv": True, "patch_matmul": True, "compile": "model", "cuda_graph": True}
 AUTOTUNE = {**FAST, "compile_mode": "max-autotune"}
@@ -104,7 +114,7 @@ PATHS = {
     "timm": (False, 16, lambda c, d, cal: Timm(timm_from_hf(hf(c, d)))),
     "timm_compile": (False, 16, lambda c, d, cal: torch.compile(Timm(timm_from_hf(hf(c, d))))),
     "timm_compile_fp8": (False, 8, lambda c, d, cal: torch.compile(Timm(torchao_fp8_rows(timm_from_hf(hf(c, d)))))),
-    "vitlab_graph": (True, 16, lambda c, d, cal: vitlab(c, d, cal, cuda_graph=True)),
+    "vitlab_graph": (True, 16, shipped("bf16_graph")),
     "vitlab_compile": (True, 16, lambda c, d, cal: vitlab(c, d, cal, fuse_qkv=True, compile="model")),
     "vitlab_compile_graph": (True, 16, lambda c, d, cal: vitlab(c, d, cal, fuse_qkv=True, compile="model", cuda_graph=True)),
     "vitlab_fp8_torchao_graph": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fuse_qkv=True, torchao="fp8", compile="model",
@@ -117,8 +127,8 @@ PATHS = {
     "vitlab_bf16_autotune": (True, 16, lambda c, d, cal: vitlab(c, d, cal, **AUTOTUNE)),
     "vitlab_fp8_fast": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fp8="static", **FAST)),
     "vitlab_fp8_autotune": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fp8="static", **AUTOTUNE)),
-    "vitlab_fp8_triton": (True, 8, lambda c, d, cal: vitlab(c, d, cal, fp8="static", fp8_gemm="triton", **FAST)),
-    "vitlab_w4a8_triton": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a8", fp8_gemm="triton", **FAST)),
+    "vitlab_fp8_triton": (True, 8, shipped("fp8_fused")),  # the names the results carry since #12
+    "vitlab_w4a8_triton": (True, 4, shipped("w4a8_fused")),
     "vitlab_w4a8": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a8", **FAST)),
     "vitlab_w4a8_autotune": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a8", **AUTOTUNE)),
     "vitlab_w4a16": (True, 4, lambda c, d, cal: vitlab(c, d, cal, int4="w4a16", **FAST)),
@@ -281,7 +291,7 @@ def collect(args) -> None:
     fig.savefig(FIGURES / "peers_h100.png", dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["speed", "accuracy", "collect"])
     ap.add_argument("parts", nargs="*", help="collect: the JSON files speed and accuracy wrote")
@@ -296,7 +306,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="accuracy: where to run (cpu checks the code path)")
     ap.add_argument("--tag", default="peers")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_intermixed_args()
+    args = ap.parse_intermixed_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     {"speed": run_speed, "accuracy": run_accuracy, "collect": collect}[args.what](args)
 

@@ -53,7 +53,7 @@ def measure(arch: str, checkpoint: Path, precisions: list[str], kernels: list[st
     return rows, profiles
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="vit_l16,vit_b16")
     ap.add_argument("--precisions", default="bf16,fp32,int8,nf4")
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--profile-bs", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = models.resolve_device("auto")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

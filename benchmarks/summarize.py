@@ -42,7 +42,7 @@ def provenance(meta: dict) -> str:
 
 
 def matrix() -> str:
-    data = load("matrix_h100.json")
+    data = load("precision_attention_h100.json")
     rows = pd.DataFrame(data["rows"])
     ok, bad = rows[rows["error"].isna()].astype({"batch_size": int}), rows[rows["error"].notna()]
     img_s = ok.pivot_table(index=["arch", "precision", "attention"], columns="batch_size", values="throughput_img_s")
@@ -57,7 +57,7 @@ def matrix() -> str:
         fig = plots.throughput_vs_batch(d)
         fig.axes[0].set_title(f"{arch}: throughput, H100 (SDPA)")
         plots.save(fig, FIGURES / f"h100_throughput_{arch}.png")
-    prof = pd.DataFrame(load("profile_h100_vitl16_bs32.json")["rows"]).assign(model=lambda d: d["precision"])
+    prof = pd.DataFrame(load("precision_attention_h100_profile_vitl16_bs32.json")["rows"]).assign(model=lambda d: d["precision"])
     prof.attrs["clock"] = "device"
     fig = plots.component_breakdown(prof)
     fig.axes[0].set_title("ViT-L/16, batch 32, H100: device time per component")
@@ -72,7 +72,7 @@ def matrix() -> str:
         "## mean latency (ms)", mean.round(2).to_markdown(),
         "## Size, memory, output drift", sizes.join(peak.rename("peak_mem_mb (max over batch sizes)")).round(3).to_markdown(),
         "## Device time per component, ViT-L/16 SDPA, batch 32 (ms per forward)",
-        provenance(load("profile_h100_vitl16_bs32.json")["meta"]), comp.round(3).to_markdown(),
+        provenance(load("precision_attention_h100_profile_vitl16_bs32.json")["meta"]), comp.round(3).to_markdown(),
         "## Kernels that could not run (the errors vitlab gives)",
         bad[["arch", "precision", "attention", "error"]].drop_duplicates(["precision", "attention"]).to_markdown(index=False),
     ])
@@ -80,7 +80,7 @@ def matrix() -> str:
 
 def speed_paths() -> str:
     parts = ["# ViT-L/16: quantized and fast, against stock bf16 SDPA (same process, same GPU)"]
-    for name in ("fast_h100_a.json", "fast_h100_b.json", "fast_h100_d.json"):
+    for name in ("speed_paths_h100_a.json", "speed_paths_h100_b.json", "speed_paths_h100_d.json"):
         data = load(name)
         rows = pd.DataFrame(data["rows"])
         ok = rows[rows["p50_ms"].notna()].astype({"batch_size": int})
@@ -100,7 +100,7 @@ def speed_paths() -> str:
             top = kernels.groupby("model", sort=False).head(5)
             parts += [f"Top kernels per forward at batch {int(kernels['batch_size'].iloc[0])}:",
                       top[["model", "kernel", "ms_per_forward", "calls_per_forward"]].round(3).to_markdown(index=False)]
-        if name == "fast_h100_d.json":
+        if name == "speed_paths_h100_d.json":
             fig = plots.throughput_vs_batch(ok)
             fig.axes[0].set_title("ViT-L/16 speed paths, H100")
             plots.save(fig, FIGURES / "h100_speed_paths.png")
@@ -189,7 +189,10 @@ def readme_block() -> None:
     README.write_text(f"{head}{begin}\n{peers_headline()}\n\n{flowers_headline()}\n{end}{tail}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     FIGURES.mkdir(exist_ok=True)
     (FIGURES / "h100_matrix.md").write_text(matrix() + "\n")
     (FIGURES / "h100_speed_paths.md").write_text(speed_paths() + "\n")

@@ -97,14 +97,14 @@ def ablation_cost(checkpoint: Path, settings: models.ModelSettings, ds: data.Dat
             "test_images": len(ds.splits.test)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Flowers-102 in the seeds' layout (train/ valid/ test/, official_split/)")
     ap.add_argument("--arch", default="vit_l16")
     ap.add_argument("--epochs", type=int, default=2, help="training epochs per method (the first is warm-up)")
     ap.add_argument("--max-per-class", type=int, default=None, help="fewer images (a CPU check of the code path)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = models.resolve_device("auto")
     out, t0 = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
