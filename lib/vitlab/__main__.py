@@ -48,26 +48,42 @@ def _side_by_side(args: argparse.Namespace) -> int:
     return 0 if all(s == "ok" for s in statuses) else 1
 
 
+def _resume(args: argparse.Namespace) -> tuple[Path, list[str]] | None:
+    """The run folder and the steps to run again, every change checked before anything runs; None when
+    there is nothing to do."""
+    if args.params:
+        raise config.ParamsError("--resume continues a run with its recorded params.yaml: give no params file "
+                                 "(--set changes what the steps still to run use)")
+    run_dir = Path(args.resume)
+    man = runs.manifest(run_dir)  # fails clearly on a folder that is not a run
+    if runner.status(run_dir) == "running":
+        raise runs.RunError(f"{run_dir} is being executed right now (pid {man.get('pid')} on {man.get('host')})")
+    asked = _split(args.rerun) + _split(args.steps)
+    runs.check_rerun(run_dir, asked)
+    rerun = runs.with_dependents(list(man["steps"]), asked)
+    params = runs.load_params(run_dir)  # checked as a new run's: a hand-edited value is refused
+    if args.set:
+        runs.check_amendment(run_dir, [a.split("=", 1)[0].strip() for a in args.set], rerun)
+        params = config.merge(params, config.parse_set(args.set))
+        config.validate(params)
+    _check_on_this_machine(params)
+    if not rerun and all(v["status"] == "ok" for v in man["steps"].values()):
+        print(f"[vitlab] nothing to do: every step of {run_dir} finished (--rerun STEP runs one again)", flush=True)
+        return None
+    if args.set:
+        runs.amend_params(run_dir, params, args.set)
+    if set(rerun) - set(asked):
+        print(f"[vitlab] {', '.join(s for s in rerun if s not in asked)} read what {', '.join(asked)} makes: "
+              "they run again too", flush=True)
+    return run_dir, rerun
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.resume:
-        if args.params:
-            raise config.ParamsError("--resume continues a run with its recorded params.yaml: give no params file "
-                                     "(--set changes what the steps still to run use)")
-        run_dir = Path(args.resume)
-        man = runs.manifest(run_dir)  # fails clearly on a folder that is not a run
-        if runner.status(run_dir) == "running":
-            raise runs.RunError(f"{run_dir} is being executed right now (pid {man.get('pid')} on {man.get('host')})")
-        rerun = _split(args.rerun) + _split(args.steps)
-        params = runs.load_params(run_dir)
-        if args.set:
-            params = config.merge(params, config.parse_set(args.set))
-            config.validate(params)
-            finished = [s for s, v in man["steps"].items() if v["status"] == "ok" and s not in rerun]
-            runs.amend_params(run_dir, params, args.set)
-            if finished:
-                print(f"[vitlab] {', '.join(finished)} finished with the earlier values; --rerun them to apply "
-                      f"{' '.join(args.set)} there too", flush=True)
-        _check_on_this_machine(params)
+        resumed = _resume(args)
+        if resumed is None:
+            return 0
+        run_dir, rerun = resumed
     else:
         if not args.params:
             raise config.ParamsError("give a params file (e.g. params/offline.yaml) or --resume RUN_DIR")

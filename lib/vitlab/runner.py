@@ -225,6 +225,7 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
         if step not in man["steps"]:
             raise RunError(f"cannot re-run '{step}': run {run_dir.name} has the steps {list(man['steps'])}")
         man["steps"][step]["status"] = "pending"
+        shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)  # again means from the start
     with _Live(run_dir, man) as live, _signals_interrupt():
         man["status"], man["started"] = "running", man.get("started") or _now()
         if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # which GPU(s) of the machine it ran on

@@ -42,6 +42,14 @@ class Step:
     notebook: str
     needs: tuple[str, ...]  # steps whose products this one reads
     products: dict[str, str]  # product name -> path inside the run folder
+    reads: tuple[str, ...] = ()  # the params (sections or dotted keys) its products depend on
+
+    def reads_key(self, key: str) -> bool:
+        """Whether setting `key` (dotted) changes what this step reads."""
+        return any(key == r or key.startswith(r + ".") or r.startswith(key + ".") for r in self.reads)
+
+
+EVERY = ("seed", "device", "model", "data")  # every step's products depend on these
 
 
 STEPS: dict[str, Step] = {
@@ -49,20 +57,21 @@ STEPS: dict[str, Step] = {
         "checkpoint": "finetune/model",  # merged 16-bit model + image processor (save_pretrained)
         "adapter": "finetune/adapter",  # LoRA / QLoRA only
         "train_metrics": "finetune/metrics.json",
-        "training_curves": "finetune/training_curves.png"}),
+        "training_curves": "finetune/training_curves.png"}, EVERY + ("finetune",)),
     "quantize": Step("02_quantize.py", ("finetune",), {
         "quantized": "quantize/model",  # bitsandbytes serialisation (the 16-bit model when quant.bits is 16)
         "quant_summary": "quantize/quant.json",
-        "layers": "quantize/layers.csv"}),
+        "layers": "quantize/layers.csv"}, EVERY + ("quant",)),
     "evaluate": Step("03_evaluate.py", ("finetune", "quantize"), {
         "results": "evaluate/results.json",
         "results_table": "evaluate/results.csv",
-        "confusion": "evaluate/confusion.csv"}),  # every cell of every model's confusion matrix
+        "confusion": "evaluate/confusion.csv"},  # every cell of every model's confusion matrix
+        EVERY + ("quant", "speed", "eval")),
     "ablation": Step("04_ablation.py", ("finetune",), {
         "sensitivity": "ablation/sensitivity.json",
         "sensitivity_table": "ablation/sensitivity.csv",
-        "choice": "ablation/choice.json"}),
-    "demo": Step("05_demo.py", ("finetune", "quantize"), {}),
+        "choice": "ablation/choice.json"}, EVERY + ("quant", "eval.batch_size", "ablation")),
+    "demo": Step("05_demo.py", ("finetune", "quantize"), {}, EVERY + ("quant", "speed")),
 }
 assert tuple(STEPS) == settings.STEPS
 PRODUCTS = {name: (step, rel) for step, s in STEPS.items() for name, rel in s.products.items()}
@@ -89,6 +98,49 @@ def resume_folder(run_dir: str | Path, step: str) -> Path:
 def done(run_dir: str | Path, step: str) -> bool:
     """Whether `step` of the run finished (its products are complete)."""
     return manifest(run_dir)["steps"].get(step, {}).get("status") == "ok"
+
+
+def with_dependents(run_steps: list[str], rerun: list[str]) -> list[str]:
+    """`rerun` and every step of the run that reads their products (transitively), in run order: a step
+    that runs again makes what was built on it stale."""
+    stale = set(rerun)
+    for step in run_steps:  # in order, so a step's needs are decided before it
+        if stale & set(STEPS[step].needs):
+            stale.add(step)
+    return [s for s in run_steps if s in stale]
+
+
+def check_rerun(run_dir: str | Path, rerun: list[str]) -> None:
+    """Refuse, naming the closest one, a step to re-run that the run does not have."""
+    import difflib
+
+    have = list(manifest(run_dir)["steps"])
+    for step in rerun:
+        if step not in have:
+            close = difflib.get_close_matches(step, have, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RunError(f"cannot re-run '{step}'{hint} (run {Path(run_dir).name} has the steps {have})")
+
+
+def check_amendment(run_dir: str | Path, keys: list[str], rerun: list[str]) -> None:
+    """Refuse a `--set` that a step would not see: one that finished with the earlier value (its results were
+    measured with it), or one that keeps a training state made with it (resuming would continue the old
+    schedule). `--rerun` of that step applies the new value from scratch."""
+    man = manifest(run_dir)
+    for key in keys:
+        section = key.split(".", 1)[0]
+        if section in ("variant", "steps"):
+            raise RunError(f"--set {key}: '{section}' is fixed for an existing run (it names its folder and steps); "
+                           "start a new run for another one")
+        for step, entry in man["steps"].items():
+            if not STEPS[step].reads_key(key) or step in rerun:
+                continue
+            if entry["status"] == "ok":
+                raise RunError(f"--set {key} changes what {step} read, and {step} finished with the earlier value: "
+                               f"add --rerun {step} to run it again with the new one, or leave it")
+            if resume_folder(run_dir, step).exists():
+                raise RunError(f"--set {key} changes what {step} read, and {step} keeps a training state made with the "
+                               f"earlier value ({resume_folder(run_dir, step)}): add --rerun {step} to start it over")
 
 
 def needs_of(steps: list[str]) -> list[str]:
