@@ -24,7 +24,6 @@ runs_root = "runs"
 # %%
 from pathlib import Path
 
-import pandas as pd
 from IPython.display import Markdown, display
 
 from vitlab import plots, report, runs
@@ -32,19 +31,22 @@ from vitlab import plots, report, runs
 sources = [Path(r) for r in run_dirs] if run_dirs else runs.list_runs(runs_root)
 data = report.collect(sources)
 keep = lambda fig, name: plots.save(fig, Path(report.FIGURES) / name)
-display(Markdown(f"**{len(data.status)} runs** under `{runs_root}`"))
-data.status.set_index("run")
+display(Markdown(f"**{len(data.status)} runs** under `{runs_root}` · every number below also in "
+                 f"`report.csv` (raw, one row per model and batch size)"))
+if not data.accuracy.empty:
+    report.combined_csv(data, Path("report.csv"))
+report.status_table(data.status)
 
 # %% [markdown]
 # ## Accuracy on the test split
-# top-1 with its bootstrap 95% interval, top-5, F1; disk size and memory footprint.
+# top-1 with its bootstrap 95% interval over the test images, top-5, macro F1; size on disk and in
+# memory. Two models whose intervals overlap widely are not told apart by this test split.
 
 # %%
 if data.accuracy.empty:
     display(Markdown("_No run has a finished evaluate step yet._"))
 else:
-    display(data.accuracy.set_index("model")[["top1", "top1_lo", "top1_hi", "top5", "f1_macro", "f1_weighted",
-                                              "disk_mb", "footprint_mb", "device"]].round(4))
+    display(report.accuracy_table(data.accuracy))
 
 # %% [markdown]
 # ## Accuracy against latency, per batch size
@@ -57,12 +59,13 @@ if not data.latency.empty:
 
 # %% [markdown]
 # ## Throughput against batch size
-# The table gives p50 latency in ms, per model (rows) and batch size (columns).
+# The table gives the median (p50) latency per model and batch size; where p95 is more than 1.5x the
+# median the timing was noisy (other work on the machine) and the p95 is shown beside it.
 
 # %%
 if not data.latency.empty:
     keep(plots.throughput_vs_batch(data.latency), "throughput_vs_batch.png")
-    display(data.latency.pivot_table(index="model", columns="batch_size", values="p50_ms").round(3))
+    display(report.latency_table(data.latency))
 
 # %% [markdown]
 # ## Size against memory
@@ -97,5 +100,4 @@ if not data.sensitivity.empty:
         fig.axes[0].set_title(f"per-layer sensitivity (KL), {run}")
         keep(fig, f"sensitivity_{run}.png")
         keep(plots.pareto(rows, data.choices[run]), f"pareto_{run}.png")
-        display(pd.DataFrame(data.choices[run]).T[["keep_16bit", "footprint_mb", "top1", "kl", "budget_mb",
-                                                  "max_top1_drop"]])
+        display(Markdown(f"**{run}**: the choice per quantization type"), report.choice_table(data.choices[run]))

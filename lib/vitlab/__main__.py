@@ -96,7 +96,18 @@ def _run(args: argparse.Namespace) -> int:
     print(f"[vitlab] run folder: {run_dir}", flush=True)
     man = runner.execute(run_dir, rerun)
     print(f"[vitlab] {man['status']}: {run_dir}", flush=True)
+    _print_summary(run_dir)
     return 0 if man["status"] == "ok" else 1
+
+
+def _print_summary(run_dir: Path) -> None:
+    from . import report
+
+    try:
+        text = report.summary(run_dir)
+    except Exception as e:  # the run is recorded whatever the summary says; never fail a run for its summary
+        text = f"(no summary: {type(e).__name__}: {e})"
+    print("\n".join("[vitlab] " + line for line in text.splitlines()), flush=True)
 
 
 def _report(args: argparse.Namespace) -> int:

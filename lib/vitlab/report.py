@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runner, runs
+from . import fmt, runner, runs
 from .config import REPO_ROOT
 
 NOTEBOOK = "06_report.py"
@@ -32,19 +32,33 @@ class Collected:
     choices: dict[str, dict] = field(default_factory=dict)  # run label -> the ablation's choice per quant type
 
 
-def _labels(run_dirs: list[Path]) -> dict[Path, str]:
+def _manifests(run_dirs: list[Path]) -> dict[Path, dict | str]:
+    """Each run's manifest, or why it cannot be read: one bad folder must not hide the others."""
+    out: dict[Path, dict | str] = {}
+    for r in run_dirs:
+        try:
+            out[r] = runs.manifest(r)
+        except (OSError, ValueError, runs.RunError) as e:
+            out[r] = f"unreadable manifest.json ({type(e).__name__}: {str(e)[:120]})"
+    return out
+
+
+def _labels(mans: dict[Path, dict | str]) -> dict[Path, str]:
     """The variant name, with the run's time where a variant ran more than once."""
-    variants = {r: runs.manifest(r)["variant"] for r in run_dirs}
+    variants = {r: m["variant"] if isinstance(m, dict) else r.name for r, m in mans.items()}
     counts = pd.Series(list(variants.values())).value_counts()
     return {r: v if counts[v] == 1 else f"{v}@{r.name.split('_')[1]}" for r, v in variants.items()}
 
 
 def collect(run_dirs: list[Path]) -> Collected:
-    """Status of every run (failed ones included) and the results of the steps that finished."""
-    labels = _labels(run_dirs)
+    """Status of every run (failed and unreadable ones included) and the results of the steps that finished."""
+    mans = _manifests(run_dirs)
+    labels = _labels(mans)
     status, acc, lat, prof, sens, choices = [], [], [], [], [], {}
-    for r in run_dirs:
-        man = runs.manifest(r)
+    for r, man in mans.items():
+        if isinstance(man, str):
+            status.append({"run": r.name, "label": labels[r], "status": man})
+            continue
         status.append({"run": r.name, "label": labels[r], "status": runner.status(r),
                        **{s: v["status"] for s, v in man["steps"].items()},
                        "failed": man.get("failed_step"), "device": man["device"]["name"],
@@ -62,6 +76,74 @@ def collect(run_dirs: list[Path]) -> Collected:
             choices[labels[r]] = runs.read_json(runs.path(r, "choice"))["choices"]
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens), choices)
+
+
+# --- tables for reading: formatted once here, for the report and the end-of-run summary ---------------
+
+def status_table(status: pd.DataFrame) -> pd.DataFrame:
+    return status.set_index("run").fillna("–").replace({None: "–"})
+
+
+def accuracy_table(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: top-1 with its 95% interval, top-5, macro F1, size on disk and in memory."""
+    return pd.DataFrame({
+        "top-1 [95% CI]": [fmt.pct(r.top1, r.top1_lo, r.top1_hi) for r in accuracy.itertuples()],
+        "top-5": [fmt.pct(x) for x in accuracy["top5"]],
+        "macro F1": [f"{x:.3f}" for x in accuracy["f1_macro"]],
+        "disk": [fmt.mb(x) for x in accuracy["disk_mb"]],
+        "in memory": [fmt.mb(x) for x in accuracy["footprint_mb"]],
+        "images": accuracy["n"].astype(int).to_list()}, index=pd.Index(accuracy["model"], name="model"))
+
+
+def latency_table(latency: pd.DataFrame) -> pd.DataFrame:
+    """p50 latency per model (rows) and batch size (columns), with the spread when it is large."""
+    def cell(rows: pd.DataFrame) -> str:
+        r = rows.iloc[0]
+        noisy = "p95_ms" in r and r["p95_ms"] > 1.5 * r["p50_ms"]
+        return fmt.ms(r["p50_ms"]) + (f" (p95 {fmt.ms(r['p95_ms'])})" if noisy else "")
+    table = latency.groupby(["model", "batch_size"], sort=False).apply(cell, include_groups=False).unstack()
+    table.columns = [f"batch {int(b)}" for b in table.columns]
+    return table.fillna("–")
+
+
+def choice_table(choices: dict[str, dict]) -> pd.DataFrame:
+    """The ablation's choice per quantization type."""
+    return pd.DataFrame({q: {"kept in 16-bit": c["keep_16bit"] or "none", "size": fmt.mb(c["footprint_mb"]),
+                             "top-1 (valid)": fmt.pct(c["top1"]), "KL": f"{c['kl']:.2e}",
+                             "budget": (fmt.mb(c["budget_mb"]) if c["budget_mb"] is not None else "")
+                             + (f" {c['max_top1_drop'] * 100:g} pt" if c["max_top1_drop"] is not None else "")}
+                         for q, c in choices.items()}).T
+
+
+def summary(run_dir: Path) -> str:
+    """What `vitlab run` prints at the end: each step's time, each model's top-1 with its interval, size
+    and latency, the ablation's choice, and where the files are."""
+    man = runs.manifest(run_dir)
+    steps = " · ".join(f"{s} {v['status']}" + (f" {v['seconds']:.0f} s" if v.get("seconds") is not None else "")
+                       for s, v in man["steps"].items())
+    lines = [f"steps: {steps}"]
+    data = collect([run_dir])
+    if not data.accuracy.empty:
+        acc = accuracy_table(data.accuracy)[["top-1 [95% CI]", "disk", "images"]]
+        table = acc.join(latency_table(data.latency)) if not data.latency.empty else acc
+        table.index = [m.split(" · ", 1)[1] for m in table.index]
+        lines += [table.to_string()]
+    for run, choices in data.choices.items():
+        lines += [f"ablation's choice ({q}): keep {c['keep_16bit'] or 'nothing'} in 16-bit, {fmt.mb(c['footprint_mb'])}, "
+                  f"valid top-1 {fmt.pct(c['top1'])}" for q, c in choices.items()]
+        lines += [f"  as a params file: {p}" for p in sorted((Path(run_dir) / "ablation").glob("*_mixed.yaml"))]
+    if runs.done(run_dir, "evaluate"):
+        lines += [f"every number: {runs.path(run_dir, 'results_table')}"]
+    lines += ["compare runs: python -m vitlab report  (-> runs/reports/<date>_<time>/06_report.html)"]
+    return "\n".join(lines)
+
+
+def combined_csv(data: Collected, path: Path) -> Path:
+    """Every model's accuracy next to its latency at every batch size, raw numbers, one row per model and
+    batch size: for a spreadsheet or pandas."""
+    rows = data.latency.merge(data.accuracy.drop(columns=["run", "device"], errors="ignore"), on="model", how="outer")
+    rows.to_csv(path, index=False)
+    return path
 
 
 def render(run_dirs: list[Path], runs_root: Path) -> Path:
