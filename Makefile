@@ -29,6 +29,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow"
 
+# JupyterLab on the repository (notebooks/, params/, runs/ and the reports all reachable), opening a
+# notebooks/*.py with a double click as a notebook (a setting inside .venv, not in your ~/.jupyter).
 # Containers run as root, where JupyterLab refuses to start without --allow-root.
-lab: install
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+$(LAB_SETTINGS): $(STAMP)
+	mkdir -p $(dir $@)
+	echo '{"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"python": "Jupytext Notebook"}}}' > $@
+
+lab: install $(LAB_SETTINGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root)

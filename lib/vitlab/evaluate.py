@@ -110,7 +110,7 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], ds, device: torch.device
                 trace = out / f"trace_{len(profiles)}.json" if device.type == "cuda" else None
                 table = bench.profile_components(model, x, ev["profile_iters"], trace)
                 profiles.append(table.assign(model=entry.label, forward_ms=table.attrs["forward_ms"],
-                                             clock=table.attrs["clock"]))
+                                             clock=table.attrs["clock"], batch_size=ev["profile_batch_size"]))
             elif device.type == "cuda":
                 kernels[entry.label] = bench.kernel_table(model, x)
         del model

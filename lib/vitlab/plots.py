@@ -72,29 +72,42 @@ def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int) -> plt.Figure:
     ax.set_xlim(left=0, right=d["p50_ms"].max() * 1.15)
     ax.set(xlabel=f"p50 latency at batch {batch_size} (ms)", ylabel="top-1 (test, bootstrap 95%)",
            title=f"accuracy vs latency, batch {batch_size}")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")  # outside: it hid points and error bars
     fig.tight_layout()
     return fig
 
 
 @_styled
 def size_vs_memory(rows: pd.DataFrame) -> plt.Figure:
-    """Disk size and in-memory footprint (and peak GPU memory where measured), per model."""
-    cols = [c for c in ("disk_mb", "footprint_mb", "peak_mem_mb") if c in rows and rows[c].notna().any()]
-    long = rows.melt(id_vars="model", value_vars=cols, var_name="measure", value_name="MB")
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    sns.barplot(data=long, x="model", y="MB", hue="measure", ax=ax)
-    ax.set(title="size on disk and in memory", xlabel="")
-    ax.tick_params(axis="x", rotation=20)
+    """The models' sizes (on disk, in memory) beside the peak memory of running them: two panels, since a
+    process's peak (on a CPU its whole resident set) can be a thousand times a small model's size."""
+    sizes = rows.melt(id_vars="model", value_vars=[c for c in ("disk_mb", "footprint_mb") if c in rows],
+                      var_name="measure", value_name="MB").replace({"disk_mb": "on disk", "footprint_mb": "in memory"})
+    fig, (ax, ax_peak) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    sns.barplot(data=sizes, y="model", x="MB", hue="measure", ax=ax, orient="h")
+    ax.set(title="model size", ylabel="", xlabel="MB")
+    if "peak_mem_mb" in rows and rows["peak_mem_mb"].notna().any():
+        sns.barplot(data=rows, y="model", x="peak_mem_mb", ax=ax_peak, orient="h", color="grey")
+        ax_peak.set(title="peak memory while timing", ylabel="", xlabel="MB (GPU: allocated; CPU: process RSS)",
+                    yticklabels=[])
+    else:
+        ax_peak.set_axis_off()
     fig.tight_layout()
     return fig
 
 
 @_styled
 def throughput_vs_batch(rows: pd.DataFrame) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=rows, x="batch_size", y="throughput_img_s", hue="model", marker="o", ax=ax)
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s (at p50)", title="throughput")
+    sizes = sorted(rows["batch_size"].unique())
+    ax.xaxis.set_major_locator(FixedLocator(sizes))  # the batch sizes measured, as numbers: 1, 16, 64
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(int(b)) for b in sizes])
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -107,7 +120,9 @@ def component_breakdown(rows: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     wide.plot.barh(stacked=True, ax=ax, colormap="tab10")
     clock = rows.attrs.get("clock", "")
-    ax.set(xlabel=f"ms per forward ({clock} time)".replace(" ()", ""), ylabel="", title="where the forward pass goes")
+    batch = sorted(rows["batch_size"].dropna().unique()) if "batch_size" in rows else []
+    at = f", batch {'/'.join(str(int(b)) for b in batch)}" if batch else ""
+    ax.set(xlabel=f"ms per forward ({clock} time)".replace(" ()", ""), ylabel="", title=f"where the forward pass goes{at}")
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return fig
