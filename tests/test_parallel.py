@@ -33,7 +33,7 @@ def test_evaluate_step_with_two_processes_reports_what_one_process_does(smoke_ru
     import torch
     from vitlab import data, evaluate, runs
     params = runs.load_params(smoke_run)
-    params["eval"].update(latency_batch_sizes=[], profile=False)
+    params["eval"].update(latency_batch_sizes=[1], warmup=0, iters=1, profile=False)  # the accuracy pass is what is compared
     ds = data.for_checkpoint(params["data"], params["seed"], runs.path(smoke_run, "checkpoint"))
     one = evaluate.evaluate_run(smoke_run, params, ds, torch.device(CPU_DEVICE), tmp_path).accuracy
     two_params = copy.deepcopy(params)

@@ -172,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     except VitlabError as e:
         print(f"vitlab: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("vitlab: interrupted (Ctrl-C); a run that had started is marked failed: resume it with --resume",
+              file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a read-only or missing folder: the system's own words, once
+        print(f"vitlab: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

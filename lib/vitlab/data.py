@@ -296,6 +296,7 @@ def load_splits(data_cfg: dict[str, Any], seed: int, image_size: int) -> Splits:
         splits = _flowers102(data_cfg)
     else:
         raise DataError(f"unknown data.source '{source}'")
+    _check_not_degenerate(splits, data_cfg)
     which = data_cfg["classes"]
     if which != "all":
         keep = class_subset(len(splits.class_names), which, data_cfg["class_split_seed"])
@@ -303,6 +304,25 @@ def load_splits(data_cfg: dict[str, Any], seed: int, image_size: int) -> Splits:
     for s in SPLITS:
         setattr(splits, s, _subsample(splits[s], data_cfg["max_per_class"], data_cfg["max_samples"], seed))
     return splits
+
+
+def _check_not_degenerate(splits: Splits, data_cfg: dict[str, Any]) -> None:
+    """Data a classifier cannot learn from, or that says something other than it seems, refused before
+    training: fewer than two classes (a one-class set "trains" to accuracy 1.0), a split without images,
+    one image file reached twice (a symlink loop in data.root copies and relabels images)."""
+    if len(splits.class_names) < 2:
+        raise DataError(f"data.root {data_cfg['root']} has {len(splits.class_names)} class: a classifier needs two "
+                        "or more class folders")
+    for s in SPLITS:
+        if len(splits[s]) == 0:
+            raise DataError(f"the {s} split of data.source {data_cfg['source']} holds no images")
+        samples = getattr(splits[s], "samples", None)
+        if samples:
+            real = [str(Path(p).resolve()) for p, _ in samples]
+            if len(set(real)) < len(real):
+                twice = next(p for p in real if real.count(p) > 1)
+                raise DataError(f"{twice} is reached more than once under data.root's {s}/ (a symbolic link that "
+                                "loops back?): each image must appear once")
 
 
 # --- transforms ------------------------------------------------------------------------------------

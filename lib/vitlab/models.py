@@ -93,7 +93,8 @@ def load_processor(settings: ModelSettings) -> ViTImageProcessor:
 
 def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassification:
     try:
-        return ViTForImageClassification.from_pretrained(str(path), **kwargs, **_hub_kwargs(path))
+        # safetensors only: a pickled pytorch_model.bin in a folder someone handed over could run code on load.
+        return ViTForImageClassification.from_pretrained(str(path), use_safetensors=True, **kwargs, **_hub_kwargs(path))
     except OSError as e:
         if Path(path).is_dir():
             raise ModelError(f"{path} is not a loadable ViT checkpoint ({e}); it needs config.json and "

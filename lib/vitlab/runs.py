@@ -153,7 +153,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(obj, f, indent=2, default=str)
+        try:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+        except BaseException:  # a full disk: no half-written temp file stays behind
+            f.close()
+            os.unlink(f.name)
+            raise
     os.replace(f.name, path)
 
 
@@ -200,6 +206,8 @@ def new_folder(parent: str | Path, name: str = "") -> Path:
     """A new folder parent/<YYYY-MM-DD_HHMMSS>[_name][-N]. `mkdir` is the test for a free name, so
     folders made at the same instant (several runs, or reports) each get their own."""
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M%S") + (f"_{name}" if name else "")
+    if Path(parent).exists() and not Path(parent).is_dir():
+        raise RunError(f"{parent} is a file, not a folder: give --runs-dir a folder (it is made if missing)")
     Path(parent).mkdir(parents=True, exist_ok=True)
     for suffix in range(1, 1000):
         folder = Path(parent) / (stamp + (f"-{suffix}" if suffix > 1 else ""))
