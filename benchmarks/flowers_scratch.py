@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import write
 
-from vitlab import config, data, evaluate, finetune, models, plots, runs, training
+from vitlab import config, data, evaluate, finetune, machine, models, plots, runs, training
 
 PARAMS = config.PARAMS_DIR / "flowers_scratch.yaml"
 RESULTS = Path(__file__).parent / "results"
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         print(collect(Path(args.paths[0]), [Path(p) for p in args.paths[1:]]))
         return
     recipe = config.resolve(PARAMS, args.set)
-    device = models.resolve_device(recipe["device"])
+    device = machine.resolve_device(recipe["device"])
     out, t0 = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "throughput":

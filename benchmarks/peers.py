@@ -30,7 +30,7 @@ import torch
 from common import quant_settings, random_checkpoint, settings, write
 from torch import nn
 
-from vitlab import bench, config, data, evaluate, infer, metrics, models, quant, speed
+from vitlab import bench, config, data, evaluate, infer, machine, metrics, models, quant, speed
 
 RESULTS = Path(__file__).parent / "results"
 FIGURES = Path(__file__).parents[1] / "figures"
@@ -170,7 +170,7 @@ def measure(name: str, model: nn.Module, sizes: list[int], flops: float, peaks, 
 
 
 def run_speed(args) -> None:
-    device = models.resolve_device("cuda")
+    device = machine.resolve_device("cuda")
     for setting in args.inductor:  # e.g. coordinate_descent_tuning=true: Inductor settings for every compiled path
         key, value = setting.split("=")
         setattr(torch._inductor.config, key, {"true": True, "false": False}.get(value.lower(), value))
@@ -221,7 +221,7 @@ def run_speed(args) -> None:
 
 def run_accuracy(args) -> None:
     """Every path on the test split of a trained checkpoint; top-1 and the paired difference to stock."""
-    device = models.resolve_device(args.device)
+    device = machine.resolve_device(args.device)
     cfg = {"source": "imagefolder", "root": args.data, "pipeline": "pil", "num_workers": 8, "max_per_class": None,
            "max_samples": None, "classes": "all"}
     from vitlab import config

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from common import quant_settings, random_checkpoint, settings, write
 
-from vitlab import attention, bench, evaluate, models, quant
+from vitlab import attention, bench, evaluate, machine, models, quant
 
 PRECISIONS = {"bf16": (16, torch.bfloat16), "fp32": (16, torch.float32), "int8": (8, torch.bfloat16),
               "nf4": (4, torch.bfloat16)}
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    device = models.resolve_device("auto")
+    device = machine.resolve_device("auto")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     split = lambda s: [v for v in s.split(",") if v]

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from common import quant_settings, random_checkpoint, settings, write
 
-from vitlab import bench, data, evaluate, models, quant, runs, speed
+from vitlab import bench, data, evaluate, machine, models, quant, runs, speed
 
 
 def base(checkpoint: Path, device: torch.device, attention: str = "sdpa") -> torch.nn.Module:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tag", default="speed_paths")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    device = models.resolve_device("cuda")
+    device = machine.resolve_device("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.variants.split(",")

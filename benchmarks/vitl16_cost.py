@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import random_checkpoint, write
 
-from vitlab import ablation, config, data, finetune, infer, models, quant, training
+from vitlab import ablation, config, data, finetune, infer, machine, models, quant, training
 
 TRAIN_BATCH = 32
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-per-class", type=int, default=None, help="fewer images (a CPU check of the code path)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    device = models.resolve_device("auto")
+    device = machine.resolve_device("auto")
     out, t0 = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

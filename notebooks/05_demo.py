@@ -14,10 +14,10 @@ from pathlib import Path
 
 from IPython.display import HTML, display
 
-from vitlab import demo, models, runs
+from vitlab import demo, machine, models, runs
 
 runs_root = Path(run_dir).parent if run_dir else runs.RUNS_DIR
-device = models.resolve_device(params["device"] if params else "auto")
+device = machine.resolve_device(params["device"] if params else "auto")
 ui = demo.app(runs_root, device, first=Path(run_dir) if run_dir else None)
 ui
 

@@ -22,7 +22,7 @@ import jupytext
 import papermill
 import pytest
 
-from vitlab import config, demo
+from vitlab import demo, runner
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a closed network: without the background-networking ones Chromium keeps dialling out.
@@ -50,7 +50,7 @@ def lab(smoke_run, tmp_path_factory):
     """JupyterLab serving a folder that holds 05_demo.ipynb with its run_dir set to the smoke run."""
     root = tmp_path_factory.mktemp("lab")
     notebook = root / "05_demo.ipynb"
-    jupytext.write(jupytext.read(config.REPO_ROOT / "notebooks" / "05_demo.py"), notebook)
+    jupytext.write(runner.read_notebook("05_demo.py"), notebook)
     papermill.execute_notebook(str(notebook), str(notebook), parameters={"run_dir": str(smoke_run)},
                                prepare_only=True, kernel_name="python3")
     # A config dir of its own: no "get Jupyter news?" toast over the widget.

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from .config import REPO_ROOT
+from . import gpu_data
 from .errors import DataError
 from .images import open_image
 
@@ -69,8 +70,6 @@ class Data:
         size than the model's, from the same decoded images)."""
         if self.cfg["pipeline"] == "pil":
             return self.loader(split, batch_size)
-        from . import gpu_data
-
         if split not in self._on_device:
             sources, labels = images_and_labels(self.splits[split])
             short_side = round(self.image_size / 0.875)  # as the eval transform resizes

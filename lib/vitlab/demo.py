@@ -11,7 +11,7 @@ import torch
 import transformers
 from PIL import Image
 
-from . import data, images, infer, models, run_models, runs, speed
+from . import data, images, infer, machine, models, run_models, runs, speed
 
 
 MAX_UPLOAD_BYTES = 20 * 2**20  # a photo is a few MB; more is a mistake or an attack
@@ -24,7 +24,19 @@ def read_upload(name: str, content: bytes, max_bytes: int = MAX_UPLOAD_BYTES,
     if len(content) > max_bytes:
         raise data.DataError(f"{name} is {len(content) / 2**20:.1f} MB; this demo takes images up to "
                              f"{max_bytes / 2**20:.0f} MB")
-    return images.open_image(bytes(content), max_pixels=max_pixels, name=name)
+    return images.open_image(bytes(content), max_pixels=max_pixels, name=name, advice="upload a JPEG or PNG photo")
+
+
+def expects(run_dir: Path) -> str:
+    """What the run's model was trained on, said next to the upload: it only knows those images."""
+    params = runs.load_params(run_dir)
+    source = params["data"]["source"]
+    if source == "digits":
+        return ("this model knows scikit-learn's handwritten digits: a white digit on black, 8 x 8 pixels "
+                "(any image is resized to its input)")
+    if source == "flowers102":
+        return "this model knows the 102 flowers of Oxford Flowers-102: a photograph of one flower"
+    return f"this model knows the classes of {params['data']['root']}: an image like those in its train/ folder"
 
 
 def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
@@ -97,36 +109,43 @@ def _thumbnail(image: Image.Image, size: int = 160) -> bytes:
     return buf.getvalue()
 
 
-def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None, first: Path | None = None) -> W.VBox:
-    """The widget: run and variant dropdowns, upload or test-image picker, image, top-5 bars, latency.
-
-    `first`: the run selected at the start (default: the newest finished one)."""
-    device = device or models.resolve_device("auto")
-    predictor = Predictor(device)
+def _ordered(runs_dir: str | Path, first: Path | None) -> list[Path]:
     run_dirs = finished_runs(runs_dir)
     if first is not None and Path(first) in run_dirs:
         run_dirs.remove(Path(first))
         run_dirs.insert(0, Path(first))
+    return run_dirs
+
+
+def _error_html(error: Exception) -> str:
+    return f'<div class="vitlab-error" style="color:#b00020">{html.escape(str(error))}</div>'
+
+
+def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None, first: Path | None = None) -> W.VBox:
+    """The widget: run and variant dropdowns, upload or test-image picker, what the model expects, image,
+    top-5 bars, latency. `first`: the run selected at the start (default: the newest finished one)."""
+    predictor, run_dirs = Predictor(device or machine.resolve_device("auto")), _ordered(runs_dir, first)
     if not run_dirs:
         return W.VBox([W.HTML(f"<b>No run with a finished quantize step under {runs_dir}.</b> "
                               "Run one first: <code>python -m vitlab run params/offline.yaml</code>")])
     run_pick = W.Dropdown(options=[(r.name, r) for r in run_dirs], description="run", layout=W.Layout(width="420px"))
-    variant_pick = W.Dropdown(description="variant")
-    sample_pick = W.Dropdown(description="test image")
+    variant_pick, sample_pick = W.Dropdown(description="variant"), W.Dropdown(description="test image")
     upload = W.FileUpload(accept="image/*", multiple=False, description="Upload image")
-    picture = W.Image(format="png", width=160, height=160)
-    result = W.HTML()
+    picture, result, hint = W.Image(format="png", width=160, height=160), W.HTML(), W.HTML()
     result.add_class("vitlab-demo-result")
     state: dict[str, Any] = {"image": None, "source": ""}
 
-    def show() -> None:
-        if state["image"] is None:
-            return
-        top, ms = predictor.predict(run_pick.value, variant_pick.value, state["image"])
-        result.value = result_html(top, ms, f"{run_pick.value.name} · {variant_pick.value}", state["source"])
+    def show(image: Image.Image | None = None, source: str = "") -> None:
+        if image is not None:
+            state.update(image=image, source=source)
+            picture.value = _thumbnail(image)
+        if state["image"] is not None:
+            top, ms = predictor.predict(run_pick.value, variant_pick.value, state["image"])
+            result.value = result_html(top, ms, f"{run_pick.value.name} · {variant_pick.value}", state["source"])
 
     def on_run(_=None) -> None:
         # ipywidgets 8 selects nothing when options are replaced: select the first ones, which shows a prediction.
+        hint.value = f"<i>{html.escape(expects(run_pick.value))}</i>"
         variant_pick.options = list(variants(run_pick.value))
         variant_pick.index = 0
         sample_pick.options = [(label, img) for label, img in test_images(run_pick.value)]
@@ -134,30 +153,19 @@ def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None
 
     def on_sample(change) -> None:
         if change["new"] is not None:
-            label = next(name for name, img in sample_pick.options if img is change["new"])
-            state["image"], state["source"] = change["new"], f"test image {label}"
-            picture.value = _thumbnail(change["new"])
-            show()
+            show(change["new"], "test image " + next(n for n, img in sample_pick.options if img is change["new"]))
 
     def on_upload(change) -> None:
-        files = change["new"]
-        if not files:
-            return
-        try:
-            state["image"] = read_upload(files[0]["name"], files[0]["content"])
-            state["source"] = f"uploaded {files[0]['name']}"
-        except data.DataError as e:
-            state["image"] = None
-            result.value = (f'<div class="vitlab-error" style="color:#b00020"><b>{html.escape(files[0]["name"])}</b> '
-                            f"is not an image this demo can read: upload a JPEG or PNG file. "
-                            f"({html.escape(str(e))})</div>")
-            return
-        picture.value = _thumbnail(state["image"])
-        show()
+        if change["new"]:
+            name, content = change["new"][0]["name"], change["new"][0]["content"]
+            try:
+                show(read_upload(name, content), f"uploaded {name}")
+            except data.DataError as e:  # the previous picture and answer go: they are not this file's
+                state["image"], picture.value, result.value = None, b"", _error_html(e)
 
     run_pick.observe(on_run, names="value")
     variant_pick.observe(lambda _: show(), names="value")
     sample_pick.observe(on_sample, names="value")
     upload.observe(on_upload, names="value")
     on_run()
-    return W.VBox([W.HBox([run_pick, variant_pick]), W.HBox([sample_pick, upload]), W.HBox([picture, result])])
+    return W.VBox([W.HBox([run_pick, variant_pick]), W.HBox([sample_pick, upload]), hint, W.HBox([picture, result])])

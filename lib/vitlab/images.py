@@ -39,17 +39,19 @@ def check_pixels(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     _open_header(path, str(path), max_pixels).close()
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
+def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None,
+               advice: str = "remove the corrupt file from the data set") -> Image.Image:
     """Open an image file (path or raw bytes) as RGB, with an error that names the input (`name`, else
-    the path, else "uploaded bytes"). Its size is read from the header and checked against `max_pixels`
-    before any pixel is decoded."""
+    the path, else "uploaded bytes") and ends with `advice`. Its size is read from the header and checked
+    against `max_pixels` before any pixel is decoded."""
     name = name or ("uploaded bytes" if isinstance(source, (bytes, bytearray)) else str(source))
     try:
         image = _open_header(source, name, max_pixels)
         image.load()
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot read {name} as an image ({e}); give a JPEG/PNG file, "
-                        "or remove the corrupt file from the data set") from e
+    except UnidentifiedImageError as e:  # PIL's text names its BytesIO object: say what it means instead
+        raise DataError(f"{name} is not an image PIL can read (JPEG, PNG, WebP, ...); {advice}") from e
+    except (OSError, SyntaxError) as e:
+        raise DataError(f"cannot read {name} as an image ({e}); {advice}") from e
     return image.convert("RGB")

@@ -7,9 +7,13 @@ import importlib.util
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import ParamsError
+from .errors import ModelError, ParamsError
 from .settings import GPU_ONLY_ATTENTION, Params
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _no_gpu_here() -> bool:
@@ -45,7 +49,7 @@ def check(p: Params) -> None:
     if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
         import torch
 
-        from .attention import check_supported  # capability and dtype: torch's answer
+        from .attention import check_supported  # capability and dtype: torch's answer (attention sits below)
 
         check_supported(p.model.attention, torch.device("cuda" if p.device == "auto" else p.device))
 
@@ -84,3 +88,15 @@ def use_cpu_threads() -> int:
               flush=True)
     torch.set_num_threads(threads)
     return threads
+
+
+def resolve_device(name: str) -> "torch.device":
+    """The torch device `device` names: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{name}' asked for, but no CUDA GPU is visible; use device: cpu or auto")
+    return device

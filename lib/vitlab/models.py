@@ -46,15 +46,6 @@ class ModelSettings:
         return str(self.dtype).removeprefix("torch.")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device '{name}' asked for, but no CUDA GPU is visible; use device: cpu or auto")
-    return device
-
-
 def _offline_hint(model_id: str, error: Exception) -> ModelError:
     return ModelError(
         f"cannot load model '{model_id}' ({type(error).__name__}: {error}). It is not a local directory, so it "

@@ -101,15 +101,23 @@ def _stop_kernels() -> None:
         KERNELS.discard(process)
 
 
+def read_notebook(notebook: str):
+    """notebooks/<notebook> (a jupytext percent .py, kept without a header) as a notebook papermill runs:
+    with this environment's Python kernel."""
+    import jupytext
+
+    nb = jupytext.read(NOTEBOOK_DIR / notebook)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
 def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:
     """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir; with
     `progress`, what its cells print reaches the terminal as they run. The kernel process's own stderr
     goes to out_dir/<notebook>.stderr.log (kept only when something was written)."""
-    import jupytext
     import papermill
 
-    nb = jupytext.read(NOTEBOOK_DIR / notebook)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb = read_notebook(notebook)
     executed = out_dir / notebook.replace(".py", ".ipynb")
     stderr_log = out_dir / notebook.replace(".py", ".stderr.log")
     try:

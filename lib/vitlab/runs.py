@@ -291,8 +291,7 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
             run_dir = create({**params, "steps": [step]}, runs_dir)
     import transformers
 
-    from .machine import use_cpu_threads
-    from .models import resolve_device
+    from .machine import resolve_device, use_cpu_threads
 
     run_dir = Path(run_dir)
     params = params or load_params(run_dir)
