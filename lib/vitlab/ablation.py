@@ -14,7 +14,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +27,12 @@ from .quant import QuantSettings
 
 QUANT_TYPES = {"nf4": {"bits": 4, "type": "nf4"}, "fp4": {"bits": 4, "type": "fp4"}, "int8": {"bits": 8}}
 
-Config = tuple[str, "int | None", "list | str"]  # (name, encoder layer or None, keep_16bit)
+class Config(NamedTuple):
+    """One configuration of the sweep: its name, the encoder layer it keeps alone (None for the others),
+    and what it keeps in 16-bit (layer indices, name patterns, or "first_last")."""
+    name: str
+    layer: int | None
+    keep: list | str
 
 
 def quant_settings(base: QuantSettings, name: str) -> QuantSettings:
@@ -45,19 +50,19 @@ def last_quarter(n_layers: int) -> list[int]:
 def configurations(n_layers: int) -> list[Config]:
     """Everything quantized, each layer kept alone, first/last, the last quarter, attention only / MLP
     only in 16-bit."""
-    configs: list[Config] = [("all quantized", None, [])]
-    configs += [(f"keep layer {i}", i, [i]) for i in range(n_layers)]
-    configs += [("keep first+last", None, "first_last"), ("keep last quarter", None, last_quarter(n_layers)),
-                ("keep attention", None, ["attention"]), ("keep mlp", None, ["mlp"])]
+    configs = [Config("all quantized", None, [])]
+    configs += [Config(f"keep layer {i}", i, [i]) for i in range(n_layers)]
+    configs += [Config("keep first+last", None, "first_last"), Config("keep last quarter", None, last_quarter(n_layers)),
+                Config("keep attention", None, ["attention"]), Config("keep mlp", None, ["mlp"])]
     return configs
 
 
 def heuristics(n_layers: int) -> list[Config]:
     """The seeds' hand-picked configurations: first and last layer kept; the last quarter of the layers
     kept; layer 21 kept (ViT-L/16)."""
-    out: list[Config] = [("all quantized", None, []), ("keep first+last", None, "first_last"),
-                         ("keep last quarter", None, last_quarter(n_layers))]
-    return out + ([("keep layer 21", 21, [21])] if n_layers > 21 else [])
+    out = [Config("all quantized", None, []), Config("keep first+last", None, "first_last"),
+           Config("keep last quarter", None, last_quarter(n_layers))]
+    return out + ([Config("keep layer 21", 21, [21])] if n_layers > 21 else [])
 
 
 class _Scorer:
@@ -107,14 +112,14 @@ class _Scorer:
     def run(self, q: QuantSettings, configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
         # One bar over the configurations: a predict bar per configuration would bury the notebook.
         try:
-            for name, layer, keep in tqdm(configs, desc=q.describe(), leave=False):
-                kept = self.resolve(keep)
+            for config in tqdm(configs, desc=q.describe(), leave=False):
+                kept = self.resolve(config.keep)
                 size = self.assemble(q, kept)
                 t0 = time.perf_counter()
                 logits, _ = infer.predict(self.model, self.batches, self.device, progress=False)
                 self.seconds["predict"] += time.perf_counter() - t0
                 self.configs += 1
-                yield (name, layer, keep), kept, logits, size
+                yield config, kept, logits, size
         finally:
             for name, original in self.originals.items():
                 self.model.set_submodule(name, original)
@@ -122,13 +127,12 @@ class _Scorer:
 
 def _row(qname: str, config: Config, kind: str, scorer: _Scorer, logits: np.ndarray, footprint: int, seed: int,
          kept_modules: int = 0) -> dict:
-    name, layer, keep = config
     correct = logits.argmax(1) == scorer.labels
     kl = metrics.kl_per_image(scorer.ref, logits)
     scores = metrics.classification(logits, scorer.labels, logits.shape[1])
     top1_lo, top1_hi = metrics.bootstrap_ci(correct, seed=seed)
     kl_lo, kl_hi = metrics.bootstrap_ci(kl, seed=seed)
-    return {"quant": qname, "config": name, "kind": kind, "layer": layer, "keep_16bit": keep,
+    return {"quant": qname, "config": config.name, "kind": kind, "layer": config.layer, "keep_16bit": config.keep,
             "kept_modules": kept_modules, "n": scores["n"], "top1": scores["top1"], "top1_lo": top1_lo, "top1_hi": top1_hi,
             "top5": scores["top5"], "kl": float(kl.mean()), "kl_lo": kl_lo, "kl_hi": kl_hi,
             "footprint_mb": footprint / 2**20}
@@ -155,16 +159,16 @@ def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, 
         mine = list(range(rank, len(configs), world))
         got = []
         for i, (config, kept, logits, size) in zip(mine, scorer.run(q, [configs[i] for i in mine])):
-            got.append((i, _row(qname, config, kind(config[0]), scorer, logits, size, seed, len(kept))))
+            got.append((i, _row(qname, config, kind(config.name), scorer, logits, size, seed, len(kept))))
             _say(got[-1][1], f"{i + 1}/{len(configs)}")
         return [row for _, row in sorted(gather(got) if gather is not None else got, key=lambda pair: pair[0])]
 
-    rows = [_row("16-bit", ("16-bit", None, []), "16-bit", scorer, scorer.ref, scorer.ref_bytes, seed)]
+    rows = [_row("16-bit", Config("16-bit", None, []), "16-bit", scorer, scorer.ref, scorer.ref_bytes, seed)]
     for qname in quant_types:
         q = quant_settings(base, qname)
         rows += score(q, qname, configurations(scorer.n_layers), _kind)
         order = greedy_order(rows, qname)  # from every process's rows: the same order everywhere
-        rows += score(q, qname, [(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)],
+        rows += score(q, qname, [Config(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)],
                       lambda name: "greedy")
     if timings is not None:
         timings.update(scorer.seconds, configurations=scorer.configs)
@@ -346,24 +350,24 @@ def check_choice(checkpoint: str | Path, settings: ModelSettings, base: QuantSet
     q = choice["quant"]
     n_layers = max(int(r["layer"]) for r in rows if r["kind"] == "single layer") + 1
     heur = heuristics(n_layers)
-    groups = [(_budget_label(choice), (f"chosen: {_label(choice['keep_16bit'])}", None, choice["keep_16bit"]),
-               [h for h in heur if h[2] != choice["keep_16bit"]])]
+    groups = [(_budget_label(choice), Config(f"chosen: {_label(choice['keep_16bit'])}", None, choice["keep_16bit"]),
+               [h for h in heur if h.keep != choice["keep_16bit"]])]
     for h in heur[1:]:
-        measured = [r for r in rows if r["quant"] == q and r["config"] == h[0]]
+        measured = [r for r in rows if r["quant"] == q and r["config"] == h.name]
         if measured:
             match = choose(rows, q, budget_mb=measured[0]["footprint_mb"])
-            groups.append((f"size of {h[0]}", (f"{_label(match['keep_16bit'])} at that size", None,
-                                               match["keep_16bit"]), [h]))
-    distinct = {repr(c[2]): c for _, mine, others in groups for c in [*others, mine]}
+            groups.append((f"size of {h.name}", Config(f"{_label(match['keep_16bit'])} at that size", None,
+                                                       match["keep_16bit"]), [h]))
+    distinct = {repr(c.keep): c for _, mine, others in groups for c in [*others, mine]}
     scorer = _Scorer(checkpoint, settings, batches, device)
-    scored = {repr(c[2]): (kept, logits, size)
+    scored = {repr(c.keep): (kept, logits, size)
               for c, kept, logits, size in scorer.run(quant_settings(base, q), list(distinct.values()))}
     hits = lambda logits: (logits.argmax(1) == scorer.labels).astype(float)
     out = []
     for comparison, mine, others in groups:
-        greedy = scored[repr(mine[2])][1]
+        greedy = scored[repr(mine.keep)][1]
         for config in [*others, mine]:
-            kept, logits, size = scored[repr(config[2])]
+            kept, logits, size = scored[repr(config.keep)]
             d1 = metrics.paired_bootstrap_diff(hits(greedy), hits(logits), seed=seed)
             dk = metrics.paired_bootstrap_diff(metrics.kl_per_image(scorer.ref, greedy),
                                                metrics.kl_per_image(scorer.ref, logits), seed=seed)
