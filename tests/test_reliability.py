@@ -262,3 +262,18 @@ def test_a_strip_under_the_pixel_cap_is_refused_by_its_aspect_ratio(tmp_path):
     ok = io.BytesIO()
     Image.new("RGB", (400, 100)).save(ok, format="PNG")  # a panorama is fine
     assert images.open_image(ok.getvalue()).size == (400, 100)
+
+
+def test_a_long_epoch_says_where_it_is_with_elapsed_and_left(digits_data, f32, smoke_params, monkeypatch, capsys):
+    import torch
+
+    from vitlab import finetune, training
+    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)  # as if every batch took longer than the interval
+    model = finetune.build(f32, smoke_params["finetune"], digits_data.class_names, torch.device("cpu"))
+    batches = list(digits_data.loader("train", 32))[:3]
+    training.train(model, batches, batches, {**smoke_params["finetune"], "epochs": 1}, torch.device("cpu"))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" · ")[0] for line in lines if line.startswith("train 1:")] == ["train 1: 1/3 batches",
+                                                                                     "train 1: 2/3 batches"]
+    assert "left in this epoch" in lines[0]
+    assert lines[-1].startswith("epoch 1/1: train loss") and "elapsed, ~0:00 left" in lines[-1]

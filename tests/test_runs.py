@@ -23,6 +23,9 @@ def test_smoke_run_executes_every_step(smoke_run):
     assert all(s["status"] == "ok" for s in man["steps"].values())
     assert man["versions"]["torch"] and man["versions"]["bitsandbytes"] and man["device"]["type"] == "cpu"
     assert "commit" in man["git"]
+    # No longer live: no lock or heartbeat left behind; every file of the folder readable alike.
+    assert not (smoke_run / ".lock").exists() and not (smoke_run / ".heartbeat").exists()
+    assert (smoke_run / "manifest.json").stat().st_mode & 0o777 == (smoke_run / "params.yaml").stat().st_mode & 0o777
     for step in man["steps"]:
         notebook = smoke_run / runs.STEPS[step].notebook.replace(".py", ".ipynb")
         assert notebook.is_file() and not _errors(notebook)

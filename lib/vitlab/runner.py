@@ -198,6 +198,9 @@ class _Live:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.save()
+        # The run is no longer live: its lock and heartbeat go (status() reads a finished run's manifest).
+        for name in (".heartbeat", ".lock"):
+            (self.run_dir / name).unlink(missing_ok=True)
         fcntl.flock(self.lock_file, fcntl.LOCK_UN)
         self.lock_file.close()
 

@@ -160,6 +160,7 @@ def write_json(path: str | Path, obj: Any) -> None:
             f.close()
             os.unlink(f.name)
             raise
+    os.chmod(f.name, 0o644)  # a temporary file is made 0600; the run folder's files are all readable alike
     os.replace(f.name, path)
 
 

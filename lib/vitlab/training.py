@@ -20,6 +20,8 @@ from transformers import get_cosine_schedule_with_warmup
 from . import models
 from .settings import Finetune
 
+PROGRESS_EVERY_S = 10.0
+
 
 class Ema:
     """An exponential moving average of a model's weights, updated after every step by one fused lerp.
@@ -200,7 +202,13 @@ def _epoch(model: nn.Module, batches: Iterable, device: torch.device, amp: torch
     model.train(training)
     # Sums stay on the device: a .item() per step would make the GPU wait for Python every batch.
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    for x, y in tqdm(batches, desc=desc, leave=False):
+    started = shown = time.monotonic()
+    for i, (x, y) in enumerate(batches, 1):
+        if i > 1 and time.monotonic() - shown > PROGRESS_EVERY_S:  # a long epoch says where it is, in plain lines
+            elapsed = time.monotonic() - started
+            print(f"{desc}: {i - 1}/{len(batches)} batches · {_clock(elapsed)} elapsed, "
+                  f"~{_clock(elapsed / (i - 1) * (len(batches) - i + 1))} left in this epoch", flush=True)
+            shown = time.monotonic()
         x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
         target = y
         if training:
@@ -302,7 +310,10 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
         history, best = _restore(Path(checkpoint), setup.state, device)
         print(f"resuming after epoch {len(history)} of {ft.epochs} from {checkpoint}", flush=True)
     started, done_before, last_save = time.monotonic(), len(history), time.monotonic()
-    for epoch in range(len(history) + 1, ft.epochs + 1):
+    # One live bar over the epochs in JupyterLab (a widget per epoch left dozens of frozen bars); the terminal
+    # of `vitlab run` gets the epoch lines and, in a long epoch, a line every PROGRESS_EVERY_S.
+    for epoch in tqdm(range(len(history) + 1, ft.epochs + 1), desc="epochs", initial=len(history), total=ft.epochs,
+                      disable=not main):
         batches = small_batches if epoch <= small_until else train_batches
         t0 = time.perf_counter()
         tr = _epoch(setup.stepped, batches, device, setup.amp, setup.step, setup.mixer, desc=f"train {epoch}",
