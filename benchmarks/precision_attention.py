@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from common import quant_settings, random_checkpoint, settings, write
 
-from vitlab import attention, bench, evaluate, machine, models, quant
+from vitlab import attention, bench, evaluate, machine, quant
 
 PRECISIONS = {"bf16": (16, torch.bfloat16), "fp32": (16, torch.float32), "int8": (8, torch.bfloat16),
               "nf4": (4, torch.bfloat16)}

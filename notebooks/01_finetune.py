@@ -74,3 +74,6 @@ if history:
 runs.write_json(runs.path(run_dir, "train_metrics"),
                 finetune.metrics(ft["method"], (trainable, total), ds.class_names, history))
 sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+# %%
+runs.close_step(run_dir, "finetune")  # opened by hand: the step is marked finished (under `vitlab run` the runner marks it)

@@ -53,10 +53,9 @@ ref, _ = infer.predict(base, batch, device)
 rows = [evaluate.measure(base, "16-bit (fine-tune step)", batch, device, len(ds.class_names), params["seed"], checkpoint, ref)[0],
         evaluate.measure(model, f"{q.describe()} (this step)", batch, device, len(ds.class_names), params["seed"],
                          runs.path(run_dir, "quantized"), ref)[0]]
-summary = {"quantization": q.describe(), "bits": q.bits, "keep_16bit": params["quant"]["keep_16bit"], "kept_modules": keep,
-           "quantized_modules": int(table["quantized"].sum()), "linear_modules": len(table), "images": len(batch[0][0]),
-           "disk_mb": rows[1]["disk_mb"], "disk_mb_16bit": rows[0]["disk_mb"],
-           "footprint_mb": rows[1]["footprint_mb"], "footprint_mb_16bit": rows[0]["footprint_mb"],
-           **{k: rows[1][k] for k in ("logits_rel_err", "top1_agreement", "kl_to_ref")}}
-runs.write_json(runs.path(run_dir, "quant_summary"), summary)
+runs.write_json(runs.path(run_dir, "quant_summary"), quant.summary(q, params["quant"]["keep_16bit"], keep, table, rows,
+                                                                   images=len(batch[0][0])))
 pd.DataFrame(rows).set_index("model")[["disk_mb", "footprint_mb", "logits_rel_err", "top1_agreement", "kl_to_ref"]].round(4)
+
+# %%
+runs.close_step(run_dir, "quantize")  # opened by hand: the step is marked finished (under `vitlab run` the runner marks it)

@@ -81,3 +81,6 @@ if not result.profile.empty:
     plots.save(plots.component_breakdown(result.profile), out / "component_breakdown.png")
 for name, table in result.kernels.items():
     display(Markdown(f"**{name}**: top GPU kernels per forward at batch {ev['profile_batch_size']}"), table.round(3))
+
+# %%
+runs.close_step(run_dir, "evaluate")  # opened by hand: the step is marked finished (under `vitlab run` the runner marks it)

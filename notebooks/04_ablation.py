@@ -97,3 +97,6 @@ pd.DataFrame(checks).set_index(["quant", "comparison", "config"])[[
 # %%
 display(Markdown(f"On the {verify} split ({checks[0]['n']} images):\n\n"
                  + "\n".join(f"- {line}" for line in ablation.verdicts(checks))))
+
+# %%
+runs.close_step(run_dir, "ablation")  # opened by hand: the step is marked finished (under `vitlab run` the runner marks it)

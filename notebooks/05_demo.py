@@ -14,7 +14,7 @@ from pathlib import Path
 
 from IPython.display import HTML, display
 
-from vitlab import demo, machine, models, runs
+from vitlab import demo, machine, runs
 
 runs_root = Path(run_dir).parent if run_dir else runs.RUNS_DIR
 device = machine.resolve_device(params["device"] if params else "auto")

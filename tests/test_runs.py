@@ -107,15 +107,38 @@ def test_report_renders_every_run_and_is_not_a_run(smoke_run, tmp_path):
     assert (target / "pareto_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_hand_opened_step_finds_the_newest_run_with_what_it_needs(smoke_run, tmp_path):
-    """In JupyterLab the notebook has no run_dir: finetune starts a new run, later steps use the newest
-    run of the variant whose needed steps finished."""
-    params, run_dir, out, device = runs.open_step("evaluate", None, None, "params/smoke.yaml", smoke_run.parent)
-    assert run_dir == smoke_run and out == smoke_run / "evaluate" and device.type == "cpu"
-    params, run_dir, out, _ = runs.open_step("finetune", None, None, "params/smoke.yaml", tmp_path)
-    assert runs.list_runs(tmp_path) == [run_dir] and runs.manifest(run_dir)["steps"] == {"finetune": {"status": "pending"}}
+def test_notebooks_opened_by_hand_work_in_one_run_and_mark_their_steps(smoke_run, tmp_path, capsys):
+    """In JupyterLab a notebook has no run_dir: finetune keeps to one hand-made run of its variant however
+    often it is run, later steps use the newest run of the variant whose needed steps finished (its steps
+    built on them go back to pending), and each notebook's last cell marks its step finished."""
+    import shutil
+    runs_dir = tmp_path / "runs"
+    copy = runs_dir / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    params, run_dir, out, device = runs.open_step("evaluate", None, None, "params/smoke.yaml", runs_dir)
+    assert run_dir == copy and out == copy / "evaluate" and device.type == "cpu"
+    man = runs.manifest(copy)
+    assert man["steps"]["evaluate"]["status"] == "running" and man["steps"]["evaluate"]["by_hand"]
+    assert man["steps"]["demo"]["status"] == "ok"  # demo does not read evaluate's products
+    assert "working by hand in run " + copy.name in capsys.readouterr().out
+    runs.close_step(copy, "evaluate")
+    assert runs.manifest(copy)["steps"]["evaluate"]["status"] == "ok" and runs.manifest(copy)["status"] == "ok"
+
+    runs.open_step("quantize", None, None, "params/smoke.yaml", runs_dir)  # evaluate and demo read quantize's model
+    assert [runs.manifest(copy)["steps"][s]["status"] for s in ("quantize", "evaluate", "demo")] == [
+        "running", "pending", "pending"]
+
+    mine = tmp_path / "mine"
+    _, first, _, _ = runs.open_step("finetune", None, None, "params/smoke.yaml", mine)
+    _, again, _, _ = runs.open_step("finetune", None, None, "params/smoke.yaml", mine)  # the cell run twice
+    assert first == again and runs.list_runs(mine) == [first] and runs.manifest(first)["by_hand"]
+    runs.close_step(first, "finetune")
+    assert runs.manifest(first)["steps"]["finetune"]["status"] == "ok"
+    assert runs.manifest(first)["steps"]["quantize"]["status"] == "pending"
     with pytest.raises(runs.RunError, match="has finished finetune;"):
-        runs.open_step("quantize", None, None, "params/offline.yaml", tmp_path)
+        runs.open_step("quantize", None, None, "params/offline.yaml", mine)
+    runs.close_step(smoke_run, "evaluate")  # under `vitlab run` (no by-hand mark): nothing changes
+    assert runs.manifest(smoke_run)["steps"]["evaluate"]["status"] == "ok"
 
 
 @pytest.mark.e2e

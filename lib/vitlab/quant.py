@@ -158,3 +158,15 @@ def layer_table(model: nn.Module) -> pd.DataFrame:
             "bytes": models.parameter_bytes(module),
         })
     return pd.DataFrame(rows)
+
+
+def summary(q: QuantSettings, keep_param: Any, kept: list[str], table: pd.DataFrame, rows: list[dict],
+            images: int) -> dict[str, Any]:
+    """The run's `quant_summary` product: what was quantized and kept, and the sizes and drift of the
+    quantized model (rows[1], `evaluate.measure`'s row) against the 16-bit one (rows[0])."""
+    ref, mine = rows
+    return {"quantization": q.describe(), "bits": q.bits, "keep_16bit": keep_param, "kept_modules": kept,
+            "quantized_modules": int(table["quantized"].sum()), "linear_modules": len(table), "images": images,
+            "disk_mb": mine["disk_mb"], "disk_mb_16bit": ref["disk_mb"],
+            "footprint_mb": mine["footprint_mb"], "footprint_mb_16bit": ref["footprint_mb"],
+            **{k: mine[k] for k in ("logits_rel_err", "top1_agreement", "kl_to_ref")}}

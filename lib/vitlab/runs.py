@@ -220,7 +220,7 @@ def new_folder(parent: str | Path, name: str = "") -> Path:
     raise RunError(f"no free folder name under {parent} for {stamp}")
 
 
-def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR) -> Path:
+def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR, by_hand: bool = False) -> Path:
     """A new dated run folder (`new_folder`) holding params.yaml and a manifest with every step of
     `params["steps"]` pending."""
     missing = needs_of(params["steps"])
@@ -231,6 +231,8 @@ def create(params: dict[str, Any], runs_dir: str | Path = RUNS_DIR) -> Path:
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     manifest = {"variant": params["variant"], "status": "pending", "seed": params["seed"], "created": _now(),
                 "steps": {s: {"status": "pending"} for s in params["steps"]}, **environment()}
+    if by_hand:  # made by a notebook opened in JupyterLab, not by `vitlab run`
+        manifest["by_hand"] = True
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
 
@@ -278,18 +280,12 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
     """What a step notebook starts with: (params, run folder, the step's output folder, device),
     with every random generator seeded from params.
 
-    Under `vitlab run`, papermill passes params and run_dir. Opened by hand in JupyterLab, the
-    notebook resolves `params_file`, and works in a new run folder (a step that needs none) or in
-    the newest run of that variant where the steps it needs finished.
+    Under `vitlab run`, papermill passes params and run_dir. Opened by hand in JupyterLab, the notebook
+    resolves `params_file` and works in one run, which it names (`_by_hand`); its last cell calls
+    `close_step`, which marks the step finished.
     """
     if run_dir is None:
-        params = config.resolve(REPO_ROOT / params_file)
-        needs = STEPS[step].needs
-        if needs:
-            run_dir = latest(params["variant"], needs, runs_dir)
-            params = load_params(run_dir)
-        else:
-            run_dir = create({**params, "steps": [step]}, runs_dir)
+        run_dir = _by_hand(step, params_file, runs_dir)
     import transformers
 
     from .machine import resolve_device, use_cpu_threads
@@ -303,3 +299,42 @@ def open_step(step: str, params: dict[str, Any] | None, run_dir: str | None,
     if device.type == "cpu":
         use_cpu_threads()
     return params, run_dir, out, device
+
+
+def _by_hand(step: str, params_file: str | Path, runs_dir: str | Path) -> Path:
+    """The run a notebook opened by hand works in, with its step marked running by this kernel: for a step
+    that needs none, the newest hand-made run of the variant where it has not finished (run again, the
+    notebook keeps to it instead of leaving a new folder each time), else a new one; for the others, the
+    newest run of the variant where what it needs finished. The steps built on this one are marked
+    pending there: they were made from what this step is about to replace."""
+    params = config.resolve(REPO_ROOT / params_file)
+    if STEPS[step].needs:
+        run_dir = latest(params["variant"], STEPS[step].needs, runs_dir)
+    else:
+        mine = [r for r in reversed(list_runs(runs_dir)) if manifest(r).get("by_hand")
+                and manifest(r)["variant"] == params["variant"] and not done(r, step)]
+        run_dir = mine[0] if mine else create(params, runs_dir, by_hand=True)
+    man = manifest(run_dir)
+    stale = [s for s in with_dependents(list(man["steps"]), [step]) if s != step and man["steps"][s]["status"] == "ok"]
+    for s in stale:
+        man["steps"][s] = {"status": "pending"}
+    man["steps"][step] = {"status": "running", "by_hand": True, "pid": os.getpid(), "started": _now()}
+    man["status"] = "running"
+    write_json(Path(run_dir) / "manifest.json", man)
+    print(f"working by hand in run {Path(run_dir).name}" + (f" ({', '.join(stale)} built on {step}: now pending)"
+                                                           if stale else ""), flush=True)
+    return Path(run_dir)
+
+
+def close_step(run_dir: str | Path, step: str) -> None:
+    """A step notebook's last cell. Opened by hand, the step is marked finished in the manifest (under
+    `vitlab run` the runner marks it, and this does nothing)."""
+    man = manifest(run_dir)
+    entry = man["steps"].get(step, {})
+    if not entry.get("by_hand") or entry.get("status") != "running":
+        return
+    started = dt.datetime.fromisoformat(entry["started"])
+    entry.update(status="ok", ended=_now(), seconds=round((dt.datetime.now() - started).total_seconds(), 1))
+    man["status"] = "ok" if all(s["status"] == "ok" for s in man["steps"].values()) else "partial"
+    write_json(Path(run_dir) / "manifest.json", man)
+    print(f"{step} finished by hand in run {Path(run_dir).name}", flush=True)
