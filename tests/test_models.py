@@ -1,3 +1,6 @@
+import re
+import shutil
+
 import pytest
 import torch
 
@@ -139,3 +142,17 @@ def test_mimetic_and_sincos_init_give_heads_and_positions_their_structure(tmp_pa
 def test_init_is_for_models_built_from_a_config():
     with pytest.raises(config.ParamsError, match="model.init 'mimetic' starts a model built from model.config"):
         config.resolve(config.PARAMS_DIR / "smoke.yaml", ["model.init=mimetic", "model.id=google/vit-base-patch16-224"])
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda p: shutil.rmtree(p), "does not exist (a step that made it did not finish"),
+    (lambda p: (p / "config.json").unlink(), "has no config.json"),
+    (lambda p: (p / "model.safetensors").rename(p / "pytorch_model.bin"), "pickled pytorch_model.bin"),
+    (lambda p: (p / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"), "model.safetensors cannot be read"),
+])
+def test_a_broken_checkpoint_folder_is_named_with_the_fix(checkpoint, f32, tmp_path, spoil, message):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    spoil(copy)
+    with pytest.raises(models.ModelError, match=re.escape(message)):
+        models.load_checkpoint(copy, f32, CPU)

@@ -150,17 +150,21 @@ def test_steps_without_what_they_need_are_refused_before_any_folder(tmp_path):
 
 @pytest.mark.e2e
 def test_failed_step_marks_the_run_and_resume_finishes_it(tmp_path, folder):
-    root = tmp_path / "flowers-like"
+    import shutil
+    root = tmp_path / "digits-folder"
+    shutil.copytree(folder, root)
+    corrupt = root / "train" / "c3" / "corrupt.png"
+    corrupt.write_bytes(b"not an image")  # only reading it finds that: inside the finetune step
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path / "runs"), "--steps", "finetune,quantize",
                   "--set", "data.source=imagefolder", "--set", f"data.root={root}")
     assert proc.returncode == 1 and "resume with" in proc.stderr
     (run_dir,) = runs.list_runs(tmp_path / "runs")
     man = runs.manifest(run_dir)
     assert man["status"] == "failed" and man["failed_step"] == "finetune"
-    assert "train/<class>" in man["steps"]["finetune"]["error"] and man["steps"]["quantize"]["status"] == "pending"
+    assert "corrupt.png" in man["steps"]["finetune"]["error"] and man["steps"]["quantize"]["status"] == "pending"
     assert not runs.path(run_dir, "train_metrics").exists()
 
-    root.symlink_to(folder)  # the data set arrives; resume runs what did not finish
+    corrupt.unlink()  # the data set is mended; resume runs what did not finish
     proc = vitlab("run", "--resume", str(run_dir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     man = runs.manifest(run_dir)

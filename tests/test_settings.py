@@ -2,6 +2,7 @@
 
 Refusals are checked in-process through the CLI's own `main` (no interpreter start per case); one test
 runs the real `python -m vitlab` to hold the message format, the exit code, the time and the imports."""
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,9 @@ REFUSED = [  # (--set value, what the one line says)
     ("speed.fp8_gemm=triton", "set speed.fp8: static or speed.int4: w4a8"),
     ("speed.compile=reduce-overhead", "choose one of ['none', 'model', 'linears']"),
     ("nonsense", "--set expects key=value"),
+    ("steps=[quantize,finetune]", "in the order they run: ['finetune', 'quantize']"),
+    ("steps=[finetune,finetune]", "name each step once"),
+    ("data.source=imagefolder", "has no train/valid/test folder"),  # data.root 'data' holds none in a clone
 ]
 
 
@@ -123,3 +127,20 @@ def test_the_command_line_refuses_in_a_blink_without_importing_torch(tmp_path):
     help_start = time.monotonic()
     assert subprocess.run([sys.executable, "-m", "vitlab", "--help"], capture_output=True, cwd=config.REPO_ROOT).returncode == 0
     assert time.monotonic() - help_start < 2.0
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda root: shutil.rmtree(root / "test" / "c9"), "hold different class folders: ['c9']"),
+    (lambda root: [p.unlink() for p in (root / "train" / "c4").iterdir()], "['train/c4'] under"),
+    (lambda root: [shutil.rmtree(root / s / f"c{i}") for s in ("train", "valid", "test") for i in range(1, 10)],
+     "1 class folder(s)"),
+])
+def test_an_imagefolder_is_checked_from_its_listing_before_any_folder(folder, tmp_path, capsys, spoil, message):
+    root = tmp_path / "root"
+    shutil.copytree(folder, root)
+    sets = ["--set", "data.source=imagefolder", "--set", f"data.root={root}"]
+    machine.check(config.validate(config.resolve(SMOKE, sets[1::2])))  # the folder as it came: fine
+    spoil(root)
+    code = cli.main(["run", SMOKE, "--runs-dir", str(tmp_path / "runs"), *sets])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and not (tmp_path / "runs").exists(), err

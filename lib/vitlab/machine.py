@@ -21,6 +21,29 @@ def _no_gpu_here() -> bool:
     return not os.path.exists("/proc/driver/nvidia/gpus") and not any(Path("/dev").glob("nvidia[0-9]*"))
 
 
+def check_data(p: Params) -> None:
+    """An ImageFolder data set checked from its folder listing, before any run folder: the splits are there,
+    hold the same class folders, two or more, none empty. (The images themselves are read by the steps.)"""
+    if p.data.source != "imagefolder" or not ({"finetune", "quantize", "evaluate", "ablation"} & set(p.steps)):
+        return
+    root = Path(p.data.root).expanduser()
+    root = root if root.is_absolute() else Path(__file__).resolve().parents[2] / root
+    missing = [s for s in ("train", "valid", "test") if not (root / s).is_dir()]
+    if missing:
+        raise ParamsError(f"data.root {root} has no {'/'.join(missing)} folder(s); an imagefolder data set needs "
+                          "root/train/<class>/*.jpg, root/valid/<class>/*.jpg and root/test/<class>/*.jpg")
+    classes = {s: sorted(d.name for d in (root / s).iterdir() if d.is_dir()) for s in ("train", "valid", "test")}
+    if len(classes["train"]) < 2:
+        raise ParamsError(f"{root}/train holds {len(classes['train'])} class folder(s): a classifier needs two or more")
+    for s in ("valid", "test"):
+        if classes[s] != classes["train"]:
+            diff = sorted(set(classes["train"]) ^ set(classes[s]))
+            raise ParamsError(f"{root}/{s} and {root}/train hold different class folders: {diff[:10]}")
+    empty = [f"{s}/{c}" for s in classes for c in classes[s] if not any((root / s / c).iterdir())]
+    if empty:
+        raise ParamsError(f"class folder(s) {empty[:5]} under {root} hold no images")
+
+
 def check(p: Params) -> None:
     """What would fail only inside a step, checked before any: the device, its attention kernel, CUDA graphs,
     one GPU per process. Fast on a machine without a GPU; with one, torch answers."""
@@ -46,6 +69,7 @@ def check(p: Params) -> None:
                            ("ablation.processes", p.ablation.processes)):
         if processes > 1 and gpus and gpus < processes:
             raise ParamsError(f"{key} is {processes}, but this machine has {gpus} GPU(s): one process per GPU")
+    check_data(p)
     if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
         import torch
 

@@ -82,7 +82,25 @@ def load_processor(settings: ModelSettings) -> ViTImageProcessor:
         raise _offline_hint(settings.id, e) from e
 
 
+def check_local(path: str | Path) -> None:
+    """A checkpoint folder's problems named before transformers meets them (its words for these are "Repo id
+    must be in the form ...", "Unrecognized model", or a pickle loaded where safetensors were meant)."""
+    path = Path(path)
+    if not path.is_dir():
+        if path.is_absolute() or len(path.parts) > 2 or path.suffix:  # a path, not a hub id like org/name
+            raise ModelError(f"checkpoint folder {path} does not exist (a step that made it did not finish, or it "
+                             "was moved): re-run the step that writes it, or give model.id an existing folder")
+        return
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        pickled = " (it holds a pickled pytorch_model.bin, which vitlab does not load: it can run code)" if (
+            path / "pytorch_model.bin").is_file() else ""
+        raise ModelError(f"{path} has no {' or '.join(missing)}{pickled}: a checkpoint folder is what "
+                         "save_pretrained writes (config.json and model.safetensors)")
+
+
 def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassification:
+    check_local(path)
     try:
         # safetensors only: a pickled pytorch_model.bin in a folder someone handed over could run code on load.
         return ViTForImageClassification.from_pretrained(str(path), use_safetensors=True, **kwargs, **_hub_kwargs(path))
@@ -91,6 +109,11 @@ def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassificati
             raise ModelError(f"{path} is not a loadable ViT checkpoint ({e}); it needs config.json and "
                              "model.safetensors as written by save_pretrained") from e
         raise _offline_hint(str(path), e) from e
+    except Exception as e:  # safetensors' "incomplete metadata" and the like: the file, and what to do
+        if Path(path).is_dir():
+            raise ModelError(f"{Path(path) / 'model.safetensors'} cannot be read ({type(e).__name__}: {str(e)[:200]}): "
+                             "the file is damaged or truncated; write it again (re-run the step that made it)") from e
+        raise
 
 
 def checkpoint_labels(settings: ModelSettings) -> list[str] | None:

@@ -314,6 +314,9 @@ class Params(Section):
         bad = [s for s in self.steps if s not in STEPS]
         if bad:
             raise ParamsError(f"unknown step(s) {bad} in 'steps'; choose from {list(STEPS)}")
+        ordered = sorted(set(self.steps), key=STEPS.index)
+        if list(self.steps) != ordered:
+            raise ParamsError(f"'steps' {list(self.steps)} must name each step once, in the order they run: {ordered}")
         if "finetune" in self.steps:
             self._check_training()
         self._check_sizes()
