@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 04 · Ablation: which layers can be quantized?
 # Quantizing every layer is smallest, but layers differ in how much their rounding moves the output.

@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # vitlab report: every run, compared
 # One run answers one question; the trade-offs only show side by side. Accuracy against latency,
