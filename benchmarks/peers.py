@@ -33,7 +33,6 @@ from torch import nn
 from vitlab import bench, config, data, evaluate, infer, machine, metrics, models, quant, speed
 
 RESULTS = Path(__file__).parent / "results"
-FIGURES = Path(__file__).parents[1] / "figures"
 # Dense tensor-core peaks in TFLOP/s (NVIDIA's data sheets, without sparsity), by device name.
 PEAKS = {"H100 80GB HBM3": (989.4, 1978.9), "H100 PCIe": (756.0, 1513.0), "H200": (989.4, 1978.9)}
 
@@ -267,28 +266,9 @@ def collect(args) -> None:
            "kernels": [k for p in parts for k in p.get("kernels", [])],
            "context": next(p["context"] for p in parts if "context" in p)}
     (RESULTS / "peers_h100.json").write_text(json.dumps(out, indent=1, default=str))
-    table = pd.DataFrame(rows)
-    md = table.pivot_table(index=["process", "path", "weight_bits"], columns="batch_size", values=["p50_ms", "ratio_vs_stock"],
-                           sort=False)
-    md.columns = [f"{'p50 ms' if v == 'p50_ms' else 'x stock'}, batch {bs}" for v, bs in md.columns]
-    (FIGURES / "peers_h100.md").write_text(md.round(3).reset_index().to_markdown(index=False) + "\n")
-    print(md.round(3).to_string())
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    shown = table[~table["path"].str.startswith("stock (")].assign(who=lambda t: t["vitlab"].map({True: "vitlab", False: "peer"}))
-    sizes = sorted(shown["batch_size"].unique(), reverse=True)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 4.8), sharey=True)
-    for ax, bs in zip(axes, sizes):
-        sns.barplot(data=shown[shown["batch_size"] == bs], y="path", x="ratio_vs_stock", hue="who", dodge=False, ax=ax,
-                    orient="h", palette={"vitlab": "tab:blue", "peer": "tab:gray"}, legend=bs == sizes[0])
-        ax.axvline(1.0, color="k", lw=0.8)
-        if bs == 256:
-            ax.axvline(1.5, color="r", lw=0.8, ls="--")
-        ax.set(title=f"batch {bs}", xlabel="img/s / stock bf16 (same process)", ylabel="")
-    fig.suptitle(f"ViT-L/16 on one {meta['device']['name']}: throughput against stock transformers bf16 SDPA "
-                 "(red: the 1.5x target)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(FIGURES / "peers_h100.png", dpi=120)
+    print(pd.DataFrame(rows).pivot_table(index=["process", "path"], columns="batch_size", values="ratio_vs_stock",
+                                        sort=False).round(3).to_string())
+    print("tables and figure: python benchmarks/run.py summarize")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,6 +205,35 @@ def readme_block() -> None:
     README.write_text(f"{head}{begin}\n{peers_headline()}\n\n{flowers_headline()}\n{end}{tail}")
 
 
+def peers_figure(name: str = "peers_h100.json") -> str:
+    """figures/<name>.png (throughput against stock per batch size, vitlab's paths and the peers) and its table."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = load(name)
+    table = pd.DataFrame(data["rows"])
+    process = table["process"] if "process" in table else pd.Series(1, index=table.index)
+    md = table.assign(process=process).pivot_table(index=["process", "path", "weight_bits"], columns="batch_size",
+                                                   values=["p50_ms", "ratio_vs_stock"], sort=False)
+    md.columns = [f"{'p50 ms' if v == 'p50_ms' else 'x stock'}, batch {bs}" for v, bs in md.columns]
+    shown = table[~table["path"].str.startswith("stock (")].assign(who=lambda t: t["vitlab"].map({True: "vitlab", False: "peer"}))
+    sizes = sorted(shown["batch_size"].unique(), reverse=True)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 4.8), sharey=True)
+    for ax, bs in zip(axes, sizes):
+        # A path timed in two processes shows its first (newest) process: no averaging bar across kernels.
+        here = shown[shown["batch_size"] == bs].drop_duplicates("path")
+        sns.barplot(data=here, y="path", x="ratio_vs_stock", hue="who", dodge=False, ax=ax, errorbar=None,
+                    orient="h", palette={"vitlab": "tab:blue", "peer": "tab:gray"}, legend=bs == sizes[-1])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set(title=f"batch {bs}", xlabel="img/s / stock bf16 (same process)", ylabel="")
+        if bs == sizes[-1]:
+            ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
+    fig.suptitle(f"ViT-L/16 on one {data['meta']['device']['name']}: throughput against stock transformers bf16 SDPA",
+                 fontsize=10)
+    plots.save(fig, FIGURES / name.replace(".json", ".png"))
+    return md.round(3).reset_index().to_markdown(index=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -212,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     FIGURES.mkdir(exist_ok=True)
     (FIGURES / "h100_matrix.md").write_text(matrix() + "\n")
     (FIGURES / "h100_speed_paths.md").write_text(speed_paths() + "\n")
+    for name in ("peers_h100.json", "peers_h200.json"):
+        (FIGURES / name.replace(".json", ".md")).write_text(peers_figure(name) + "\n")
     (DOCS / "results.md").write_text(results_md())
     readme_block()
     print("wrote", sorted(p.name for p in FIGURES.glob("h100_*")), "docs/results.md and README.md's headline table")

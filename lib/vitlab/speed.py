@@ -68,8 +68,8 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
 class PatchMatmul(nn.Module):
     """The patch embedding's convolution as one matmul. Its kernel equals its stride, so cutting the
     image into patches is a reshape, and the convolution is a GEMM over channels x patch pixels
-    (cuDNN's convolution and the layout changes around it took 2.5 ms of a 53 ms FP8 ViT-L/16
-    forward at batch 256 on the H100; as a GEMM it is ~0.2 ms). Returns the convolution's layout."""
+    (cuDNN's convolution and the layout changes around it cost more than the GEMM: figures/h100_speed_paths.md).
+    Returns the convolution's layout."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -173,8 +173,8 @@ def compiled(model: nn.Module, mode: str = "default", scope: str = "model") -> n
     the template that wins; it compiles for minutes rather than seconds.
 
     scope "model" compiles the whole forward. Traced whole, transformers' ViT hands SDPA a mask,
-    which rules out the flash and cuDNN kernels and leaves a float32 math attention (measured on
-    the H100: 58 of 125 ms per ViT-L forward at batch 256). scope "linears" compiles each block's
+    which rules out the flash and cuDNN kernels and leaves a float32 math attention (most of the
+    forward: figures/h100_speed_paths.md). scope "linears" compiles each block's
     MLP and attention projections and keeps attention eager, on the fused kernel.
     """
     if mode not in COMPILE_MODES:
