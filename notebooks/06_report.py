@@ -20,7 +20,7 @@ runs_root = "runs"
 # %%
 from pathlib import Path
 
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 
 from vitlab import plots, report, runs
 
@@ -43,6 +43,23 @@ if data.accuracy.empty:
     display(Markdown("_No run has a finished evaluate step yet._"))
 else:
     display(report.accuracy_table(data.accuracy))
+
+# %% [markdown]
+# ## How each model trained
+# Loss and accuracy per epoch on the training images (augmented) and the validation split, as the
+# finetune step drew them: a gap that widens is over-fitting, curves still falling are under-training.
+
+# %%
+for label, figure in report.figures_of(sources, "finetune", "training_curves.png"):
+    display(Markdown(f"**{label}**"), Image(filename=str(figure)))
+
+# %% [markdown]
+# ## Which classes each model confuses
+# The confusion matrix of the test split per run (its every cell is in the run's `evaluate/confusion.csv`).
+
+# %%
+for label, figure in report.figures_of(sources, "evaluate", "confusion.png"):
+    display(Markdown(f"**{label}**"), Image(filename=str(figure)))
 
 # %% [markdown]
 # ## Accuracy against latency, per batch size
@@ -97,3 +114,12 @@ if not data.sensitivity.empty:
         keep(fig, f"sensitivity_{run}.png")
         keep(plots.pareto(rows, data.choices[run]), f"pareto_{run}.png")
         display(Markdown(f"**{run}**: the choice per quantization type"), report.choice_table(data.choices[run]))
+
+# %% [markdown]
+# ## The choice on held-out images
+# Each ablation's choice scored on its `verify_split` against the seeds' heuristics, with paired
+# bootstrap intervals of the differences: an interval that holds 0 is a tie, not a win.
+
+# %%
+for run, lines in report.ablation_checks(sources).items():
+    display(Markdown(f"**{run}**\n\n" + "\n".join(f"- {line}" for line in lines)))

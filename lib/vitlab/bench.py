@@ -71,8 +71,10 @@ def latency(model: nn.Module, batch_size: int, image_size: int, device: torch.de
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, "process peak RSS"  # KiB on Linux
+    # The machine's load while timing: a wide spread on a busy machine is noise, not the model.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"batch_size": batch_size, **stats, "throughput_img_s": batch_size / stats["p50_ms"] * 1e3,
-            "peak_mem_mb": peak, "peak_mem_kind": kind}
+            "peak_mem_mb": peak, "peak_mem_kind": kind, "load_1min": load, "cpus": os.cpu_count()}
 
 
 def _quiet_kineto() -> None:

@@ -96,14 +96,33 @@ def accuracy_table(accuracy: pd.DataFrame) -> pd.DataFrame:
 
 
 def latency_table(latency: pd.DataFrame) -> pd.DataFrame:
-    """p50 latency per model (rows) and batch size (columns), with the spread when it is large."""
+    """p50 latency per model (rows) and batch size (columns), with the spread when it is large and, then,
+    the machine's load while it was timed (a load near the core count makes such a number noise)."""
     def cell(rows: pd.DataFrame) -> str:
         r = rows.iloc[0]
         noisy = "p95_ms" in r and r["p95_ms"] > 1.5 * r["p50_ms"]
-        return fmt.ms(r["p50_ms"]) + (f" (p95 {fmt.ms(r['p95_ms'])})" if noisy else "")
+        load = f", load {r['load_1min']:.1f}/{int(r['cpus'])}" if noisy and pd.notna(r.get("load_1min")) else ""
+        return fmt.ms(r["p50_ms"]) + (f" (p95 {fmt.ms(r['p95_ms'])}{load})" if noisy else "")
     table = latency.groupby(["model", "batch_size"], sort=False).apply(cell, include_groups=False).unstack()
     table.columns = [f"batch {int(b)}" for b in table.columns]
     return table.fillna("–")
+
+
+def figures_of(run_dirs: list[Path], product_dir: str, name: str) -> list[tuple[str, Path]]:
+    """(run label, figure) for each run that has <run>/<product_dir>/<name>: the run's own figures, shown
+    in the report as the step drew them."""
+    mans = _manifests(run_dirs)
+    labels = _labels(mans)
+    return [(labels[r], r / product_dir / name) for r in run_dirs if (r / product_dir / name).is_file()]
+
+
+def ablation_checks(run_dirs: list[Path]) -> dict[str, list[str]]:
+    """Per run label, the ablation's held-out check as sentences (`ablation.verdicts`)."""
+    from .ablation import verdicts
+
+    labels = _labels(_manifests(run_dirs))
+    return {labels[r]: verdicts(runs.read_json(runs.path(r, "choice"))["checks"]) for r in run_dirs
+            if isinstance(_manifests([r])[r], dict) and runs.done(r, "ablation")}
 
 
 def choice_table(choices: dict[str, dict]) -> pd.DataFrame:
