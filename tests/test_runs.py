@@ -73,6 +73,7 @@ def test_smoke_run_artifacts(smoke_run):
 def test_the_terminal_gets_the_steps_lines_and_library_noise_goes_to_a_log(smoke_run):
     terminal = (smoke_run.parent / "terminal.txt").read_text()
     assert "[finetune] epoch 1/" in terminal and "[evaluate]" in terminal
+    assert "[evaluate] nf4+dq: profiling" in terminal and "[ablation] nf4 check on 200 held-out images" in terminal
     # The profiler's C++ side (Kineto) prints past Python on the kernel's stderr: kept in the run folder.
     assert "USDT" not in terminal and "profiler_start" not in terminal
     assert "profiler_start" in (smoke_run / "03_evaluate.stderr.log").read_text()

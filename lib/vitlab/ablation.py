@@ -360,8 +360,11 @@ def check_choice(checkpoint: str | Path, settings: ModelSettings, base: QuantSet
                                                        match["keep_16bit"]), [h]))
     distinct = {repr(c.keep): c for _, mine, others in groups for c in [*others, mine]}
     scorer = _Scorer(checkpoint, settings, batches, device)
-    scored = {repr(c.keep): (kept, logits, size)
-              for c, kept, logits, size in scorer.run(quant_settings(base, q), list(distinct.values()))}
+    scored = {}
+    for i, (c, kept, logits, size) in enumerate(scorer.run(quant_settings(base, q), list(distinct.values())), 1):
+        scored[repr(c.keep)] = (kept, logits, size)
+        print(f"{q} check on {len(scorer.labels)} held-out images {i}/{len(distinct)}: {c.name}: top-1 "
+              f"{(logits.argmax(1) == scorer.labels).mean():.4f}", flush=True)
     hits = lambda logits: (logits.argmax(1) == scorer.labels).astype(float)
     out = []
     for comparison, mine, others in groups:

@@ -105,6 +105,7 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], ds, device: torch.device
             print(f"{entry.label}: batch {bs}: p50 {latency[-1]['p50_ms']:.2f} ms, "
                   f"{latency[-1]['throughput_img_s']:.0f} img/s", flush=True)
         if ev["profile"]:
+            print(f"{entry.label}: profiling {ev['profile_iters']} forwards at batch {ev['profile_batch_size']}", flush=True)
             x = bench.random_batch(model, ev["profile_batch_size"], ds.image_size, device)
             if not entry.speed.active:
                 trace = out / f"trace_{len(profiles)}.json" if device.type == "cuda" else None
