@@ -61,11 +61,11 @@ class Fp8Activations(nn.Module):
     calibrated on real images (`input_amax`), so the cast to FP8 is a pointwise op that torch.compile
     fuses into whatever produced the input (layer norm, GELU, the attention output); inputs beyond the
     calibrated range saturate at +-448 rather than overflow. The GEMM is cuBLAS's (`torch._scaled_mm`)
-    or, with kernel "triton" (`fuse_fp8`), vitlab's (kernels.fp8_linear) where that one is faster: at up
+    or, with fp8_gemm "triton" (given when the layer is built), vitlab's (kernels.fp8_linear) where that one is faster: at up
     to kernels.SMALL_M rows, where its tiles fit the shape; with more rows cuBLAS's main loop is faster,
     and only fc1 (whose GELU and FP8 output cast the kernel fuses, `FusedMLP`) stays on vitlab's."""
 
-    kernel = "cublas"
+    fp8_gemm = "cublas"  # speed.fp8_gemm: "cublas" or "triton", set by the constructor
     activations = "fp8"
 
     def quantize(self, rows: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ class Fp8Activations(nn.Module):
 
     def gemm(self, xq: torch.Tensor) -> torch.Tensor:
         """The faster GEMM for this many rows."""
-        return self.matmul(xq) if self.kernel == "triton" and xq.shape[0] <= kernels.SMALL_M else self.cublas(xq)
+        return self.matmul(xq) if self.fp8_gemm == "triton" and xq.shape[0] <= kernels.SMALL_M else self.cublas(xq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -102,8 +102,9 @@ class Fp8Linear(Fp8Activations):
     """A linear layer on FP8 tensor cores with a *static* activation scale: weights in e4m3 with one
     scale per output row, inputs scaled by one number calibrated on real images (`calibrate_fp8`)."""
 
-    def __init__(self, linear: nn.Linear, input_amax: float):
+    def __init__(self, linear: nn.Linear, input_amax: float, fp8_gemm: str = "cublas"):
         super().__init__()
+        self.fp8_gemm = _gemm(fp8_gemm)
         weight = linear.weight.detach().float()
         row_scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
         self.register_buffer("weight", (weight / row_scale).to(FP8))  # (out, in): .t() is the column-major operand
@@ -124,10 +125,11 @@ class Int4Linear(Fp8Activations):
     vitlab's kernel for many rows), in registers inside vitlab's kernel for few rows, where reading
     half a byte per weight matters; "bf16" (W4A16): the weights expanded to the input's 16-bit type."""
 
-    def __init__(self, linear: nn.Linear, activations: str, input_amax: float | None = None):
+    def __init__(self, linear: nn.Linear, activations: str, input_amax: float | None = None, fp8_gemm: str = "cublas"):
         super().__init__()
         if activations not in ("fp8", "bf16"):
             raise SpeedPathError(f"Int4Linear activations are 'fp8' or 'bf16', not '{activations}'")
+        self.fp8_gemm = _gemm(fp8_gemm) if activations == "fp8" else "cublas"
         packed, exponent, row_scale = int4_quantize(linear.weight)
         self.register_buffer("packed", packed)
         self.register_buffer("exponent", exponent)
@@ -167,19 +169,24 @@ class FusedMLP(nn.Module):
         return self.fc2.gemm(hidden).view(*x.shape[:-1], self.fc2.out_features)
 
 
-def fuse_fp8(model: nn.Module) -> nn.Module:
-    """Every FP8-activation linear on vitlab's kernel, and each block's fc1 -> GELU -> fc2 a `FusedMLP`."""
-    if not kernels.AVAILABLE:
+def _gemm(fp8_gemm: str) -> str:
+    if fp8_gemm not in ("cublas", "triton"):
+        raise SpeedPathError(f"speed.fp8_gemm is 'cublas' or 'triton', not '{fp8_gemm}'")
+    if fp8_gemm == "triton" and not kernels.AVAILABLE:
         raise SpeedPathError("vitlab's FP8 kernel needs Triton (`pip install triton`; torch's CUDA wheels bring it)")
+    return fp8_gemm
+
+
+def fuse_mlp(model: nn.Module) -> nn.Module:
+    """Each block's fc1 -> GELU -> fc2 a `FusedMLP`, for FP8-activation linears built on vitlab's kernel."""
     if getattr(model.config, "hidden_act", None) != "gelu":
         raise SpeedPathError(f"the fused MLP applies exact GELU; this model's activation is {model.config.hidden_act!r}")
-    linears = [m for m in model.modules() if isinstance(m, Fp8Activations) and m.activations == "fp8"]
-    if not linears:
-        raise SpeedPathError("fuse_fp8 runs FP8 linears (speed.fp8 or speed.int4 w4a8 first)")
-    for linear in linears:
-        linear.kernel = "triton"
     for layer in models.encoder_layers(model)[1]:
-        layer.mlp = FusedMLP(layer.mlp.fc1, layer.mlp.fc2)
+        fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
+        if not all(isinstance(m, Fp8Activations) and m.activations == "fp8" and m.fp8_gemm == "triton" for m in (fc1, fc2)):
+            raise SpeedPathError("the fused MLP runs FP8 linears built with fp8_gemm 'triton' (speed.fp8 static or "
+                                 "speed.int4 w4a8, with speed.fp8_gemm: triton)")
+        layer.mlp = FusedMLP(fc1, fc2)
     return model
 
 
@@ -224,18 +231,19 @@ def _replace(model: nn.Module, names: list[str], make) -> nn.Module:
     return model
 
 
-def calibrate_fp8(model: nn.Module, batches: Any, max_batches: int) -> nn.Module:
-    """Replace every encoder-block linear with an `Fp8Linear` whose input scale is the largest |input|
-    seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
+def calibrate_fp8(model: nn.Module, batches: Any, max_batches: int, fp8_gemm: str = "cublas") -> nn.Module:
+    """Replace every encoder-block linear with an `Fp8Linear` on `fp8_gemm` whose input scale is the largest
+    |input| seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
     check_fp8_gpu(next(model.parameters()).device)
     names = _plain_linears(model, "speed.fp8")
     amax = input_amax(model, names, batches, max_batches)
-    return _replace(model, names, lambda name, linear: Fp8Linear(linear, amax[name]))
+    return _replace(model, names, lambda name, linear: Fp8Linear(linear, amax[name], fp8_gemm))
 
 
-def int4_linears(model: nn.Module, mode: str, batches: Any = None, max_batches: int = 4) -> nn.Module:
-    """Every encoder-block linear as an `Int4Linear`: mode "w4a8" (FP8 activations, scales calibrated on
-    `batches` of real images) or "w4a16"."""
+def int4_linears(model: nn.Module, mode: str, batches: Any = None, max_batches: int = 4,
+                 fp8_gemm: str = "cublas") -> nn.Module:
+    """Every encoder-block linear as an `Int4Linear`: mode "w4a8" (FP8 activations on `fp8_gemm`, scales
+    calibrated on `batches` of real images) or "w4a16"."""
     if mode not in ("w4a8", "w4a16"):
         raise SpeedPathError(f"unknown speed.int4 '{mode}'; choose 'w4a8' or 'w4a16'")
     names = _plain_linears(model, "speed.int4")
@@ -243,4 +251,4 @@ def int4_linears(model: nn.Module, mode: str, batches: Any = None, max_batches: 
         return _replace(model, names, lambda name, linear: Int4Linear(linear, "bf16"))
     check_fp8_gpu(next(model.parameters()).device)
     amax = input_amax(model, names, batches, max_batches)
-    return _replace(model, names, lambda name, linear: Int4Linear(linear, "fp8", amax[name]))
+    return _replace(model, names, lambda name, linear: Int4Linear(linear, "fp8", amax[name], fp8_gemm))

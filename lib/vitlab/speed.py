@@ -205,11 +205,11 @@ def apply(model: nn.Module, speed: SpeedSettings, calibration: Any = None) -> nn
     if speed.patch_matmul:
         model = patch_matmul(model)
     if speed.fp8 == "static":
-        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches)
+        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches, speed.fp8_gemm)
     if speed.int4 != "none":
-        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches)
+        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches, speed.fp8_gemm)
     if speed.fp8_gemm == "triton":
-        model = lowbit.fuse_fp8(model)
+        model = lowbit.fuse_mlp(model)  # the linears were built on vitlab's kernel
     if speed.torchao != "none":
         model = torchao_quantize(model, speed.torchao)
     if speed.compile != "none":
