@@ -277,3 +277,36 @@ def test_a_long_epoch_says_where_it_is_with_elapsed_and_left(digits_data, f32, s
                                                                                      "train 1: 2/3 batches"]
     assert "left in this epoch" in lines[0]
     assert lines[-1].startswith("epoch 1/1: train loss") and "elapsed, ~0:00 left" in lines[-1]
+
+
+def test_a_full_disk_leaves_no_temp_file_and_still_marks_the_manifest(tmp_path, monkeypatch):
+    """Seen on a 700 KB tmpfs: the disk filled in evaluate, the manifest stayed `running` and two tmp*.tmp
+    files stayed behind. A write that finds no room now removes its temporary file, and an existing file
+    (the manifest) is rewritten in place, which frees the room its new text needs."""
+    import errno
+    import tempfile as tf
+
+    real = tf.NamedTemporaryFile
+
+    class Full:
+        def __init__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+            self.name = self.file.name
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"status": "running"}')
+    monkeypatch.setattr(runs.tempfile, "NamedTemporaryFile", Full)
+    runs.write_json(manifest, {"status": "failed"})
+    assert json.loads(manifest.read_text()) == {"status": "failed"} and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(OSError, match="No space left"):  # a new file has nothing to overwrite: the error stands
+        runs.write_json(tmp_path / "results.json", {"rows": []})
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "results.json").exists()

@@ -272,6 +272,8 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
                 return man
             entry.update(status="ok", ended=_now(), seconds=round(time.perf_counter() - t0, 1))
             shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)
+            with contextlib.suppress(OSError):  # .resume/ itself, once no step keeps a state there
+                resume_folder(run_dir, step).parent.rmdir()
             live.save()
             print(f"[vitlab] {run_dir.name}: {step} ok ({entry['seconds']} s)", flush=True)
         done = all(man["steps"][s]["status"] == "ok" for s in man["steps"])

@@ -12,7 +12,9 @@ Executing a run folder's steps is `runner`'s.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import platform
@@ -149,19 +151,25 @@ def needs_of(steps: list[str]) -> list[str]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically, so a crash never leaves a truncated file that looks complete."""
+    """Write JSON atomically, so a crash never leaves a truncated file that looks complete. On a full disk
+    no temporary file stays behind, and a file that exists already (a run's manifest, which must still
+    say the run failed) is rewritten in place: truncating it frees the room its new text needs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        try:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-        except BaseException:  # a full disk: no half-written temp file stays behind
-            f.close()
-            os.unlink(f.name)
+    text = json.dumps(obj, indent=2, default=str)
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            name = f.name
+            f.write(text)
+    except OSError as e:
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(name)
+        if e.errno != errno.ENOSPC or not path.is_file():
             raise
-    os.chmod(f.name, 0o644)  # a temporary file is made 0600; the run folder's files are all readable alike
-    os.replace(f.name, path)
+        path.write_text(text)  # half-written, it does not parse: read as unreadable, never as complete
+        return
+    os.chmod(name, 0o644)  # a temporary file is made 0600; the run folder's files are all readable alike
+    os.replace(name, path)
 
 
 def read_json(path: str | Path) -> Any:
