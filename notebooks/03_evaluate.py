@@ -52,7 +52,7 @@ pd.concat({m: pd.DataFrame(p) for m, p in result.confusions.items() if p}, names
 # %%
 label, matrix = list(result.matrices.items())[-1]
 plots.save(plots.confusion(matrix, f"{label}: confusion on the test split ({len(ds.splits.test)} images)"),
-           out / "confusion.png");
+           runs.path(run_dir, "confusion_figure"));
 
 # %% [markdown]
 # ## Latency and throughput

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from IPython.display import Image, Markdown, display
 
-from vitlab import plots, report, runs
+from vitlab import ablation, plots, report, runs
 
 sources = [Path(r) for r in run_dirs] if run_dirs else runs.list_runs(runs_root)
 data = report.collect(sources)
@@ -50,7 +50,7 @@ else:
 # finetune step drew them: a gap that widens is over-fitting, curves still falling are under-training.
 
 # %%
-for label, figure in report.figures_of(sources, "finetune", "training_curves.png"):
+for label, figure in report.figures(data, "training_curves"):
     display(Markdown(f"**{label}**"), Image(filename=str(figure)))
 
 # %% [markdown]
@@ -58,7 +58,7 @@ for label, figure in report.figures_of(sources, "finetune", "training_curves.png
 # The confusion matrix of the test split per run (its every cell is in the run's `evaluate/confusion.csv`).
 
 # %%
-for label, figure in report.figures_of(sources, "evaluate", "confusion.png"):
+for label, figure in report.figures(data, "confusion_figure"):
     display(Markdown(f"**{label}**"), Image(filename=str(figure)))
 
 # %% [markdown]
@@ -121,5 +121,5 @@ if not data.sensitivity.empty:
 # bootstrap intervals of the differences: an interval that holds 0 is a tie, not a win.
 
 # %%
-for run, lines in report.ablation_checks(sources).items():
-    display(Markdown(f"**{run}**\n\n" + "\n".join(f"- {line}" for line in lines)))
+for run, checks in data.checks.items():
+    display(Markdown(f"**{run}**\n\n" + "\n".join(f"- {line}" for line in ablation.verdicts(checks))))

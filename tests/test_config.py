@@ -3,6 +3,7 @@ import torch
 
 from vitlab import config, machine
 from vitlab.config import ParamsError
+from vitlab.errors import DataError
 
 
 def test_variant_overrides_only_what_it_names():
@@ -25,7 +26,7 @@ def test_every_shipped_variant_is_valid():
             with pytest.raises(ParamsError, match="needs a CUDA GPU"):  # refused here, before any work
                 _on_this_machine(params)
         elif params["data"]["source"] == "imagefolder" and not (root / "train").is_dir():
-            with pytest.raises(ParamsError, match="has no train/valid/test folder"):  # the data is not on this machine
+            with pytest.raises(DataError, match="has no train/valid/test folder"):  # the data is not on this machine
                 _on_this_machine(params)
         else:
             _on_this_machine(params)

@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from .config import REPO_ROOT
 from . import gpu_data
 from .errors import DataError
+from .machine import check_imagefolder
 from .images import open_image
 
 SPLITS = ("train", "valid", "test")
@@ -170,16 +171,9 @@ def _imagefolder(cfg: dict[str, Any]) -> Splits:
     from torchvision.datasets import ImageFolder
 
     root = resolve_path(cfg["root"])
-    missing = [s for s in SPLITS if not (root / s).is_dir()]
-    if missing:
-        raise DataError(f"data.root {root} has no {'/'.join(missing)} folder(s); an imagefolder data set needs "
-                        "root/train/<class>/*.jpg, root/valid/<class>/*.jpg and root/test/<class>/*.jpg")
+    check_imagefolder(root)
     sets = {s: ImageFolder(str(root / s), loader=_checked_loader(cfg)) for s in SPLITS}
     classes = sets["train"].classes
-    for s in ("valid", "test"):
-        if sets[s].classes != classes:
-            diff = sorted(set(classes) ^ set(sets[s].classes))
-            raise DataError(f"{root}/{s} and {root}/train hold different class folders: {diff[:10]}")
     names = classes
     if (root / "cat_to_name.json").is_file():
         mapping = json.loads((root / "cat_to_name.json").read_text())

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ModelError, ParamsError
+from .errors import DataError, ModelError, ParamsError
 from .settings import GPU_ONLY_ATTENTION, Params
 
 if TYPE_CHECKING:
@@ -21,27 +21,30 @@ def _no_gpu_here() -> bool:
     return not os.path.exists("/proc/driver/nvidia/gpus") and not any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-def check_data(p: Params) -> None:
-    """An ImageFolder data set checked from its folder listing, before any run folder: the splits are there,
-    hold the same class folders, two or more, none empty. (The images themselves are read by the steps.)"""
-    if p.data.source != "imagefolder" or not ({"finetune", "quantize", "evaluate", "ablation"} & set(p.steps)):
-        return
-    root = Path(p.data.root).expanduser()
-    root = root if root.is_absolute() else Path(__file__).resolve().parents[2] / root
+def check_imagefolder(root: Path) -> None:
+    """An ImageFolder tree checked from its listing: the three splits, the same class folders in each, two
+    or more, none empty. Before any run folder (`check_data`), and by `data` before it reads an image."""
     missing = [s for s in ("train", "valid", "test") if not (root / s).is_dir()]
     if missing:
-        raise ParamsError(f"data.root {root} has no {'/'.join(missing)} folder(s); an imagefolder data set needs "
-                          "root/train/<class>/*.jpg, root/valid/<class>/*.jpg and root/test/<class>/*.jpg")
+        raise DataError(f"data.root {root} has no {'/'.join(missing)} folder(s); an imagefolder data set needs "
+                        "root/train/<class>/*.jpg, root/valid/<class>/*.jpg and root/test/<class>/*.jpg")
     classes = {s: sorted(d.name for d in (root / s).iterdir() if d.is_dir()) for s in ("train", "valid", "test")}
     if len(classes["train"]) < 2:
-        raise ParamsError(f"{root}/train holds {len(classes['train'])} class folder(s): a classifier needs two or more")
+        raise DataError(f"{root}/train holds {len(classes['train'])} class folder(s): a classifier needs two or more")
     for s in ("valid", "test"):
         if classes[s] != classes["train"]:
             diff = sorted(set(classes["train"]) ^ set(classes[s]))
-            raise ParamsError(f"{root}/{s} and {root}/train hold different class folders: {diff[:10]}")
+            raise DataError(f"{root}/{s} and {root}/train hold different class folders: {diff[:10]}")
     empty = [f"{s}/{c}" for s in classes for c in classes[s] if not any((root / s / c).iterdir())]
     if empty:
-        raise ParamsError(f"class folder(s) {empty[:5]} under {root} hold no images")
+        raise DataError(f"class folder(s) {empty[:5]} under {root} hold no images")
+
+
+def check_data(p: Params) -> None:
+    """The run's ImageFolder data, from its listing, before any run folder (the images are read by the steps)."""
+    if p.data.source == "imagefolder" and {"finetune", "quantize", "evaluate", "ablation"} & set(p.steps):
+        root = Path(p.data.root).expanduser()
+        check_imagefolder(root if root.is_absolute() else Path(__file__).resolve().parents[2] / root)
 
 
 def check(p: Params) -> None:

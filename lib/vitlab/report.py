@@ -30,6 +30,8 @@ class Collected:
     profile: pd.DataFrame = field(default_factory=pd.DataFrame)
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)
     choices: dict[str, dict] = field(default_factory=dict)  # run label -> the ablation's choice per quant type
+    checks: dict[str, list[dict]] = field(default_factory=dict)  # run label -> the choice's held-out check rows
+    dirs: dict[str, Path] = field(default_factory=dict)  # run label -> its folder (readable runs only)
 
 
 def _manifests(run_dirs: list[Path]) -> dict[Path, dict | str]:
@@ -54,7 +56,7 @@ def collect(run_dirs: list[Path]) -> Collected:
     """Status of every run (failed and unreadable ones included) and the results of the steps that finished."""
     mans = _manifests(run_dirs)
     labels = _labels(mans)
-    status, acc, lat, prof, sens, choices = [], [], [], [], [], {}
+    status, acc, lat, prof, sens, choices, checks = [], [], [], [], [], {}, {}
     for r, man in mans.items():
         if isinstance(man, str):
             status.append({"run": r.name, "label": labels[r], "status": man})
@@ -73,9 +75,11 @@ def collect(run_dirs: list[Path]) -> Collected:
                 prof.append(tag(res["profile"]))
         if runs.done(r, "ablation"):
             sens.append(pd.DataFrame(runs.read_json(runs.path(r, "sensitivity"))).assign(run=labels[r]))
-            choices[labels[r]] = runs.read_json(runs.path(r, "choice"))["choices"]
+            choice = runs.read_json(runs.path(r, "choice"))
+            choices[labels[r]], checks[labels[r]] = choice["choices"], choice["checks"]
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens), choices)
+    dirs = {labels[r]: r for r, man in mans.items() if isinstance(man, dict)}
+    return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens), choices, checks, dirs)
 
 
 # --- tables for reading: formatted once here, for the report and the end-of-run summary ---------------
@@ -108,21 +112,9 @@ def latency_table(latency: pd.DataFrame) -> pd.DataFrame:
     return table.fillna("–")
 
 
-def figures_of(run_dirs: list[Path], product_dir: str, name: str) -> list[tuple[str, Path]]:
-    """(run label, figure) for each run that has <run>/<product_dir>/<name>: the run's own figures, shown
-    in the report as the step drew them."""
-    mans = _manifests(run_dirs)
-    labels = _labels(mans)
-    return [(labels[r], r / product_dir / name) for r in run_dirs if (r / product_dir / name).is_file()]
-
-
-def ablation_checks(run_dirs: list[Path]) -> dict[str, list[str]]:
-    """Per run label, the ablation's held-out check as sentences (`ablation.verdicts`)."""
-    from .ablation import verdicts
-
-    labels = _labels(_manifests(run_dirs))
-    return {labels[r]: verdicts(runs.read_json(runs.path(r, "choice"))["checks"]) for r in run_dirs
-            if isinstance(_manifests([r])[r], dict) and runs.done(r, "ablation")}
+def figures(data: Collected, product: str) -> list[tuple[str, Path]]:
+    """(run label, file) of a figure product (runs.STEPS) for each run that has it, as its step drew it."""
+    return [(label, runs.path(r, product)) for label, r in data.dirs.items() if runs.path(r, product).is_file()]
 
 
 def choice_table(choices: dict[str, dict]) -> pd.DataFrame:

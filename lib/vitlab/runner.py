@@ -102,13 +102,10 @@ def _stop_kernels() -> None:
 
 
 def read_notebook(notebook: str):
-    """notebooks/<notebook> (a jupytext percent .py, kept without a header) as a notebook papermill runs:
-    with this environment's Python kernel."""
+    """notebooks/<notebook> (a jupytext percent .py whose header names the python3 kernel) as a notebook."""
     import jupytext
 
-    nb = jupytext.read(NOTEBOOK_DIR / notebook)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
+    return jupytext.read(NOTEBOOK_DIR / notebook)
 
 
 def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:

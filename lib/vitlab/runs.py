@@ -67,7 +67,8 @@ STEPS: dict[str, Step] = {
     "evaluate": Step("03_evaluate.py", ("finetune", "quantize"), {
         "results": "evaluate/results.json",
         "results_table": "evaluate/results.csv",
-        "confusion": "evaluate/confusion.csv"},  # every cell of every model's confusion matrix
+        "confusion": "evaluate/confusion.csv",  # every cell of every model's confusion matrix
+        "confusion_figure": "evaluate/confusion.png"},
         EVERY + ("quant", "speed", "eval")),
     "ablation": Step("04_ablation.py", ("finetune",), {
         "sensitivity": "ablation/sensitivity.json",
