@@ -28,7 +28,8 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # Lines a step's kernel prints that say nothing to a researcher: transport and kernel-hub notices, and
 # transformers naming "eetq" when an ablation keeps every linear of a model in 16-bit (nothing to quantize).
 NOISE = ("Kernel is running over TCP without encryption", "Failed to load CPU gemm_4bit_forward", "USDT:",
-         "no linear modules were found in your model")
+         "no linear modules were found in your model",
+         "KeyboardInterrupt caught in kernel")  # jupyter_client interrupts every kernel it shuts down
 
 
 class Progress:
@@ -125,8 +126,9 @@ def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], p
                                    kernel_manager_class=_kernel_stderr_to(stderr_log))
     finally:
         KERNELS.difference_update({p for p in KERNELS if p.poll() is not None})
-        if stderr_log.is_file() and not stderr_log.stat().st_size:
-            stderr_log.unlink()
+        if stderr_log.is_file() and not [line for line in stderr_log.read_text(errors="replace").splitlines()
+                                         if line.strip() and not any(n in line for n in NOISE)]:
+            stderr_log.unlink()  # kept only when the kernel said something beyond known noise
     return executed
 
 
