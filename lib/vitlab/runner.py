@@ -112,7 +112,7 @@ def read_notebook(notebook: str):
 def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:
     """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir; with
     `progress`, what its cells print reaches the terminal as they run. The kernel process's own stderr
-    goes to out_dir/<notebook>.stderr.log (kept only when something was written)."""
+    goes to out_dir/<notebook>.stderr.log (kept only when it holds more than known noise)."""
     import papermill
 
     nb = read_notebook(notebook)
