@@ -28,8 +28,10 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # Lines a step's kernel prints that say nothing to a researcher: transport and kernel-hub notices, and
 # transformers naming "eetq" when an ablation keeps every linear of a model in 16-bit (nothing to quantize).
 NOISE = ("Kernel is running over TCP without encryption", "Failed to load CPU gemm_4bit_forward", "USDT:",
-         "no linear modules were found in your model",
-         "KeyboardInterrupt caught in kernel")  # jupyter_client interrupts every kernel it shuts down
+         "no linear modules were found in your model")
+# What a kernel writes on its own stderr that is not worth keeping: jupyter_client sends every kernel it shuts
+# down a SIGINT, which an idle ipykernel sometimes reports. (USDT lines and the like are kept there.)
+SHUTDOWN_NOISE = ("KeyboardInterrupt caught in kernel",)
 
 
 class Progress:
@@ -112,7 +114,7 @@ def read_notebook(notebook: str):
 def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], progress: Progress | None = None) -> Path:
     """Execute notebooks/<notebook> (a jupytext .py) with papermill into out_dir, running in out_dir; with
     `progress`, what its cells print reaches the terminal as they run. The kernel process's own stderr
-    goes to out_dir/<notebook>.stderr.log (kept only when it holds more than known noise)."""
+    goes to out_dir/<notebook>.stderr.log (kept only when it holds more than the shutdown notice)."""
     import papermill
 
     nb = read_notebook(notebook)
@@ -127,7 +129,7 @@ def execute_notebook(notebook: str, out_dir: Path, parameters: dict[str, Any], p
     finally:
         KERNELS.difference_update({p for p in KERNELS if p.poll() is not None})
         if stderr_log.is_file() and not [line for line in stderr_log.read_text(errors="replace").splitlines()
-                                         if line.strip() and not any(n in line for n in NOISE)]:
+                                         if line.strip() and not any(n in line for n in SHUTDOWN_NOISE)]:
             stderr_log.unlink()  # kept only when the kernel said something beyond known noise
     return executed
 
