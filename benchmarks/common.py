@@ -1,9 +1,16 @@
-"""What the benchmark scripts share: random-init ViT checkpoints of the standard shapes, vitlab's
-settings for them (quantization defaults read from params/defaults.yaml), and the metadata every
-result JSON carries."""
+"""What the benchmark scripts share: the flags every one takes, random-init ViT checkpoints of the
+standard shapes, vitlab's settings for them (quantization defaults read from params/defaults.yaml), and
+the one shape of every result JSON.
+
+A result is `benchmarks/results/<bench>_<device>[_<part>][_<tag>].json` holding `{meta, rows}`: meta has the
+command, arguments, seconds, weights, git commit, versions and device; rows are flat dicts. A file with
+more than one table gives every row of the others a `table` field (rows without one are the main table).
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +28,28 @@ ARCHS = {
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128},
 }
 WEIGHTS = "random init (seed 0)"  # latency does not depend on the weights' values
+RESULTS = Path(__file__).parent / "results"
+
+
+def parser(doc: str | None, device: str = "cuda") -> argparse.ArgumentParser:
+    """The flags every benchmark takes: --out, --device, --tag."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(RESULTS), help="folder of the result JSON (default benchmarks/results)")
+    ap.add_argument("--device", default=device, help=f"where to measure (default {device})")
+    ap.add_argument("--tag", default="", help="appended to the result's name: <bench>_<device>_<tag>.json")
+    return ap
+
+
+def device_tag(device: dict) -> str:
+    """h200, h100, ... for a CUDA device (the model number in its name, as runs.environment() records it), cpu otherwise."""
+    if device["type"] != "cuda":
+        return "cpu"
+    return next((w.lower() for w in device["name"].split() if w[:1] in "ABHL" and w[1:].isdigit()), "cuda")
+
+
+def tables(**named: list[dict]) -> list[dict]:
+    """Several tables as one list of rows, each row of a table other than `rows` marked with its name."""
+    return [row if name == "rows" else {"table": name, **row} for name, rows in named.items() for row in rows]
 
 
 def random_checkpoint(arch: str, root: Path, image_size: int = 224, num_labels: int = 102) -> Path:
@@ -42,20 +71,41 @@ def quant_settings(bits: int, type_: str | None = None) -> quant.QuantSettings:
     return q.replace(type=type_) if type_ else q
 
 
-def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str]) -> Path:
-    """`python -m vitlab run` of `params_file` as run `variant` (this Python, from the repo root); its folder."""
+def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str], device: str = "auto") -> Path:
+    """`python -m vitlab run` of `params_file` as run `variant` on `device` (this Python, from the repo root);
+    its folder."""
     cmd = [sys.executable, "-m", "vitlab", "run", params_file, "--steps", steps, "--set", f"variant={variant}",
+           "--set", f"device={device}",
            *[a for s in sets for a in ("--set", s)]]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=runs.REPO_ROOT)
     return runs.latest(variant, tuple(steps.split(",")))
 
 
-def write(out: Path, name: str, args: Any, t0: float, weights: str = WEIGHTS, **tables: Any) -> Path:
-    """out/name.json with the tables and the metadata (arguments, seconds, weights, git, versions, device).
-    Written after every model, so a run cut short still leaves what it measured."""
-    meta = {"args": vars(args), "seconds": round(time.time() - t0, 1), "weights": weights,
-            "tf32": torch.backends.cuda.matmul.allow_tf32, **runs.environment()}
+def by_table(result: dict) -> dict[str, Any]:
+    """A result JSON's tables by name: meta, rows (the main table) and each other table's rows."""
+    out: dict[str, Any] = {"meta": result["meta"], "rows": []}
+    for row in result["rows"]:
+        row = dict(row)
+        out.setdefault(row.pop("table", "rows"), []).append(row)
+    return out
+
+
+def write(args: Any, bench: str, t0: float, rows: list[dict], weights: str = WEIGHTS,
+          measured_on: dict | None = None, part: str = "", **meta: Any) -> Path:
+    """<args.out>/<bench>_<device>[_<part>][_<tag>].json as `{meta, rows}`. Written after every model, so a
+    run cut short still leaves what it measured. `measured_on`: the device of results collected from run
+    folders (their manifest's); otherwise the one --device named. `part`: one of several files a benchmark
+    writes. `meta` adds to the metadata (e.g. context)."""
+    env = runs.environment()
+    if measured_on is None and args.device == "cpu":
+        measured_on = {"type": "cpu", "name": "cpu", "count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    env["device"] = measured_on or env["device"]
+    name = "_".join(filter(None, [bench, device_tag(env["device"]), part, args.tag]))
+    meta = {"command": " ".join(sys.argv), "args": vars(args), "seconds": round(time.time() - t0, 1),
+            "weights": weights, "tf32": torch.backends.cuda.matmul.allow_tf32, **env, **meta}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"meta": meta, **tables}, indent=1, default=str))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     return path

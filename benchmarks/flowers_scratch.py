@@ -2,7 +2,7 @@
 
     python benchmarks/flowers_scratch.py throughput --set data.root=DIR    # training img/s and GPU use: PIL loader, GPU path, compile, 160 px
     python benchmarks/flowers_scratch.py ingredients --epochs 60 --set data.root=DIR   # ingredients added one at a time
-    python benchmarks/flowers_scratch.py collect RUN_DIR [RUN_DIR | results.json ...]   # -> results/flowers_scratch.json
+    python benchmarks/flowers_scratch.py collect RUN_DIR [RUN_DIR | results.json ...]   # -> results/flowers_scratch_<device>.json
 
 `ingredients` trains the recipe's ViT from scratch once per row, each row adding one ingredient to
 the one before (a short schedule, so every row fits one device command), and scores each on the
@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import write
+from common import by_table, parser, tables, write
 
-from vitlab import config, data, evaluate, finetune, machine, models, plots, runs, training
+from vitlab import config, data, evaluate, finetune, machine, models, runs, training
 
 PARAMS = config.PARAMS_DIR / "flowers_scratch.yaml"
-RESULTS = Path(__file__).parent / "results"
 # Cumulative: each row is the previous row plus one ingredient (the last row is the recipe).
 INGREDIENTS = [
     ("plain: crops + flips, AdamW, cosine", {"data.trivial_augment": False, "data.random_erasing": 0.0,
@@ -176,73 +175,69 @@ def _run_row(run_dir: Path, recipe: dict | None) -> dict:
             "train_img_per_s": statistics.median(r["train_img_s"] for r in train["history"][1:])}
 
 
-def collect(run_dir: Path, others: list[Path]) -> Path:
-    """benchmarks/results/flowers_scratch.json: the recipe as `vitlab run` trained and evaluated it; the
-    ingredient table (other run folders, each named by what it changes, and rows of `ingredients`
-    JSON files); the data-path throughput (rows of `throughput` JSON files)."""
+def collect(run_dir: Path, others: list[Path], args: argparse.Namespace) -> Path:
+    """benchmarks/results/flowers_scratch_<device>.json: the recipe as `vitlab run` trained and evaluated it
+    (table `model`, its epochs in `history`); the ingredient table (other run folders, each named by what
+    it changes, with their epochs in `ingredient_history`, and rows of `ingredients` JSON files); the
+    data-path throughput (rows of `throughput` JSON files). `summarize` draws the figures from it."""
     params, man = runs.load_params(run_dir), runs.manifest(run_dir)
     train = runs.read_json(runs.path(run_dir, "train_metrics"))
     recipe = _run_row(run_dir, None)
-    tables: dict[str, list] = {"measured_with": [], "ingredients": []}
+    named: dict[str, list] = {"measured_with": [], "ingredients": [], "ingredient_history": []}
     for path in sorted(others, key=lambda p: not p.is_dir()):
         if path.is_dir():
-            tables["ingredients"].append(_run_row(path, params))
+            named["ingredients"].append(_run_row(path, params))
+            named["ingredient_history"] += [{"ingredients": named["ingredients"][-1]["ingredients"], **r} for r in
+                                            runs.read_json(runs.path(path, "train_metrics"))["history"]]
             continue
-        content = json.loads(path.read_text())  # rows of the same table from several commands are concatenated
-        tables["measured_with"].append({"file": path.name, "args": content["meta"]["args"],
-                                        "device": content["meta"]["device"]["name"],
-                                        "torch": content["meta"]["versions"]["torch"]})
-        for key, rows in content.items():
-            if key != "meta":
-                tables.setdefault(key, []).extend({k: v for k, v in r.items() if k != "history"} for r in rows)
+        content = by_table(json.loads(path.read_text()))  # rows of the same table from several commands are concatenated
+        named["measured_with"].append({"file": path.name, "args": content["meta"]["args"],
+                                       "device": content["meta"]["device"]["name"],
+                                       "torch": content["meta"]["versions"]["torch"]})
+        table = "throughput" if content["meta"]["args"]["what"] == "throughput" else "ingredients"
+        for r in content["rows"]:
+            named[table] = named.get(table, []) + [{k: v for k, v in r.items() if k != "history"}]
+            named["ingredient_history"] += [{"ingredients": r["ingredients"], **h} for h in r.get("history", [])
+                                            if table == "ingredients"]
     by_size = {}
     for row in train["history"][1:]:
         by_size.setdefault(row["image_size"] or params["model"]["config"]["image_size"], []).append(row["train_img_s"])
-    result = {"model": f"ViT (transformers), {params['model']['config']}, init {params['model']['init']}",
+    model = {"model": f"ViT (transformers), {params['model']['config']}, init {params['model']['init']}",
               "parameters": train["total_params"], "epochs": params["finetune"]["epochs"],
               "selected_epoch": recipe["selected_epoch"], "test_top1": recipe["test_top1"],
               "test_top1_lo": recipe["test_top1_lo"], "test_top1_hi": recipe["test_top1_hi"], "test_top5": recipe["test_top5"],
               "test_images": runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]["n"],
               "valid_top1": recipe["valid_top1"], "train_img_per_s": recipe["train_img_per_s"],
               "train_img_per_s_by_size": {size: statistics.median(v) for size, v in by_size.items()},
-              "train_seconds": recipe["train_seconds"],
-              "step_seconds": {s: v.get("seconds") for s, v in man["steps"].items()},
-              "device": man["device"], "versions": man["versions"], "params": params,
-              "command": "python -m vitlab run params/flowers_scratch.yaml --steps finetune,quantize,evaluate "
-                         "--set data.root=<Flowers-102 train/valid/test copy>",
-              "history": train["history"], **tables}
-    result["ingredients"].append(recipe)
-    figures = config.REPO_ROOT / "figures"
-    plots.save(plots.training_curves(train["history"]), figures / "flowers_scratch_curves.png")
-    curves = {row["ingredients"].removeprefix("the recipe with "): runs.read_json(runs.path(path, "train_metrics"))["history"]
-              for row, path in zip(tables["ingredients"], [p for p in others if p.is_dir()])}  # run rows came first
-    curves["the recipe"] = train["history"]
-    plots.save(plots.validation_curves(curves, "changed from the recipe"), figures / "flowers_scratch_ingredients.png")
-    out = RESULTS / "flowers_scratch.json"
-    out.write_text(json.dumps(result, indent=1, default=str))
-    return out
+             "train_seconds": recipe["train_seconds"],
+             **{f"{s}_seconds": v.get("seconds") for s, v in man["steps"].items()}}
+    named["ingredients"].append(recipe)
+    named["ingredient_history"] += [{"ingredients": "the recipe", **r} for r in train["history"]]
+    return write(args, "flowers_scratch", time.time(), tables(model=[model], history=train["history"], **named),
+                 "trained from scratch by the recipe", measured_on=man["device"], versions=man["versions"],
+                 params=params, recipe_command="python -m vitlab run params/flowers_scratch.yaml --steps "
+                 "finetune,quantize,evaluate --set data.root=<Flowers-102 train/valid/test copy>")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, device="auto")
     ap.add_argument("what", choices=["throughput", "ingredients", "collect"])
     ap.add_argument("paths", nargs="*", help="collect: the recipe's run folder, then other run folders (ingredient rows) "
                                            "and JSON files of the other two")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the recipe's params")
     ap.add_argument("--epochs", type=int, default=60, help="ingredients: epochs per row; throughput: epochs per path")
     ap.add_argument("--only", help="comma-separated row numbers (0-based) of INGREDIENTS or PATHS to measure")
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.what == "collect":
-        print(collect(Path(args.paths[0]), [Path(p) for p in args.paths[1:]]))
+        print(collect(Path(args.paths[0]), [Path(p) for p in args.paths[1:]], args))
         return
-    recipe = config.resolve(PARAMS, args.set)
+    recipe = config.resolve(PARAMS, [f"device={args.device}", *args.set])
     device = machine.resolve_device(recipe["device"])
-    out, t0 = Path(args.out), time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     if args.what == "throughput":
         paths = [PATHS[int(i)] for i in args.only.split(",")] if args.only else PATHS
-        write(out, "flowers_throughput", args, t0, "random init, trained for the epochs measured", throughput=throughput(recipe, device, args.epochs, paths))
+        write(args, "flowers_scratch", t0, throughput(recipe, device, args.epochs, paths),
+              "random init, trained for the epochs measured", part="throughput")
         return
     ds = data.for_model(recipe["data"], recipe["seed"],
                         models.load_processor(models.ModelSettings.from_params(recipe["model"])))
@@ -253,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, params in chosen:
         params["finetune"]["epochs"] = args.epochs
         rows.append(train_and_score(name, params, ds, device))
-        write(out, "flowers_ingredients", args, t0, "trained from scratch, once per row", ingredients=rows)
+        write(args, "flowers_scratch", t0, rows, "trained from scratch, once per row", part="ingredients")
 
 
 if __name__ == "__main__":

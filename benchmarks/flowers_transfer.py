@@ -3,7 +3,7 @@
     python benchmarks/flowers_transfer.py pretrain --set data.root=DIR [--set finetune.epochs=N]
     python benchmarks/flowers_transfer.py methods --set data.root=DIR      # one `vitlab run` per method, then collect
     python benchmarks/flowers_transfer.py methods --only 3,4 ...           # some of them (indices into METHODS)
-    python benchmarks/flowers_transfer.py collect RUN_DIR ...              # -> results/flowers_transfer.json
+    python benchmarks/flowers_transfer.py collect RUN_DIR ...              # -> results/flowers_transfer_<device>.json
                                                    # (RUN_DIRs: the methods' runs and the pretraining run)
 
 `pretrain` is params/flowers_scratch.yaml on the train images of `data.classes: half_a` (51 classes,
@@ -18,11 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-from common import vitlab_run, write
+from common import parser, vitlab_run, write
 
 from vitlab import runs
 
-RESULTS = Path(__file__).parent / "results"
 CHECKPOINT = runs.REPO_ROOT / "checkpoints" / "flowers_half_a"
 # name -> params changes. Learning rates: a head alone takes a larger step, full fine-tuning a smaller one.
 METHODS = {
@@ -35,16 +34,16 @@ METHODS = {
 }
 
 
-def pretrain(sets: list[str]) -> Path:
-    run = vitlab_run("params/flowers_scratch.yaml", "flowers_half_a", "finetune", ["data.classes=half_a", *sets])
+def pretrain(sets: list[str], device: str) -> Path:
+    run = vitlab_run("params/flowers_scratch.yaml", "flowers_half_a", "finetune", ["data.classes=half_a", *sets], device)
     shutil.rmtree(CHECKPOINT, ignore_errors=True)
     shutil.copytree(runs.path(run, "checkpoint"), CHECKPOINT)
     print(f"pretrained on half_a: {run} -> {CHECKPOINT}", flush=True)
     return run
 
 
-def methods(sets: list[str], only: list[int]) -> list[Path]:
-    return [vitlab_run("params/flowers_transfer.yaml", f"transfer_{i}", "finetune,quantize,evaluate", changes + sets)
+def methods(sets: list[str], only: list[int], device: str) -> list[Path]:
+    return [vitlab_run("params/flowers_transfer.yaml", f"transfer_{i}", "finetune,quantize,evaluate", changes + sets, device)
             for i, changes in enumerate(METHODS.values()) if i in only]
 
 
@@ -61,30 +60,27 @@ def row(run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, device="auto")
     ap.add_argument("what", choices=["pretrain", "methods", "collect"])
     ap.add_argument("paths", nargs="*", help="collect: the run folders of the methods (and of the pretraining)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params for every run")
     ap.add_argument("--only", default=",".join(map(str, range(len(METHODS)))), help="methods: indices into METHODS")
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_intermixed_args(argv)  # run folders may follow the options
     t0 = time.time()
     if args.what == "pretrain":
-        pretrain(args.set)
+        pretrain(args.set, args.device)
         return
     if args.what == "methods":
-        folders, half_a = methods(args.set, [int(i) for i in args.only.split(",")]), runs.latest("flowers_half_a", ("finetune",))
+        folders, half_a = methods(args.set, [int(i) for i in args.only.split(",")], args.device), runs.latest("flowers_half_a", ("finetune",))
     else:
         given = [Path(p) for p in args.paths]
         folders = [f for f in given if runs.load_params(f)["variant"].startswith("transfer_")]
         half_a = next((f for f in given if runs.load_params(f)["variant"] == "flowers_half_a"), None)
     rows = [row(f) for f in folders]
     man = runs.manifest(folders[0])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write(out, "flowers_transfer", args, t0, f"pretrained from scratch on half_a: {rows[0]['pretrained']}", rows=rows,
-          context=[{"device": man["device"], "versions": man["versions"],
-                    "pretrain": runs.read_json(runs.path(half_a, "train_metrics"))["history"][-1] if half_a else None}])
+    write(args, "flowers_transfer", t0, rows, f"pretrained from scratch on half_a: {rows[0]['pretrained']}",
+          measured_on=man["device"], context={"versions": man["versions"], "pretrain": runs.read_json(
+              runs.path(half_a, "train_metrics"))["history"][-1] if half_a else None})
     for r in rows:
         print(f"{r['method']}: top-1 {r['test_top1']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] · {r['trainable_params']:,} trainable "
               f"· {r['peak_vram_mb'] or 0:.0f} MB · {r['s_per_epoch']:.2f} s/epoch", flush=True)

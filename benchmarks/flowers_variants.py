@@ -15,22 +15,21 @@ import json
 import time
 from pathlib import Path
 
-from common import vitlab_run, write
+from common import parser, tables, vitlab_run, write
 
 from vitlab import runs
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = ["fp16_sdpa", "nf4_sdpa", "nf4_flash", "int8_sdpa", "int8_flash"]
 FULL = "nf4_sdpa"  # the run that also takes the ablation and the demo
 FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu", "eval.batch_size=256",
            "eval.latency_batch_sizes=[1,32,256]", "ablation.split=valid", "ablation.verify_split=test"]
 
 
-def run_all(checkpoint: str, sets: list[str], variants: list[str]) -> list[Path]:
+def run_all(checkpoint: str, sets: list[str], variants: list[str], device: str) -> list[Path]:
     """One `vitlab run` per variant (in this process's Python); the run folders."""
     return [vitlab_run(f"params/{variant}.yaml", f"flowers_{variant}",
                        "finetune,quantize,evaluate" + (",ablation,demo" if variant == FULL else ""),
-                       [f"model.id={checkpoint}", *FLOWERS, *sets]) for variant in variants]
+                       [f"model.id={checkpoint}", *FLOWERS, *sets], device) for variant in variants]
 
 
 def variant_rows(run_dir: Path) -> list[dict]:
@@ -53,30 +52,28 @@ def collect(folders: list[Path], args: argparse.Namespace, t0: float) -> None:
     full = next(f for f in folders if runs.load_params(f)["variant"] == f"flowers_{FULL}")
     man = runs.manifest(full)
     checkpoint = runs.load_params(full)["model"]["id"]
-    meta = {"device": man["device"], "versions": man["versions"], "checkpoint": checkpoint}
-    out, weights = Path(args.out), f"trained on Flowers-102: {checkpoint}"
-    out.mkdir(parents=True, exist_ok=True)
-    write(out, "flowers_variants", args, t0, weights, rows=rows, context=[meta])
+    context = {"versions": man["versions"], "checkpoint": checkpoint}
+    weights = f"trained on Flowers-102: {checkpoint}"
+    write(args, "flowers_variants", t0, rows, weights, measured_on=man["device"], context=context)
     sensitivity = runs.read_json(runs.path(full, "sensitivity"))
     choice = runs.read_json(runs.path(full, "choice"))
-    write(out, "flowers_ablation", args, t0, weights, choices=list(choice["choices"].values()), checks=choice["checks"],
-          sensitivity=sensitivity, context=[{**meta, "split": runs.load_params(full)["ablation"]["split"],
-                                             "verify_split": choice["verify_split"],
-                                             "ablation_s": man["steps"]["ablation"]["seconds"]}])
+    write(args, "flowers_variants", t0, tables(choices=list(choice["choices"].values()), checks=choice["checks"],
+                                               sensitivity=sensitivity), weights, measured_on=man["device"], part="ablation",
+          context={**context, "split": runs.load_params(full)["ablation"]["split"],
+                   "verify_split": choice["verify_split"], "ablation_s": man["steps"]["ablation"]["seconds"]})
     for r in rows:
         print(json.dumps({k: r[k] for k in ("variant", "batch_size", "top1", "p50_ms", "throughput_img_s")}))
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, device="auto")
     ap.add_argument("what", choices=["run", "collect"])
     ap.add_argument("paths", nargs="+", help="run: the checkpoint; collect: the run folders")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run: more params for every run")
-    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"run: which (the full one, {FULL}, among them)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    folders = run_all(args.paths[0], args.set, args.variants.split(",")) if args.what == "run" else [Path(p) for p in args.paths]
+    folders = run_all(args.paths[0], args.set, args.variants.split(","), args.device) if args.what == "run" else [Path(p) for p in args.paths]
     collect(folders, args, t0)
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import triton.testing
-from common import write
+from common import parser, write
 
 from vitlab import kernels, lowbit
 
@@ -102,12 +102,11 @@ def timed(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--rows", default="50432,197")
     ap.add_argument("--large-layers", default="fc1", help="layers swept above kernels.SMALL_M rows")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    device, t0, rows = torch.device("cuda"), time.time(), []
+    device, t0, rows = torch.device(args.device), time.time(), []
     torch.manual_seed(0)
     for m in [int(r) for r in args.rows.split(",")]:
         layers = LAYERS if m <= kernels.SMALL_M else {name: LAYERS[name] for name in args.large_layers.split(",")}
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 for r in rows[len(rows) - 2:] if gelu and m > kernels.SMALL_M else []:
                     line += f" | {r['impl'][7:]} {r['ms']*1e3:.1f} us"
                 print(line, flush=True)
-            write(Path(args.out), "fp8_kernels", args, t0, rows=rows)
+            write(args, "fp8_kernels", t0, rows)
     table = pd.DataFrame([r for r in rows if "ms" in r])
     print(table.groupby(["rows", "layer", "weights", "impl"])["ms"].min().unstack("impl").mul(1e3).round(1).to_string())
 

@@ -1,9 +1,9 @@
 """vitlab's speed paths side by side with what a user would pick instead, in one process on one GPU.
 
-    python benchmarks/peers.py speed --paths stock,timm,timm_compile,timm_compile_fp8 --tag peers_a --out DIR
-    python benchmarks/peers.py speed --paths stock,vitlab_compile,vitlab_fp8 ... --tag peers_b --out DIR
-    python benchmarks/peers.py accuracy --checkpoint CKPT --data DIR --paths ... --out DIR   # a trained model's test split
-    python benchmarks/peers.py collect DIR/peers_a.json DIR/peers_b.json DIR/peers_accuracy.json  # -> results/peers_h100.json
+    python benchmarks/peers.py speed --paths stock,timm,timm_compile,timm_compile_fp8 --tag a --out DIR   # DIR/peers_h200_a.json
+    python benchmarks/peers.py speed --paths stock,vitlab_compile,vitlab_fp8 ... --tag b --out DIR
+    python benchmarks/peers.py accuracy --checkpoint CKPT --data DIR --paths ... --out DIR   # DIR/peers_h200_accuracy.json
+    python benchmarks/peers.py collect DIR/peers_h200_a.json DIR/peers_h200_b.json DIR/peers_h200_accuracy.json  # -> results/peers_h200.json
 
 `speed`: a random-init ViT-L/16 (224 px, 102 classes; latency does not depend on the weights), the
 same weights in every path (timm's VisionTransformer gets them converted, so its logits are
@@ -27,12 +27,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 import torch
-from common import quant_settings, random_checkpoint, settings, write
+from common import by_table, device_tag, parser, quant_settings, random_checkpoint, settings, tables, write
 from torch import nn
 
 from vitlab import bench, config, data, evaluate, infer, machine, metrics, models, quant, speed
 
-RESULTS = Path(__file__).parent / "results"
 # Dense tensor-core peaks in TFLOP/s (NVIDIA's data sheets, without sparsity), by device name.
 PEAKS = {"H100 80GB HBM3": (989.4, 1978.9), "H100 PCIe": (756.0, 1513.0), "H200": (989.4, 1978.9)}
 
@@ -212,8 +211,8 @@ def run_speed(args) -> None:
             for r in rows:
                 if "img_s" in r:
                     r["ratio_vs_stock"] = r["img_s"] / stock[r["batch_size"]]
-            write(Path(args.out), args.tag, args, t0, rows=rows, kernels=kernels,
-                  context=[{"arch": args.arch, "matmul_gflop_per_image": flops / 1e9, "peaks_tflops": peaks}])
+            write(args, "peers", t0, tables(rows=rows, kernels=kernels),
+                  context={"arch": args.arch, "matmul_gflop_per_image": flops / 1e9, "peaks_tflops": peaks})
     table = pd.DataFrame([r for r in rows if "img_s" in r])
     print(table.pivot_table(index="path", columns="batch_size", values=["p50_ms", "ratio_vs_stock"], sort=False).round(3))
 
@@ -247,32 +246,35 @@ def run_accuracy(args) -> None:
         print(rows[-1], flush=True)
         model = None
         torch._dynamo.reset()
-        write(Path(args.out), "peers_accuracy", args, t0, f"trained: {args.checkpoint}", accuracy=rows)
+        write(args, "peers", t0, rows, f"trained: {args.checkpoint}", part="accuracy")
 
 
 def collect(args) -> None:
     """One JSON (a row per path and batch size), a markdown table and a figure from the parts."""
-    parts = [json.loads(Path(p).read_text()) for p in args.parts]
+    parts = [by_table(json.loads(Path(p).read_text())) for p in args.parts]
+    for p in parts:  # the accuracy command's main table is its accuracy
+        if p["meta"]["args"]["what"] == "accuracy":
+            p["accuracy"], p["rows"] = p.pop("rows"), []
     accuracy = {r["path"]: r for p in parts for r in p.get("accuracy", []) if "top1" in r}
     rows = []
-    for i, part in enumerate(p for p in parts if "rows" in p):
+    for i, part in enumerate(p for p in parts if p["rows"]):
         for r in (r for r in part["rows"] if "img_s" in r):
             # Each process timed stock for its own ratios; the first is the stock row, the others say which process.
             path = r["path"] if r["path"] != "stock" or i == 0 else f"stock (process {i + 1})"
             rows.append({**r, "path": path, "process": i + 1, "top1_delta_pt": accuracy.get(r["path"], {}).get("top1_delta_pt")})
     errors = [r for p in parts for r in p.get("rows", []) + p.get("accuracy", []) if "error" in r]
-    meta = next(p["meta"] for p in parts if "rows" in p)
-    out = {"meta": meta, "rows": rows, "accuracy": list(accuracy.values()), "errors": errors,
-           "kernels": [k for p in parts for k in p.get("kernels", [])],
-           "context": next(p["context"] for p in parts if "context" in p)}
-    (RESULTS / "peers_h100.json").write_text(json.dumps(out, indent=1, default=str))
+    meta = next(p["meta"] for p in parts if p["rows"])
+    out = {"meta": meta, "rows": tables(rows=rows, accuracy=list(accuracy.values()), errors=errors,
+                                        kernels=[k for p in parts for k in p.get("kernels", [])])}
+    path = Path(args.out) / f"peers_{device_tag(meta['device'])}{'_' + args.tag if args.tag else ''}.json"
+    path.write_text(json.dumps(out, indent=1, default=str))
     print(pd.DataFrame(rows).pivot_table(index=["process", "path"], columns="batch_size", values="ratio_vs_stock",
                                         sort=False).round(3).to_string())
     print("tables and figure: python benchmarks/run.py summarize")
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("what", choices=["speed", "accuracy", "collect"])
     ap.add_argument("parts", nargs="*", help="collect: the JSON files speed and accuracy wrote")
     ap.add_argument("--paths", default=",".join(PATHS))
@@ -283,11 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", help="speed: a torch._inductor.config setting")
     ap.add_argument("--checkpoint", help="accuracy: a trained save_pretrained folder")
     ap.add_argument("--data", help="accuracy: the ImageFolder root it was trained on")
-    ap.add_argument("--device", default="cuda", help="accuracy: where to run (cpu checks the code path)")
-    ap.add_argument("--tag", default="peers")
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_intermixed_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     {"speed": run_speed, "accuracy": run_accuracy, "collect": collect}[args.what](args)
 
 

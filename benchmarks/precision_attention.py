@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import quant_settings, random_checkpoint, settings, write
+from common import parser, quant_settings, random_checkpoint, settings, tables, write
 
 from vitlab import attention, bench, evaluate, machine, quant
 
@@ -54,7 +54,7 @@ def measure(arch: str, checkpoint: Path, precisions: list[str], kernels: list[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--archs", default="vit_l16,vit_b16")
     ap.add_argument("--precisions", default="bf16,fp32,int8,nf4")
     ap.add_argument("--attention", default="eager,sdpa,sdpa_flash,sdpa_cudnn")
@@ -63,11 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--profile-bs", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    device = machine.resolve_device("auto")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device = machine.resolve_device(args.device)
     split = lambda s: [v for v in s.split(",") if v]
     rows, profiles, t0 = [], [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,9 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                            [int(b) for b in split(args.batch_sizes)], args.image_size, device, args.warmup,
                            args.iters, args.profile_bs)
             rows, profiles = rows + r, profiles + p
-            write(out, "precision_attention", args, t0, rows=rows)
-            write(out, "profile", args, t0, rows=profiles)
-    print(f"{len(rows)} rows in {round(time.time() - t0, 1)} s -> {out}")
+            path = write(args, "precision_attention", t0, tables(rows=rows, profile=profiles))
+    print(f"{len(rows)} rows in {round(time.time() - t0, 1)} s -> {path}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
     python benchmarks/run.py peers --help         # one benchmark's flags
     python benchmarks/run.py peers speed --paths stock,vitlab_fp8_triton --out /tmp/peers
 
-Each NAME is benchmarks/NAME.py (every one has `main(argv)`). Results live in benchmarks/results/, named
-after the script and the device that measured them (peers_h100.json, speed_paths_h100_a.json, ...), most
-as `{meta, rows}` with meta holding the arguments, git commit, versions and device; explorations that led
-nowhere sit in results/explore/. `summarize` turns them into docs/results.md, the README's headline table
-and figures/ (the one writer there). Timings are measured here, never in tests.
+Each NAME is benchmarks/NAME.py (every one has `main(argv)` and the flags --out, --device, --tag).
+Results live in benchmarks/results/ as `<bench>_<device>[_<part>][_<tag>].json` (peers_h200.json,
+speed_paths_h100_a.json, ...), each `{meta, rows}`: meta holds the command, arguments, git commit,
+versions and device; rows are flat, and a file of several tables marks the rows of all but the main
+one with `table` (common.by_table splits them). train_speed_* and evaluate_*_offline hold `vitlab run`
+products (meta.command says which). Explorations that led nowhere sit in results/explore/. `summarize`
+turns them into docs/results.md, the README's headline table and figures/ (the one writer there).
+Timings are measured here, never in tests.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from common import quant_settings, random_checkpoint, settings, write
+from common import parser, quant_settings, random_checkpoint, settings, tables, write
 
 from vitlab import bench, data, evaluate, machine, models, quant, runs, speed
 
@@ -84,18 +84,14 @@ def accuracy(run_dir: Path, variants: list[str], device: torch.device) -> list[d
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--variants", default="stock,graph_bf16,nf4_graph,compile_bf16,fp8_compile")
     ap.add_argument("--batch-sizes", default="1,32,256")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--accuracy-run", help="a run folder with a trained model: also report top-1 per variant")
-    ap.add_argument("--tag", default="speed_paths")
-    ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    device = machine.resolve_device("cuda")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device = machine.resolve_device(args.device)
     names = args.variants.split(",")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows, kernels, t0 = [], [], time.time()
@@ -122,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             torch.cuda.empty_cache()
             torch._dynamo.reset()
-            write(out, args.tag, args, t0, rows=rows, kernels=kernels, accuracy=[])
+            write(args, "speed_paths", t0, tables(rows=rows, kernels=kernels))
     acc = accuracy(Path(args.accuracy_run), names, device) if args.accuracy_run else []
-    write(out, args.tag, args, t0, rows=rows, kernels=kernels, accuracy=acc)
+    write(args, "speed_paths", t0, tables(rows=rows, kernels=kernels, accuracy=acc))
     table = pd.DataFrame([r for r in rows if "p50_ms" in r])
     if not table.empty:
         stock = table[table["model"] == names[0]].set_index("batch_size")["throughput_img_s"]

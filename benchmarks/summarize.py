@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from common import by_table
 
 from vitlab import fmt, plots
 
@@ -24,10 +25,13 @@ OLD_NAMES = {"variant": "model", "rel_err_vs_first": "logits_rel_err", "rel_err_
 
 
 def load(name: str) -> dict:
-    data = json.loads((RESULTS / name).read_text())
+    """A result's tables by name (common.by_table), with the columns' current names."""
+    data = by_table(json.loads((RESULTS / name).read_text()))
     for key in ("rows", "kernels", "accuracy"):
         if key in data:
             data[key] = [{OLD_NAMES.get(k, k): v for k, v in row.items()} for row in data[key]]
+    data.setdefault("accuracy", [])
+    data.setdefault("kernels", [])
     return data
 
 
@@ -57,7 +61,7 @@ def matrix() -> str:
         fig = plots.throughput_vs_batch(d)
         fig.axes[0].set_title(f"{arch}: throughput, H100 (SDPA)")
         plots.save(fig, FIGURES / f"h100_throughput_{arch}.png")
-    prof = pd.DataFrame(load("precision_attention_h100_profile_vitl16_bs32.json")["rows"]).assign(model=lambda d: d["precision"])
+    prof = pd.DataFrame(load("precision_attention_h100_profile.json")["rows"]).assign(model=lambda d: d["precision"])
     prof.attrs["clock"] = "device"
     fig = plots.component_breakdown(prof)
     fig.axes[0].set_title("ViT-L/16, batch 32, H100: device time per component")
@@ -72,7 +76,7 @@ def matrix() -> str:
         "## mean latency (ms)", mean.round(2).to_markdown(),
         "## Size, memory, output drift", sizes.join(peak.rename("peak_mem_mb (max over batch sizes)")).round(3).to_markdown(),
         "## Device time per component, ViT-L/16 SDPA, batch 32 (ms per forward)",
-        provenance(load("precision_attention_h100_profile_vitl16_bs32.json")["meta"]), comp.round(3).to_markdown(),
+        provenance(load("precision_attention_h100_profile.json")["meta"]), comp.round(3).to_markdown(),
         "## Kernels that could not run (the errors vitlab gives)",
         bad[["arch", "precision", "attention", "error"]].drop_duplicates(["precision", "attention"]).to_markdown(index=False),
     ])
@@ -144,34 +148,35 @@ def peers_headline(name: str = "peers_h200.json") -> str:
 
 
 def flowers_headline() -> str:
-    scratch = json.loads((RESULTS / "flowers_scratch.json").read_text())
-    variants = json.loads((RESULTS / "flowers_variants.json").read_text())  # its own names, not OLD_NAMES
+    scratch_file = load("flowers_scratch_h100.json")
+    scratch = scratch_file["model"][0]
+    variants = by_table(json.loads((RESULTS / "flowers_variants_h100.json").read_text()))  # its own names, not OLD_NAMES
     rows = pd.DataFrame(variants["rows"])
     first = rows.groupby(["variant", "model"], sort=False).first().reset_index()
     out = [{"variant": f"`{r.variant}`", "model": r.model, "top1": fmt.pct(r.top1, r.top1_lo, r.top1_hi),
             "f1": f"{r.f1_macro:.3f}", "disk": fmt.mb(r.disk_mb)} for r in first.itertuples()]
     return (f"A ViT-S/16 ({scratch['parameters'] / 1e6:.1f} M parameters) trained from scratch on Flowers-102's "
             f"6,552 training photographs by `params/flowers_scratch.yaml`: **{fmt.pct(scratch['test_top1'], scratch['test_top1_lo'], scratch['test_top1_hi'])}** "
-            f"test top-1 on {scratch['test_images']} images ({_device(scratch)}, `benchmarks/results/flowers_scratch.json`). "
+            f"test top-1 on {scratch['test_images']} images ({_device(scratch_file['meta'])}, `benchmarks/results/flowers_scratch_h100.json`). "
             "The seeds' variants of an earlier, 75% model of the same recipe, each by `vitlab run` "
-            f"(`benchmarks/results/flowers_variants.json`, {_device(variants['meta'])}):\n\n"
+            f"(`benchmarks/results/flowers_variants_h100.json`, {_device(variants['meta'])}):\n\n"
             + _table(out, {"variant": "variant", "model": "model", "test top-1 [95% CI]": "top1", "macro F1": "f1",
                            "disk": "disk"}))
 
 
 def transfer_table() -> str:
-    data = json.loads((RESULTS / "flowers_transfer.json").read_text())
+    data = load("flowers_transfer_h100.json")
     out = [{"method": r["method"], "top1": fmt.pct(r["test_top1"], r["lo"], r["hi"]),
             "trainable": f"{r['trainable_params']:,}", "vram": fmt.mb(r["peak_vram_mb"]),
             "s": f"{r['s_per_epoch']:.1f}"} for r in data["rows"]]
     return (f"Pretrained from scratch on `half_a` of the classes, fine-tuned on `half_b` "
-            f"(`benchmarks/results/flowers_transfer.json`, training on the H100, collected on {_device(data['meta'])}):\n\n"
+            f"(`benchmarks/results/flowers_transfer_h100.json`, {_device(data['meta'])}):\n\n"
             + _table(out, {"method": "method", "test top-1 [95% CI]": "top1", "trainable parameters": "trainable",
                            "peak VRAM": "vram", "s/epoch": "s"}))
 
 
 def train_speed_table() -> str:
-    data = json.loads((RESULTS / "train_speed_h200.json").read_text())
+    data = load("train_speed_h200.json")
     out = [{"model": r["model"], "method": r["method"], "size": f"{r['image_size']} px", "batch": r["batch_size"],
             "img_s": fmt.rate(r["img_s"]), "tflops": f"{r['tflops_6nt']:.0f} ({r['pct_bf16_dense_peak']:.0f}% of dense bf16)",
             "vram": fmt.mb(r["peak_vram_mb"])} for r in data["rows"]]
@@ -234,6 +239,20 @@ def peers_figure(name: str = "peers_h100.json") -> str:
     return md.round(3).reset_index().to_markdown(index=False)
 
 
+def scratch_figures(name: str = "flowers_scratch_h100.json") -> list[str]:
+    """figures/flowers_scratch_curves.png (the recipe's epochs) and, where the result holds the ingredient
+    runs' epochs, figures/flowers_scratch_ingredients.png (one validation curve per ingredient row)."""
+    data = load(name)
+    plots.save(plots.training_curves(data["history"]), FIGURES / "flowers_scratch_curves.png")
+    curves: dict[str, list] = {}
+    for row in data.get("ingredient_history", []):
+        curves.setdefault(row["ingredients"].removeprefix("the recipe with "), []).append(row)
+    if len(curves) < 2:  # results collected before the JSON kept those epochs: the committed figure stays
+        return ["flowers_scratch_curves.png"]
+    plots.save(plots.validation_curves(curves, "changed from the recipe"), FIGURES / "flowers_scratch_ingredients.png")
+    return ["flowers_scratch_curves.png", "flowers_scratch_ingredients.png"]
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -243,9 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     (FIGURES / "h100_speed_paths.md").write_text(speed_paths() + "\n")
     for name in ("peers_h100.json", "peers_h200.json"):
         (FIGURES / name.replace(".json", ".md")).write_text(peers_figure(name) + "\n")
+    drawn = scratch_figures()
     (DOCS / "results.md").write_text(results_md())
     readme_block()
-    print("wrote", sorted(p.name for p in FIGURES.glob("h100_*")), "docs/results.md and README.md's headline table")
+    print("wrote", sorted(p.name for p in FIGURES.glob("h100_*")), *drawn, "docs/results.md and README.md's headline table")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import random_checkpoint, write
+from common import parser, random_checkpoint, tables, write
 
 from vitlab import ablation, config, data, finetune, infer, machine, models, quant, training
 
@@ -98,16 +98,13 @@ def ablation_cost(checkpoint: Path, settings: models.ModelSettings, ds: data.Dat
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, device="auto")
     ap.add_argument("--data", required=True, help="Flowers-102 in the seeds' layout (train/ valid/ test/, official_split/)")
     ap.add_argument("--arch", default="vit_l16")
     ap.add_argument("--epochs", type=int, default=2, help="training epochs per method (the first is warm-up)")
     ap.add_argument("--max-per-class", type=int, default=None, help="fewer images (a CPU check of the code path)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    device = machine.resolve_device("auto")
-    out, t0 = Path(args.out), time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    device, t0 = machine.resolve_device(args.device), time.time()
     with tempfile.TemporaryDirectory() as tmp:
         layout = data.flowers102_layout(args.data, Path(tmp) / "torchvision")
         checkpoint = random_checkpoint(args.arch, Path(tmp), 224 if args.arch != "tiny" else 32)
@@ -118,13 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg = copy.deepcopy(config.defaults()["data"])
         cfg.update(source="flowers102", root=str(layout), pipeline="gpu", max_per_class=args.max_per_class)
         ds = data.for_checkpoint(cfg, 0, checkpoint)
-        tables = {"training": training_rows(settings, ds, device, args.epochs)}
-        write(out, "vitl16_cost", args, t0, **tables)
-        tables["accuracy_pass"] = accuracy_pass(checkpoint, settings, ds, device)
-        write(out, "vitl16_cost", args, t0, **tables)
-        tables["ablation"] = [ablation_cost(checkpoint, settings, ds, device)]
-        write(out, "vitl16_cost", args, t0, **tables)
-        print(f"ablation wall time: {tables['ablation'][0]['ablation_wall_s']:.1f} s", flush=True)
+        named = {"training": training_rows(settings, ds, device, args.epochs)}
+        write(args, "vitl16_cost", t0, tables(**named))
+        named["accuracy_pass"] = accuracy_pass(checkpoint, settings, ds, device)
+        write(args, "vitl16_cost", t0, tables(**named))
+        named["ablation"] = [ablation_cost(checkpoint, settings, ds, device)]
+        write(args, "vitl16_cost", t0, tables(**named))
+        print(f"ablation wall time: {named['ablation'][0]['ablation_wall_s']:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

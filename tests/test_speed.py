@@ -131,3 +131,15 @@ def test_fp8_and_fused_qkv_refuse_what_they_cannot_run(checkpoint, f32):
     nf4 = quant.quantize(checkpoint, q.replace(bits=4), f32, CPU)
     with pytest.raises(speed.SpeedPathError, match="plain 16-bit q/k/v"):
         speed.fuse_qkv(nf4)
+
+
+def test_apply_finds_the_blocks_once_for_every_transform(checkpoint, bf16, digits_data, monkeypatch):
+    found = []
+    real = models.encoder_layers
+    monkeypatch.setattr(models, "encoder_layers", lambda model: found.append(1) or real(model))
+    settings = speed.SpeedSettings(fuse_qkv=True, patch_matmul=True, fp8="static", calibration_batches=1,
+                                   compile="linears")
+    sped = speed.apply(models.load_checkpoint(checkpoint, bf16, CPU), settings, digits_data.loader("valid", 32))
+    assert len(found) == 1
+    assert sum(isinstance(m, lowbit.Fp8Linear) for m in sped.modules()) == 4 * len(real(sped).blocks)
+    assert sum(hasattr(m, "_orig_mod") for m in sped.modules()) == len(real(sped).blocks)  # each MLP; FP8 linears stay eager

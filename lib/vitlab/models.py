@@ -11,7 +11,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -245,7 +245,14 @@ def _is_quantized(path: str | Path) -> bool:
     return config.is_file() and '"quantization_config"' in config.read_text()
 
 
-def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+class Layers(NamedTuple):
+    """A ViT's transformer blocks: the ModuleList's qualified name and the list. Found once per model change
+    by `encoder_layers`; the functions below that take one scan only the blocks."""
+    prefix: str
+    blocks: nn.ModuleList
+
+
+def encoder_layers(model: nn.Module) -> Layers:
     """The qualified name and the ModuleList of the transformer blocks (the longest list of like modules)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -254,7 +261,7 @@ def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 best = (name, module)
     if best is None:
         raise ModelError(f"{type(model).__name__} has no list of encoder layers")
-    return best
+    return Layers(*best)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -262,10 +269,10 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def block_linears(model: nn.Module) -> list[str]:
+def block_linears(model: nn.Module, layers: Layers | None = None) -> list[str]:
     """Qualified names of every linear layer inside the encoder blocks (where quantization applies)."""
-    prefix, _ = encoder_layers(model)
-    return [n for n, m in model.named_modules() if _is_linear(m) and n.startswith(prefix + ".")]
+    prefix, blocks = layers or encoder_layers(model)
+    return [f"{prefix}.{i}.{n}" for i, block in enumerate(blocks) for n, m in block.named_modules() if _is_linear(m)]
 
 
 def layer_index(model: nn.Module, module_name: str) -> int | None:
@@ -290,8 +297,8 @@ def component(module_name: str) -> str:
     return "other"
 
 
-def attention_linears(model: nn.Module) -> list[str]:
-    return [n for n in block_linears(model) if component(n) == "attention"]
+def attention_linears(model: nn.Module, layers: Layers | None = None) -> list[str]:
+    return [n for n in block_linears(model, layers) if component(n) == "attention"]
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -57,10 +57,9 @@ class FusedQKVAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 
 
-def fuse_qkv(model: nn.Module) -> nn.Module:
+def fuse_qkv(model: nn.Module, layers: models.Layers | None = None) -> nn.Module:
     """Every encoder block's attention as a `FusedQKVAttention`, in place."""
-    _, layers = models.encoder_layers(model)
-    for layer in layers:
+    for layer in (layers or models.encoder_layers(model)).blocks:
         layer.attention = FusedQKVAttention(layer.attention)
     return model
 
@@ -138,7 +137,7 @@ class CudaGraphed(nn.Module):
         return SimpleNamespace(logits=static_out)
 
 
-def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
+def torchao_quantize(model: nn.Module, kind: str, layers: models.Layers | None = None) -> nn.Module:
     """Quantize the encoder-block linears in place with torchao (the classifier stays 16-bit)."""
     if kind not in TORCHAO:
         raise SpeedPathError(f"unknown torchao quantization '{kind}'; choose one of {list(TORCHAO)}")
@@ -157,7 +156,7 @@ def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
         config = tq.Int8DynamicActivationInt8WeightConfig()
     else:
         config = tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
-    targets = set(models.block_linears(model))
+    targets = set(models.block_linears(model, layers))
     tq.quantize_(model, config, filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn in targets)
     return model
 
@@ -165,7 +164,7 @@ def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
 COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}  # graphs are CudaGraphed's job
 
 
-def compiled(model: nn.Module, mode: str = "default", scope: str = "model") -> nn.Module:
+def compiled(model: nn.Module, mode: str = "default", scope: str = "model", layers: models.Layers | None = None) -> nn.Module:
     """torch.compile with a static shape per batch size (each new batch size compiles once).
 
     mode "max-autotune" lets Inductor time Triton GEMM templates against cuBLAS for every shape and
@@ -185,9 +184,10 @@ def compiled(model: nn.Module, mode: str = "default", scope: str = "model") -> n
         return torch.compile(model, mode=mode, dynamic=False)
     if scope != "linears":
         raise SpeedPathError(f"unknown compile scope '{scope}'; choose 'model' or 'linears'")
-    names = [n for n, _ in model.named_modules()
-             if "." in n and models.component(n) == "mlp" and models.component(n.rsplit(".", 1)[0]) != "mlp"]
-    for name in names + models.attention_linears(model):
+    prefix, blocks = layers or models.encoder_layers(model)
+    mlps = [f"{prefix}.{i}.{n}" for i, block in enumerate(blocks) for n, _ in block.named_modules()
+            if n and models.component(n) == "mlp" and ("." not in n or models.component(n.rsplit(".", 1)[0]) != "mlp")]
+    for name in mlps + models.attention_linears(model, (prefix, blocks)):
         parent, leaf = name.rsplit(".", 1)
         owner = model.get_submodule(parent)
         setattr(owner, leaf, torch.compile(getattr(owner, leaf), mode=mode, dynamic=False))
@@ -197,23 +197,25 @@ def compiled(model: nn.Module, mode: str = "default", scope: str = "model") -> n
 def apply(model: nn.Module, speed: SpeedSettings, calibration: Any = None) -> nn.Module:
     """The `speed` settings on a loaded model: fused q/k/v and patch matmul, FP8, int4 or torchao
     linears, then compile, then CUDA graphs. `calibration`: batches of real images, needed by
-    `fp8: static` and `int4: w4a8` (their activation scales)."""
+    `fp8: static` and `int4: w4a8` (their activation scales). The blocks are found once: every transform
+    replaces modules inside them, never the list."""
     if speed.calibrates and calibration is None:
         raise SpeedPathError(f"{speed.describe()} calibrates FP8 activation scales on real images: pass calibration batches")
+    layers = models.encoder_layers(model)
     if speed.fuse_qkv:
-        model = fuse_qkv(model)
+        model = fuse_qkv(model, layers)
     if speed.patch_matmul:
         model = patch_matmul(model)
     if speed.fp8 == "static":
-        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches, speed.fp8_gemm)
+        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches, speed.fp8_gemm, layers)
     if speed.int4 != "none":
-        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches, speed.fp8_gemm)
+        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches, speed.fp8_gemm, layers)
     if speed.fp8_gemm == "triton":
-        model = lowbit.fuse_mlp(model)  # the linears were built on vitlab's kernel
+        model = lowbit.fuse_mlp(model, layers)  # the linears were built on vitlab's kernel
     if speed.torchao != "none":
-        model = torchao_quantize(model, speed.torchao)
+        model = torchao_quantize(model, speed.torchao, layers)
     if speed.compile != "none":
-        model = compiled(model, mode=speed.compile_mode, scope=speed.compile)
+        model = compiled(model, mode=speed.compile_mode, scope=speed.compile, layers=layers)
     if speed.cuda_graph:
         model = CudaGraphed(model)
     return model

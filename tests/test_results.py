@@ -1,0 +1,54 @@
+"""The benchmark results' one shape, and docs generated from them that cannot drift from them."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common  # noqa: E402
+import summarize  # noqa: E402
+
+RESULTS = sorted((BENCHMARKS / "results").rglob("*.json"))
+SCRIPTS = {p.stem for p in BENCHMARKS.glob("*.py")} - {"run", "common", "summarize"}
+RUN_PRODUCTS = {"train_speed", "evaluate"}  # `vitlab run` products kept as results (meta.command says how)
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
+def test_every_result_is_meta_and_flat_rows_named_after_its_benchmark_and_device(path):
+    result = json.loads(path.read_text())
+    assert set(result) == {"meta", "rows"}
+    assert result["meta"]["command"] and result["meta"]["device"]["type"] in ("cuda", "cpu")
+    assert result["rows"] and all(isinstance(r, dict) for r in result["rows"])
+    tag = common.device_tag(result["meta"]["device"])
+    match = re.fullmatch(rf"(?:(?P<bench>[a-z0-9_]+?)_{tag})(?:_[a-z0-9_]+)?", path.stem)
+    assert match, f"{path.name}: not <bench>_{tag}[_tag]"
+    assert match["bench"] in SCRIPTS | RUN_PRODUCTS, f"{path.name}: no benchmarks/{match['bench']}.py"
+
+
+def test_write_and_by_table_round_trip_several_tables(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), device="cpu", tag="check")
+    path = common.write(args, "peers", 0.0, common.tables(rows=[{"path": "stock", "p50_ms": 1.0}],
+                                                        kernels=[{"kernel": "gemm", "ms": 0.5}]), context={"arch": "tiny"})
+    assert path.name == "peers_cpu_check.json"
+    tables = common.by_table(json.loads(path.read_text()))
+    assert tables["rows"] == [{"path": "stock", "p50_ms": 1.0}] and tables["kernels"] == [{"kernel": "gemm", "ms": 0.5}]
+    assert tables["meta"]["context"] == {"arch": "tiny"} and tables["meta"]["device"]["type"] == "cpu"
+    assert tables["meta"]["git"] and tables["meta"]["versions"]["torch"]
+
+
+def test_device_tag_is_the_model_number():
+    assert common.device_tag({"type": "cuda", "name": "NVIDIA H200"}) == "h200"
+    assert common.device_tag({"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}) == "h100"
+    assert common.device_tag({"type": "cpu", "name": "x86_64"}) == "cpu"
+
+
+def test_docs_results_is_what_summarize_makes_of_the_results():
+    committed = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
+    assert summarize.results_md() == committed, "docs/results.md drifted: run `python benchmarks/run.py summarize`"
