@@ -1,4 +1,5 @@
 import copy
+import time
 
 import bitsandbytes as bnb
 import pytest
@@ -228,3 +229,21 @@ def test_accumulated_micro_batches_make_the_whole_batch_step(params, checkpoint,
     assert [r["train_loss"] for r in h3] == pytest.approx([r["train_loss"] for r in h1], rel=1e-5)
     for name in w1:
         torch.testing.assert_close(w3[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_training_out_of_time_keeps_its_state_and_resumes_exactly_there(params, checkpoint, digits_data, tmp_path,
+                                                                          monkeypatch):
+    from vitlab import runs
+    from vitlab.errors import TimeLimitReached
+
+    p, settings = _cfg(params, checkpoint, "full")
+    state, batches = tmp_path / "last.pt", _few_images(digits_data)
+    monkeypatch.setenv(runs.DEADLINE_ENV, str(time.time()))  # already up: the first epoch is the last that fits
+    with pytest.raises(TimeLimitReached, match="after epoch 1 of 4"):
+        training.train(finetune.build(settings, p["finetune"], digits_data.class_names, CPU), batches, batches,
+                       p["finetune"], CPU, checkpoint=state)
+    assert [r["epoch"] for r in torch.load(state, weights_only=True)["history"]] == [1]
+    monkeypatch.delenv(runs.DEADLINE_ENV)
+    history = training.train(finetune.build(settings, p["finetune"], digits_data.class_names, CPU), batches, batches,
+                             p["finetune"], CPU, checkpoint=state)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]

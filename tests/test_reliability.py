@@ -310,3 +310,23 @@ def test_a_full_disk_leaves_no_temp_file_and_still_marks_the_manifest(tmp_path, 
     with pytest.raises(OSError, match="No space left"):  # a new file has nothing to overwrite: the error stands
         runs.write_json(tmp_path / "results.json", {"rows": []})
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.e2e
+def test_a_finetune_at_its_time_limit_stops_after_an_epoch_and_resume_finishes_it(tmp_path):
+    epochs = 150
+    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "finetune,quantize",
+                  "--set", f"finetune.epochs={epochs}", "--time-limit", "16")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    (run_dir,) = runs.list_runs(tmp_path)
+    man = runs.manifest(run_dir)
+    assert man["time_limit"] == "reached in finetune" and man["steps"]["quantize"]["status"] == "pending"
+    assert "TimeLimitReached: stopped at the time limit after epoch" in man["steps"]["finetune"]["error"]
+    stopped_after = int(man["steps"]["finetune"]["error"].split("after epoch ")[1].split()[0])
+    assert 1 <= stopped_after < epochs
+    resumed = vitlab("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {stopped_after} of {epochs}" in resumed.stdout
+    history = json.loads(runs.path(run_dir, "train_metrics").read_text())["history"]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    assert "time_limit" not in runs.manifest(run_dir)

@@ -80,3 +80,15 @@ def test_a_hand_edited_params_file_is_checked_as_a_new_one(finished, capsys, edi
     (finished / "params.yaml").write_text(yaml.safe_dump(params))
     code, _, err = _cli(capsys, "--resume", str(finished), "--rerun", "evaluate")
     assert code == 2 and "params.yaml" in err and message in err, err
+
+
+def test_a_time_limit_that_is_up_before_a_step_stops_there_with_exit_3(tmp_path):
+    from .conftest import vitlab
+
+    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "finetune", "--time-limit", "0.01")
+    assert proc.returncode == 3, proc.stderr
+    (run_dir,) = runs.list_runs(tmp_path)
+    man = runs.manifest(run_dir)
+    assert man["status"] == "partial" and man["time_limit"] == "reached before finetune"
+    assert man["steps"]["finetune"]["status"] == "pending"
+    assert f"continue with: python -m vitlab run --resume {run_dir}" in proc.stdout

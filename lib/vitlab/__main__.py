@@ -3,10 +3,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from . import config, machine, runner, runs
-from .errors import VitlabError
+from .errors import TIME_LIMIT_EXIT, VitlabError
+
+
+def _duration(text: str) -> float:
+    """Seconds from '90', '90s', '9m' or '2h'."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration: give seconds (90), or 9m, 2h") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}': a time limit is a positive duration")
+    return seconds
 
 
 def _split(value: str | None) -> list[str]:
@@ -29,6 +43,8 @@ def _resolved(params_file: str, args: argparse.Namespace) -> dict:
 
 def _side_by_side(args: argparse.Namespace) -> int:
     """Several params files: every one checked before any starts, then run at once, one GPU each."""
+    if args.time_limit:
+        raise config.ParamsError("--time-limit stops one run at a step or epoch boundary: give one params file")
     if args.jobs is not None and args.jobs < 1:
         raise config.ParamsError(f"--jobs is how many runs go at once: at least 1, got {args.jobs}")
     every = [_resolved(f, args) for f in args.params]
@@ -94,10 +110,11 @@ def _run(args: argparse.Namespace) -> int:
         params = _resolved(args.params[0], args)
         run_dir, rerun = runs.create(params, args.runs_dir), []
     print(f"[vitlab] run folder: {run_dir}", flush=True)
-    man = runner.execute(run_dir, rerun)
-    print(f"[vitlab] {man['status']}: {run_dir}", flush=True)
+    man = runner.execute(run_dir, rerun, deadline=args.started + args.time_limit if args.time_limit else None)
+    print(f"[vitlab] {man['status']}" + (f" (time limit {man['time_limit']})" if "time_limit" in man else "")
+          + f": {run_dir}", flush=True)
     _print_summary(run_dir)
-    return 0 if man["status"] == "ok" else 1
+    return 0 if man["status"] == "ok" else TIME_LIMIT_EXIT if "time_limit" in man else 1
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -153,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                      "(with --steps or --rerun: those steps again too; with --set: changed params for what runs)")
     run.add_argument("--rerun", metavar="STEPS", help="with --resume: comma-separated finished steps to run again")
     run.add_argument("--runs-dir", default=str(runs.RUNS_DIR), help="where run folders go (default: runs/)")
+    run.add_argument("--time-limit", type=_duration, metavar="DURATION", help="stop before DURATION (90, 9m, 2h) is "
+                     "up, at a step or training-epoch boundary, the state kept: --resume continues (exit 3)")
     run.set_defaults(func=_run)
     rep = sub.add_parser("report", help="render the comparison report of finished runs to HTML")
     rep.add_argument("runs", nargs="*", help="run folders to compare (default: every run under --runs-dir)")
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("target", help="where flowers-102/ is made (use it as data.root with data.source: flowers102)")
     lay.set_defaults(func=_flowers102_layout)
     args = parser.parse_args(argv)
+    args.started = time.time()
     try:
         return args.func(args)
     except runner.Interrupted as e:

@@ -32,3 +32,11 @@ class QuantError(VitlabError, ValueError):
 
 class SpeedPathError(VitlabError, RuntimeError):
     """A speed path this machine or model cannot take."""
+
+
+class TimeLimitReached(VitlabError, RuntimeError):
+    """`vitlab run --time-limit` ran out at a step or epoch boundary; the state is kept for --resume."""
+
+
+# What the CLI exits with when a run stopped at its --time-limit (resumable), not at an error (1).
+TIME_LIMIT_EXIT = 3

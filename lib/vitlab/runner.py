@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import REPO_ROOT
-from .errors import RunError
-from .runs import STEPS, _now, load_params, manifest, resume_folder, step_folder, write_json
+from .errors import RunError, TimeLimitReached
+from .runs import DEADLINE_ENV, STEPS, _now, load_params, manifest, resume_folder, step_folder, write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -227,9 +227,11 @@ def status(run_dir: str | Path) -> str:
     return "running"
 
 
-def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
+def execute(run_dir: str | Path, rerun: list[str] | None = None, deadline: float | None = None) -> dict:
     """Execute the steps that are not `ok` yet (and those in `rerun`), in order; stop at the first
-    failure and mark the run failed. A failed step's partial products are moved to <step>.failed/."""
+    failure and mark the run failed. A failed step's partial products are moved to <step>.failed/.
+    `deadline` (time.time() seconds, from --time-limit): no step starts after it, and a training step
+    stops at the last epoch boundary before it with its state kept; the manifest says `time_limit`."""
     run_dir = Path(run_dir).resolve()
     man = manifest(run_dir)
     params = load_params(run_dir)
@@ -238,49 +240,66 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None) -> dict:
             raise RunError(f"cannot re-run '{step}': run {run_dir.name} has the steps {list(man['steps'])}")
         man["steps"][step]["status"] = "pending"
         shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)  # again means from the start
+    if deadline is not None:
+        os.environ[DEADLINE_ENV] = str(deadline)  # the steps' kernels inherit it
+    man.pop("time_limit", None)
     with _Live(run_dir, man) as live, _signals_interrupt():
         man["status"], man["started"] = "running", man.get("started") or _now()
         if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # which GPU(s) of the machine it ran on
             man["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
         live.save()
         for step in man["steps"]:
-            entry = man["steps"][step]
-            if entry["status"] == "ok":
+            if man["steps"][step]["status"] == "ok":
                 continue
-            # A step re-runs from scratch: nothing half-written by an earlier attempt survives.
-            for old in (step_folder(run_dir, step), run_dir / f"{step}.failed"):
-                shutil.rmtree(old, ignore_errors=True)
-            entry.update(status="running", started=_now(), error=None)
-            live.save()
-            print(f"[vitlab] {run_dir.name}: {step} ...", flush=True)
-            t0 = time.perf_counter()
-            try:
-                execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)},
-                                 Progress(step))
-            except BaseException as e:  # Ctrl-C and signals too: the folder must say it did not finish
-                _stop_kernels()
-                error = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-                entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
-                man.update(status="failed", ended=_now(), failed_step=step)
-                if step_folder(run_dir, step).exists():
-                    step_folder(run_dir, step).rename(run_dir / f"{step}.failed")
-                live.save()
-                print(f"[vitlab] {run_dir.name}: {step} FAILED: {error}\n"
-                      f"[vitlab] see {run_dir / STEPS[step].notebook.replace('.py', '.ipynb')}; "
-                      f"resume with: python -m vitlab run --resume {run_dir}", file=sys.stderr, flush=True)
-                if not isinstance(e, Exception):
-                    raise
+            if deadline is not None and time.time() >= deadline:
+                man.update(status="partial", ended=_now(), time_limit=f"reached before {step}")
+                print(f"[vitlab] {run_dir.name}: the time limit is reached before {step}; continue with: "
+                      f"python -m vitlab run --resume {run_dir}", flush=True)
                 return man
-            entry.update(status="ok", ended=_now(), seconds=round(time.perf_counter() - t0, 1))
-            shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)
-            with contextlib.suppress(OSError):  # .resume/ itself, once no step keeps a state there
-                resume_folder(run_dir, step).parent.rmdir()
-            live.save()
-            print(f"[vitlab] {run_dir.name}: {step} ok ({entry['seconds']} s)", flush=True)
+            if not _run_step(run_dir, step, params, man, live):
+                return man
         done = all(man["steps"][s]["status"] == "ok" for s in man["steps"])
         man.update(status="ok" if done else "partial", ended=_now())
         man.pop("failed_step", None)
     return man
+
+
+def _run_step(run_dir: Path, step: str, params: dict, man: dict, live: _Live) -> bool:
+    """One step's notebook, its manifest entry kept as it goes; False when it failed (marked so)."""
+    entry = man["steps"][step]
+    # A step re-runs from scratch: nothing half-written by an earlier attempt survives.
+    for old in (step_folder(run_dir, step), run_dir / f"{step}.failed"):
+        shutil.rmtree(old, ignore_errors=True)
+    entry.update(status="running", started=_now(), error=None)
+    live.save()
+    print(f"[vitlab] {run_dir.name}: {step} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        execute_notebook(STEPS[step].notebook, run_dir, {"params": params, "run_dir": str(run_dir)}, Progress(step))
+    except BaseException as e:  # Ctrl-C and signals too: the folder must say it did not finish
+        _stop_kernels()
+        name = getattr(e, "ename", type(e).__name__)
+        error = f"{name}: {getattr(e, 'evalue', e)}"
+        entry.update(status="failed", ended=_now(), seconds=round(time.perf_counter() - t0, 1), error=error)
+        man.update(status="failed", ended=_now(), failed_step=step)
+        if name == TimeLimitReached.__name__:
+            man["time_limit"] = f"reached in {step}"
+        if step_folder(run_dir, step).exists():
+            step_folder(run_dir, step).rename(run_dir / f"{step}.failed")
+        live.save()
+        print(f"[vitlab] {run_dir.name}: {step} {'STOPPED' if 'time_limit' in man else 'FAILED'}: {error}\n"
+              f"[vitlab] see {run_dir / STEPS[step].notebook.replace('.py', '.ipynb')}; "
+              f"resume with: python -m vitlab run --resume {run_dir}", file=sys.stderr, flush=True)
+        if not isinstance(e, Exception):
+            raise
+        return False
+    entry.update(status="ok", ended=_now(), seconds=round(time.perf_counter() - t0, 1))
+    shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)
+    with contextlib.suppress(OSError):  # .resume/ itself, once no step keeps a state there
+        resume_folder(run_dir, step).parent.rmdir()
+    live.save()
+    print(f"[vitlab] {run_dir.name}: {step} ok ({entry['seconds']} s)", flush=True)
+    return True
 
 
 def side_by_side(run_dirs: list[Path], jobs: int, gpus: int) -> list[str]:

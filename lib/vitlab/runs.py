@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     import torch
 
 RUNS_DIR = REPO_ROOT / "runs"
+# `vitlab run --time-limit`: the deadline (time.time() seconds) the runner hands every step through the
+# environment; a training step stops at an epoch boundary before it, its state kept for --resume.
+DEADLINE_ENV = "VITLAB_DEADLINE"
 LIBRARIES = ("torch", "torchvision", "transformers", "peft", "bitsandbytes", "accelerate", "numpy",
              "scikit-learn", "papermill", "jupytext", "flash-attn", "torchao")
 

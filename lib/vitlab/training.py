@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from . import models
+from . import models, runs
+from .errors import TimeLimitReached
 from .settings import Finetune
 
 PROGRESS_EVERY_S = 10.0
@@ -295,7 +296,9 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     `full_size_epochs` trains on them (progressive resizing). With an `accelerator` (one of several
     data-parallel processes, finetune.train_in_processes), the model trains in DDP on this process's
     share of every batch; the main process alone validates, selects and keeps the resumable state.
-    A loss that is not finite stops the training with an error naming the epoch."""
+    A loss that is not finite stops the training with an error naming the epoch. Under `vitlab run
+    --time-limit` (runs.DEADLINE_ENV), a training with a `checkpoint` keeps its state and stops
+    with TimeLimitReached after the last epoch that ends, by the last epoch's pace, before the limit."""
     ft = ft if isinstance(ft, Finetune) else Finetune.of(ft)
     if ft.method == "none":
         return []
@@ -309,7 +312,7 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
     if checkpoint is not None and Path(checkpoint).is_file():
         history, best = _restore(Path(checkpoint), setup.state, device)
         print(f"resuming after epoch {len(history)} of {ft.epochs} from {checkpoint}", flush=True)
-    started, done_before, last_save = time.monotonic(), len(history), time.monotonic()
+    started, done_before, last_save, save_s = time.monotonic(), len(history), time.monotonic(), 0.0
     # One live bar over the epochs in JupyterLab (a widget per epoch left dozens of frozen bars); the terminal
     # of `vitlab run` gets the epoch lines and, in a long epoch, a line every PROGRESS_EVERY_S.
     for epoch in tqdm(range(len(history) + 1, ft.epochs + 1), desc="epochs", initial=len(history), total=ft.epochs,
@@ -330,13 +333,34 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
             _say(history[-1], ft.epochs, started, done_before)
         if ft.select == "best_valid" and validated and va["acc"] > best[0]:
             best = (va["acc"], epoch, {k: v.clone() for k, v in _trainable(setup.scored, buffers=True).items()})
+        stop = checkpoint is not None and epoch < ft.epochs and _out_of_time(history, small_until, save_s, accelerator)
         if main and checkpoint is not None and (time.monotonic() - last_save >= 60 * ft.checkpoint_minutes
-                                                or epoch == ft.epochs):
+                                                or epoch == ft.epochs or stop):
+            t_save = time.monotonic()
             _save(Path(checkpoint), setup.state, history, best)
             last_save = time.monotonic()
+            save_s = last_save - t_save
+        if stop:
+            raise TimeLimitReached(f"stopped at the time limit after epoch {epoch} of {ft.epochs}; the training "
+                                   "state is kept: --resume continues from there")
     for handle in skips:
         handle.remove()
     return _finish(model, setup, ft, history, best, main)
+
+
+def _out_of_time(history: list[dict], small_until: int, save_s: float, accelerator=None) -> bool:
+    """Whether the next epoch, at the last one's pace (twice it when the next is the first at full size)
+    with room to spare, plus a state save, would end after the deadline. Every process takes the main
+    process's answer."""
+    deadline = float(os.environ.get(runs.DEADLINE_ENV) or "inf")
+    last = history[-1]
+    pace = last["seconds"] * (2 if last["epoch"] == small_until else 1)
+    answer = [time.time() + 1.5 * pace + 2 * save_s + 2 > deadline]
+    if accelerator is not None and accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]
 
 
 def _finish(model: nn.Module, setup: _Setup, ft: Finetune, history: list[dict], best: tuple, main: bool) -> list[dict]:
