@@ -71,11 +71,12 @@ def quant_settings(bits: int, type_: str | None = None) -> quant.QuantSettings:
     return q.replace(type=type_) if type_ else q
 
 
-def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str], device: str = "auto") -> Path:
-    """`python -m vitlab run` of `params_file` as run `variant` on `device` (this Python, from the repo root);
-    its folder."""
+def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str], device: str = "auto",
+               time_limit: float | None = None) -> Path:
+    """`python -m vitlab run` of `params_file` as run `variant` on `device` (this Python, from the repo root),
+    with --time-limit `time_limit` seconds if given; its folder."""
     cmd = [sys.executable, "-m", "vitlab", "run", params_file, "--steps", steps, "--set", f"variant={variant}",
-           "--set", f"device={device}",
+           "--set", f"device={device}", *(["--time-limit", f"{time_limit:.0f}"] if time_limit else []),
            *[a for s in sets for a in ("--set", s)]]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=runs.REPO_ROOT)

@@ -145,3 +145,46 @@ def test_pareto_front_holds_every_undominated_configuration(rows):
         assert any(f["footprint_mb"] <= r["footprint_mb"] and f["kl"] <= r["kl"] for f in front)
     for a, b in zip(front, front[1:]):
         assert b["kl"] < a["kl"]  # each step of the front buys a lower KL with more memory
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory, digits_data):
+    """A ViT whose linears take inputs in whole groups of 128 (vitlab's int4 format needs them)."""
+    settings = models.ModelSettings(id=None, dtype=torch.bfloat16, attention="sdpa", config={
+        "image_size": 16, "patch_size": 4, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 256})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("wide") / "vit"
+    models.build(settings, digits_data.class_names).save_pretrained(str(path))
+    models.load_processor(settings).save_pretrained(str(path))
+    return str(path), settings
+
+
+def test_vitlabs_own_formats_are_swept_per_layer_like_bitsandbytes(wide_checkpoint, nf4, batches):
+    from vitlab import lowbit
+
+    path, settings = wide_checkpoint
+    rows = ablation.sweep(path, settings, nf4, ["fp8", "w4a16"], batches, CPU)
+    for fmt, cls in (("fp8", lowbit.Fp8Linear), ("w4a16", lowbit.Int4Linear)):
+        mine = {r["config"]: r for r in rows if r["quant"] == fmt}
+        assert {"all quantized", "keep layer 0", "keep layer 1", "keep first+last"} <= set(mine)
+        assert mine["all quantized"]["kl"] > 0
+        assert mine["keep layer 0"]["footprint_mb"] > mine["all quantized"]["footprint_mb"]
+    scorer = ablation._Scorer(path, settings, batches, CPU)
+    list(scorer.run(ablation.quant_settings(nf4, "fp8"), [ablation.Config("all quantized", None, [])]))
+    twins = [layer for (q, _), (layer, _) in scorer.twins.items()]
+    assert len(twins) == len(scorer.originals) and all(isinstance(t, lowbit.Fp8Linear) for t in twins)
+    assert all(float(t.input_scale) > 0 for t in twins)  # calibrated on the sweep's images
+
+
+def test_a_choice_in_vitlabs_format_becomes_speed_params_that_keep_its_layers(wide_checkpoint, nf4, batches, tmp_path):
+    from vitlab import config
+
+    path, settings = wide_checkpoint
+    rows = ablation.sweep(path, settings, nf4, ["fp8"], batches, CPU)
+    choice = ablation.choose(rows, "fp8", budget_mb=max(r["footprint_mb"] for r in rows))
+    params = config.merge(config.defaults(), {"variant": "wide", "model": {"id": path}})
+    mixed = ablation.mixed_params(params, choice, path)
+    assert mixed["quant"]["bits"] == 16 and mixed["speed"]["fp8"] == "static"
+    assert mixed["speed"]["keep_16bit"] == choice["keep_16bit"] and mixed["finetune"]["method"] == "none"
+    config.validate(mixed)

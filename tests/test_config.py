@@ -22,7 +22,7 @@ def test_every_shipped_variant_is_valid():
     for path in config.PARAMS_DIR.glob("*.yaml"):
         params = config.resolve(path)
         root = config.REPO_ROOT / params["data"]["root"]
-        if params["finetune"]["cuda_graph"] and not torch.cuda.is_available():
+        if (params["finetune"]["cuda_graph"] or params["speed"]["cuda_graph"]) and not torch.cuda.is_available():
             with pytest.raises(ParamsError, match="needs a CUDA GPU"):  # refused here, before any work
                 _on_this_machine(params)
         elif params["data"]["source"] == "imagefolder" and not (root / "train").is_dir():

@@ -48,6 +48,7 @@ REFUSED = [  # (--set value, what the one line says)
     ("quant.bits=[8", "not valid YAML"),
     ("model.attention=flash", "choose one of"),
     ("model.attention=sdpa_cudnn", "needs a CUDA GPU"),
+    ("speed.cuda_graph=true", "speed.cuda_graph (the forward replayed as a CUDA graph) needs a CUDA GPU"),
     ("model.config=null", "'model.config' must be a mapping"),
     ("model.config.hiden_size=64", "did you mean 'model.config.hidden_size'"),
     ("model.config.hidden_size=-4", "'model.config.hidden_size' is -4"),

@@ -143,3 +143,19 @@ def test_apply_finds_the_blocks_once_for_every_transform(checkpoint, bf16, digit
     assert len(found) == 1
     assert sum(isinstance(m, lowbit.Fp8Linear) for m in sped.modules()) == 4 * len(real(sped).blocks)
     assert sum(hasattr(m, "_orig_mod") for m in sped.modules()) == len(real(sped).blocks)  # each MLP; FP8 linears stay eager
+
+
+def test_a_compiled_model_is_given_one_batch_shape_and_the_short_last_batch_is_cut_back(checkpoint, f32, digits_data):
+    from vitlab import infer
+
+    model = models.load_checkpoint(checkpoint, f32, CPU)
+    batches = list(digits_data.loader("test", 64))
+    assert len(batches[-1][0]) < 64  # the split does not divide into whole batches
+    ref, labels = infer.predict(model, batches, CPU, progress=False)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got, got_labels = infer.predict(compiled, batches, CPU, progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no second shape compiled
+    assert got.shape == ref.shape and (got_labels == labels).all()
+    assert (got.argmax(1) == ref.argmax(1)).all()

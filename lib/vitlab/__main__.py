@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         params = _resolved(args.params[0], args)
         run_dir, rerun = runs.create(params, args.runs_dir), []
     print(f"[vitlab] run folder: {run_dir}", flush=True)
+    runs.note_command(run_dir, " ".join(["python -m vitlab", *map(shlex.quote, args.argv)]))
     man = runner.execute(run_dir, rerun, deadline=args.started + args.time_limit if args.time_limit else None)
     print(f"[vitlab] {man['status']}" + (f" (time limit {man['time_limit']})" if "time_limit" in man else "")
           + f": {run_dir}", flush=True)
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("target", help="where flowers-102/ is made (use it as data.root with data.source: flowers102)")
     lay.set_defaults(func=_flowers102_layout)
     args = parser.parse_args(argv)
-    args.started = time.time()
+    args.started, args.argv = time.time(), sys.argv[1:] if argv is None else argv
     try:
         return args.func(args)
     except runner.Interrupted as e:

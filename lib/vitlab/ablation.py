@@ -21,11 +21,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, infer, metrics, models, parallel, quant
+from . import data, infer, lowbit, metrics, models, parallel, quant
 from .models import ModelSettings
 from .quant import QuantSettings
 
+# bitsandbytes' formats (quant params), and vitlab's own on its kernels (speed params; lowbit's linears).
 QUANT_TYPES = {"nf4": {"bits": 4, "type": "nf4"}, "fp4": {"bits": 4, "type": "fp4"}, "int8": {"bits": 8}}
+LOWBIT_TYPES = {"fp8": {"fp8": "static"}, "w4a8": {"int4": "w4a8"}, "w4a16": {"int4": "w4a16"}}
+FORMATS = [*QUANT_TYPES, *LOWBIT_TYPES]
+
+
+class Lowbit(NamedTuple):
+    """One of vitlab's own formats (LOWBIT_TYPES) as the sweep swaps it in: every block linear its own
+    FP8 / int4 twin, FP8 activation scales calibrated on the sweep's first `calibration_batches` batches
+    (as `speed.apply` calibrates on validation images)."""
+    name: str
+    calibration_batches: int = 4
+
+    def describe(self) -> str:
+        return self.name
+
+    def twin(self, linear: nn.Linear, input_amax: float) -> nn.Module:
+        if self.name == "fp8":
+            return lowbit.Fp8Linear(linear, input_amax)
+        return lowbit.Int4Linear(linear, "fp8" if self.name == "w4a8" else "bf16", input_amax)
 
 class Config(NamedTuple):
     """One configuration of the sweep: its name, the encoder layer it keeps alone (None for the others),
@@ -35,10 +54,13 @@ class Config(NamedTuple):
     keep: list | str
 
 
-def quant_settings(base: QuantSettings, name: str) -> QuantSettings:
-    """`base` (the run's quant settings: double quant, compute dtype, threshold) as quant type `name`."""
+def quant_settings(base: QuantSettings, name: str) -> QuantSettings | Lowbit:
+    """`base` (the run's quant settings: double quant, compute dtype, threshold) as quant type `name`, or
+    vitlab's own format `name`."""
+    if name in LOWBIT_TYPES:
+        return Lowbit(name)
     if name not in QUANT_TYPES:
-        raise ValueError(f"unknown ablation quant type '{name}'; choose from {list(QUANT_TYPES)}")
+        raise ValueError(f"unknown ablation quant type '{name}'; choose from {FORMATS}")
     return base.replace(**QUANT_TYPES[name])
 
 
@@ -47,21 +69,29 @@ def last_quarter(n_layers: int) -> list[int]:
     return list(range(n_layers - max(1, n_layers // 4), n_layers))
 
 
+def deep_four(n_layers: int) -> list[Config]:
+    """The seeds' "deep layers 20-23 are the most sensitive" (ViT-L/16): the last four layers kept, on
+    models deep enough for that to differ from the last quarter."""
+    if n_layers < 8:
+        return []
+    return [Config(f"keep layers {n_layers - 4}-{n_layers - 1}", None, list(range(n_layers - 4, n_layers)))]
+
+
 def configurations(n_layers: int) -> list[Config]:
-    """Everything quantized, each layer kept alone, first/last, the last quarter, attention only / MLP
-    only in 16-bit."""
+    """Everything quantized, each layer kept alone, first/last, the last quarter, the last four, attention
+    only / MLP only in 16-bit."""
     configs = [Config("all quantized", None, [])]
     configs += [Config(f"keep layer {i}", i, [i]) for i in range(n_layers)]
     configs += [Config("keep first+last", None, "first_last"), Config("keep last quarter", None, last_quarter(n_layers)),
-                Config("keep attention", None, ["attention"]), Config("keep mlp", None, ["mlp"])]
+                *deep_four(n_layers), Config("keep attention", None, ["attention"]), Config("keep mlp", None, ["mlp"])]
     return configs
 
 
 def heuristics(n_layers: int) -> list[Config]:
     """The seeds' hand-picked configurations: first and last layer kept; the last quarter of the layers
-    kept; layer 21 kept (ViT-L/16)."""
+    kept; the last four (layers 20-23 of ViT-L/16); layer 21 kept (ViT-L/16)."""
     out = [Config("all quantized", None, []), Config("keep first+last", None, "first_last"),
-           Config("keep last quarter", None, last_quarter(n_layers))]
+           Config("keep last quarter", None, last_quarter(n_layers)), *deep_four(n_layers)]
     return out + ([Config("keep layer 21", 21, [21])] if n_layers > 21 else [])
 
 
@@ -85,22 +115,31 @@ class _Scorer:
         self.ref_bytes = models.parameter_bytes(self.model)
         self.originals = {n: self.model.get_submodule(n) for n in models.block_linears(self.model)}
         self.twins: dict[tuple[str, str], tuple[nn.Module, int]] = {}
+        self.input_amax: dict[str, float] | None = None
         self.configs = 0
 
     def resolve(self, keep: list | str) -> list[str]:
         return quant.resolve_keep(self.model, keep)
 
-    def _twin(self, q: QuantSettings, name: str) -> tuple[nn.Module, int]:
+    def _calibrate(self, q: Lowbit) -> None:
+        """Every block linear's largest |input| on the 16-bit model (all originals in place)."""
+        if self.input_amax is None:
+            t0 = time.perf_counter()
+            self.input_amax = lowbit.input_amax(self.model, list(self.originals), self.batches, q.calibration_batches)
+            self.seconds["quantize_layers"] += time.perf_counter() - t0
+
+    def _twin(self, q: QuantSettings | Lowbit, name: str) -> tuple[nn.Module, int]:
         key = (repr(q), name)
         if key not in self.twins:
             t0 = time.perf_counter()
-            layer = quant.quantize_linear(self.originals[name], q)
+            layer = (q.twin(self.originals[name], self.input_amax[name]) if isinstance(q, Lowbit)
+                     else quant.quantize_linear(self.originals[name], q))
             # Its bytes before the first forward (bitsandbytes repacks 4-bit weights there on some CPUs).
             self.twins[key] = (layer, models.parameter_bytes(layer))
             self.seconds["quantize_layers"] += time.perf_counter() - t0
         return self.twins[key]
 
-    def assemble(self, q: QuantSettings, kept: list[str]) -> int:
+    def assemble(self, q: QuantSettings | Lowbit, kept: list[str]) -> int:
         """Make self.model the configuration keeping `kept` in 16-bit; its footprint in bytes."""
         size = self.ref_bytes
         for name, original in self.originals.items():
@@ -109,11 +148,14 @@ class _Scorer:
             size += 0 if nbytes is None else nbytes - models.parameter_bytes(original)
         return size
 
-    def run(self, q: QuantSettings, configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
+    def run(self, q: QuantSettings | Lowbit, configs: list[Config]) -> Iterator[tuple[Config, list[str], np.ndarray, int]]:
+        if isinstance(q, Lowbit):
+            self._calibrate(q)
+        # Names resolve on the 16-bit model: vitlab's own twins are not nn.Linear, so an assembled model hides them.
+        keeps = [self.resolve(config.keep) for config in configs]
         # One bar over the configurations: a predict bar per configuration would bury the notebook.
         try:
-            for config in tqdm(configs, desc=q.describe(), leave=False):
-                kept = self.resolve(config.keep)
+            for config, kept in zip(tqdm(configs, desc=q.describe(), leave=False), keeps):
                 size = self.assemble(q, kept)
                 t0 = time.perf_counter()
                 logits, _ = infer.predict(self.model, self.batches, self.device, progress=False)
@@ -277,13 +319,23 @@ def choose_all(rows: list[dict], ablation_params: dict[str, Any]) -> dict[str, d
 
 
 def mixed_params(params: dict[str, Any], choice: dict, checkpoint: str | Path) -> dict[str, Any]:
-    """The run's params with `quant` set to the choice, starting from the run's trained `checkpoint` as it
+    """The run's params with the choice's format and layers kept in 16-bit (bitsandbytes' in `quant`,
+    vitlab's own in `speed`, on the run's speed path), starting from the run's trained `checkpoint` as it
     is (finetune.method none: nothing is trained again): a params file `vitlab run` takes."""
-    return {**params, "variant": f"{params['variant']}_{choice['quant']}_mixed",
+    q = choice["quant"]
+    if q in LOWBIT_TYPES:
+        quant_part = {**params["quant"], "bits": 16, "keep_16bit": []}
+        speed_part = {**params["speed"], "fp8": "none", "int4": "none", "torchao": "none", **LOWBIT_TYPES[q],
+                      "keep_16bit": choice["keep_16bit"]}
+        if q == "w4a16" and speed_part["fp8_gemm"] == "triton":
+            speed_part["fp8_gemm"] = "cublas"  # W4A16 has no FP8 activations for vitlab's kernel
+    else:
+        quant_part = {**params["quant"], **QUANT_TYPES[q], "keep_16bit": choice["keep_16bit"]}
+        speed_part = params["speed"]
+    return {**params, "variant": f"{params['variant']}_{q}_mixed",
             "steps": [s for s in params["steps"] if s != "ablation"],
             "model": {**params["model"], "id": str(Path(checkpoint).resolve()), "init": "default"},
-            "finetune": {**params["finetune"], "method": "none"},
-            "quant": {**params["quant"], **QUANT_TYPES[choice["quant"]], "keep_16bit": choice["keep_16bit"]}}
+            "finetune": {**params["finetune"], "method": "none"}, "quant": quant_part, "speed": speed_part}
 
 
 def write_mixed(out: Path, params: dict[str, Any], choices: dict[str, dict], checkpoint: str | Path) -> list[Path]:

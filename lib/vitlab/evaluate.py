@@ -53,7 +53,9 @@ def measure(model: nn.Module, label: str, batches: Iterable, device: torch.devic
     lo, hi = metrics.bootstrap_ci(logits.argmax(1) == labels, seed=seed)
     row = {"model": label, **metrics.classification(logits, labels, num_classes), "top1_lo": lo, "top1_hi": hi, **size}
     if ref_logits is not None:
-        row.update(drift(ref_logits, logits))
+        # The paired difference to the reference (the run's 16-bit model): the same images resampled for both.
+        d, d_lo, d_hi = metrics.paired_bootstrap_diff(logits.argmax(1) == labels, ref_logits.argmax(1) == labels, seed=seed)
+        row.update(drift(ref_logits, logits), top1_delta_pt=100 * d, delta_lo_pt=100 * d_lo, delta_hi_pt=100 * d_hi)
     return row, logits, labels
 
 

@@ -10,6 +10,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import speed
+
 
 PROGRESS_EVERY_S = 10.0
 
@@ -22,13 +24,20 @@ def input_dtype(model: nn.Module) -> torch.dtype:
 @torch.inference_mode()
 def predict(model: nn.Module, batches: Iterable, device: torch.device, desc: str = "predict",
             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 logits and integer labels over every batch of (pixel_values, labels)."""
+    """Float32 logits and integer labels over every batch of (pixel_values, labels). A compiled or
+    graph-replayed model gets a short last batch padded to the first batch's size: one shape, no
+    recompile or new capture for a batch that is run once."""
     model.eval()
     dtype = input_dtype(model)
-    logits, labels = [], []
+    static = speed.unwrapped(model) is not model
+    logits, labels, size = [], [], None
     shown, total = time.monotonic(), len(batches) if hasattr(batches, "__len__") else "?"
     for i, (x, y) in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress), 1):
-        out = model(pixel_values=x.to(device, dtype)).logits
+        n, size = len(x), size or len(x)
+        if static and n < size:
+            x = torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+        # copy under static: every input then made the same way (an inference tensor), or it recompiles anyway
+        out = model(pixel_values=x.to(device, dtype, copy=static)).logits[:n]
         logits.append(out.float().cpu())
         labels.append(torch.as_tensor(y).cpu())
         if progress and time.monotonic() - shown > PROGRESS_EVERY_S:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels, models
+from . import kernels, models, quant
 from .errors import SpeedPathError
 
 FP8 = kernels.FP8
@@ -178,15 +178,19 @@ def _gemm(fp8_gemm: str) -> str:
 
 
 def fuse_mlp(model: nn.Module, layers: models.Layers | None = None) -> nn.Module:
-    """Each block's fc1 -> GELU -> fc2 a `FusedMLP`, for FP8-activation linears built on vitlab's kernel."""
+    """Each block's fc1 -> GELU -> fc2 a `FusedMLP`, for FP8-activation linears built on vitlab's kernel
+    (blocks kept in 16-bit keep their MLP)."""
     if getattr(model.config, "hidden_act", None) != "gelu":
         raise SpeedPathError(f"the fused MLP applies exact GELU; this model's activation is {model.config.hidden_act!r}")
+    fused = 0
     for layer in (layers or models.encoder_layers(model)).blocks:
         fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
-        if not all(isinstance(m, Fp8Activations) and m.activations == "fp8" and m.fp8_gemm == "triton" for m in (fc1, fc2)):
-            raise SpeedPathError("the fused MLP runs FP8 linears built with fp8_gemm 'triton' (speed.fp8 static or "
-                                 "speed.int4 w4a8, with speed.fp8_gemm: triton)")
-        layer.mlp = FusedMLP(fc1, fc2)
+        if all(isinstance(m, Fp8Activations) and m.activations == "fp8" and m.fp8_gemm == "triton" for m in (fc1, fc2)):
+            layer.mlp = FusedMLP(fc1, fc2)
+            fused += 1
+    if not fused:
+        raise SpeedPathError("the fused MLP runs FP8 linears built with fp8_gemm 'triton' (speed.fp8 static or "
+                             "speed.int4 w4a8, with speed.fp8_gemm: triton)")
     return model
 
 
@@ -216,12 +220,14 @@ def input_amax(model: nn.Module, names: list[str], batches: Any, max_batches: in
     return amax
 
 
-def _plain_linears(model: nn.Module, setting: str, layers: models.Layers | None) -> list[str]:
-    """The encoder-block linears, refused unless all are the 16-bit model's own."""
+def _plain_linears(model: nn.Module, setting: str, layers: models.Layers | None, keep: list | str = ()) -> list[str]:
+    """The encoder-block linears but those `keep` names (quant.resolve_keep), refused unless all are the
+    16-bit model's own."""
     names = models.block_linears(model, layers)
     if not all(type(model.get_submodule(n)) is nn.Linear for n in names):
         raise SpeedPathError(f"{setting} needs the 16-bit model's plain linears (quant.bits: 16, speed.torchao: none)")
-    return names
+    kept = set(quant.resolve_keep(model, keep, "speed.keep_16bit")) if keep else set()
+    return [n for n in names if n not in kept]
 
 
 def _replace(model: nn.Module, names: list[str], make) -> nn.Module:
@@ -232,22 +238,22 @@ def _replace(model: nn.Module, names: list[str], make) -> nn.Module:
 
 
 def calibrate_fp8(model: nn.Module, batches: Any, max_batches: int, fp8_gemm: str = "cublas",
-                  layers: models.Layers | None = None) -> nn.Module:
+                  layers: models.Layers | None = None, keep: list | str = ()) -> nn.Module:
     """Replace every encoder-block linear with an `Fp8Linear` on `fp8_gemm` whose input scale is the largest
     |input| seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
     check_fp8_gpu(next(model.parameters()).device)
-    names = _plain_linears(model, "speed.fp8", layers)
+    names = _plain_linears(model, "speed.fp8", layers, keep)
     amax = input_amax(model, names, batches, max_batches)
     return _replace(model, names, lambda name, linear: Fp8Linear(linear, amax[name], fp8_gemm))
 
 
 def int4_linears(model: nn.Module, mode: str, batches: Any = None, max_batches: int = 4,
-                 fp8_gemm: str = "cublas", layers: models.Layers | None = None) -> nn.Module:
+                 fp8_gemm: str = "cublas", layers: models.Layers | None = None, keep: list | str = ()) -> nn.Module:
     """Every encoder-block linear as an `Int4Linear`: mode "w4a8" (FP8 activations on `fp8_gemm`, scales
     calibrated on `batches` of real images) or "w4a16"."""
     if mode not in ("w4a8", "w4a16"):
         raise SpeedPathError(f"unknown speed.int4 '{mode}'; choose 'w4a8' or 'w4a16'")
-    names = _plain_linears(model, "speed.int4", layers)
+    names = _plain_linears(model, "speed.int4", layers, keep)
     if mode == "w4a16":
         return _replace(model, names, lambda name, linear: Int4Linear(linear, "bf16"))
     check_fp8_gpu(next(model.parameters()).device)

@@ -53,6 +53,8 @@ def check(p: Params) -> None:
     wants_gpu = [reason for needed, reason in (
         (p.model.attention in GPU_ONLY_ATTENTION, f"attention '{p.model.attention}'"),
         (p.finetune.cuda_graph and "finetune" in p.steps, "finetune.cuda_graph (the training step as a CUDA graph)"),
+        (p.speed.cuda_graph and "evaluate" in p.steps, "speed.cuda_graph (the forward replayed as a CUDA graph)"),
+        (p.speed.fp8_gemm == "triton" and "evaluate" in p.steps, "speed.fp8_gemm: triton (vitlab's GPU kernel)"),
         (p.device.startswith("cuda"), f"device '{p.device}'")) if needed]
     if p.model.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ParamsError("attention 'flash_attention_2' needs the flash-attn package, which is not installed: "
@@ -67,7 +69,7 @@ def check(p: Params) -> None:
     if wants_gpu and gpus == 0:
         where = "device: cpu" if p.device == "cpu" else "no CUDA GPU is visible here"
         raise ParamsError(f"{wants_gpu[0]} needs a CUDA GPU ({where}); use attention 'sdpa' or 'eager', "
-                          "finetune.cuda_graph: false, device: auto or cpu")
+                          "finetune.cuda_graph / speed.cuda_graph: false, speed.fp8_gemm: cublas, device: auto or cpu")
     for key, processes in (("eval.processes", p.eval.processes), ("finetune.processes", p.finetune.processes),
                            ("ablation.processes", p.ablation.processes)):
         if processes > 1 and gpus and gpus < processes:

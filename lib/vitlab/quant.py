@@ -66,7 +66,7 @@ def _quiet_cast_notice() -> None:
         cast_log.addFilter(_CAST_NOTICE)
 
 
-def resolve_keep(model: nn.Module, keep: tuple | list | str) -> list[str]:
+def resolve_keep(model: nn.Module, keep: tuple | list | str, setting: str = "quant.keep_16bit") -> list[str]:
     """Qualified names of the block linears kept in 16-bit.
 
     `keep` holds encoder-layer indices (negative ones count from the end), regexes searched in module
@@ -79,14 +79,14 @@ def resolve_keep(model: nn.Module, keep: tuple | list | str) -> list[str]:
     for item in items:
         if isinstance(item, int):
             if not -n_layers <= item < n_layers:
-                raise QuantError(f"quant.keep_16bit names layer {item}, but the model has {n_layers} encoder "
+                raise QuantError(f"{setting} names layer {item}, but the model has {n_layers} encoder "
                                  f"layers (0..{n_layers - 1})")
             idx = item % n_layers
             matched = [n for n in names if models.layer_index(model, n) == idx]
         else:
             matched = [n for n in names if re.search(str(item), n)]
             if not matched:
-                raise QuantError(f"quant.keep_16bit pattern '{item}' matches no linear layer; names look like "
+                raise QuantError(f"{setting} pattern '{item}' matches no linear layer; names look like "
                                  f"'{names[0]}'")
         kept.update(matched)
     return [n for n in names if n in kept]

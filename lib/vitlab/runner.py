@@ -242,6 +242,8 @@ def execute(run_dir: str | Path, rerun: list[str] | None = None, deadline: float
         shutil.rmtree(resume_folder(run_dir, step), ignore_errors=True)  # again means from the start
     if deadline is not None:
         os.environ[DEADLINE_ENV] = str(deadline)  # the steps' kernels inherit it
+    else:
+        os.environ.pop(DEADLINE_ENV, None)
     man.pop("time_limit", None)
     with _Live(run_dir, man) as live, _signals_interrupt():
         man["status"], man["started"] = "running", man.get("started") or _now()

@@ -257,6 +257,13 @@ def amend_params(run_dir: str | Path, params: dict[str, Any], overrides: list[st
     write_json(Path(run_dir) / "manifest.json", man)
 
 
+def note_command(run_dir: str | Path, command: str) -> None:
+    """The command line that is about to execute the run (its creation, each --resume), in the manifest."""
+    man = manifest(run_dir)
+    man.setdefault("commands", []).append({"at": _now(), "command": command})
+    write_json(Path(run_dir) / "manifest.json", man)
+
+
 def manifest(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():

@@ -23,7 +23,7 @@ Attention = Literal["eager", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn
 ATTENTION = get_args(Attention)
 GPU_ONLY_ATTENTION = ("sdpa_efficient", "sdpa_cudnn", "flash_attention_2")  # PyTorch's flash has a CPU kernel
 Dtype = Literal["bfloat16", "float16", "float32"]
-AblationQuant = Literal["nf4", "fp4", "int8"]  # ablation.QUANT_TYPES says what each is
+AblationQuant = Literal["nf4", "fp4", "int8", "fp8", "w4a8", "w4a16"]  # ablation.FORMATS says what each is
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # it names the run folder
 # transformers' ViTConfig().to_dict() keys (5.23; tests/test_settings.py checks it against the installed one),
 # so an unknown model.config key is refused without importing transformers.
@@ -227,11 +227,18 @@ class Speed(Section):
     int4: Literal["none", "w4a8", "w4a16"] = "none"
     fp8_gemm: Literal["cublas", "triton"] = "cublas"
     calibration_batches: int = field(default=4, metadata={"rule": AT_LEAST_1})
+    keep_16bit: Union[str, list[Union[int, str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         quantizing = [f"speed.{k} '{getattr(self, k)}'" for k in ("fp8", "int4", "torchao") if getattr(self, k) != "none"]
         if len(quantizing) > 1:
             raise ParamsError(f"{' and '.join(quantizing)} all quantize the linears: pick one")
+        if self.keep_16bit and self.fp8 == "none" and self.int4 == "none":
+            raise ParamsError("speed.keep_16bit leaves layers out of vitlab's FP8 / int4 linears: set speed.fp8: static "
+                              "or speed.int4")
+        if isinstance(self.keep_16bit, str) and self.keep_16bit != "first_last":
+            raise ParamsError(f"speed.keep_16bit is '{self.keep_16bit}'; a string must be 'first_last', otherwise "
+                              "give a list of layer indices (0, -1) or name patterns ('attention')")
         if self.fp8_gemm == "triton" and self.fp8 == "none" and self.int4 != "w4a8":
             raise ParamsError("speed.fp8_gemm: triton runs FP8 activations: set speed.fp8: static or speed.int4: w4a8")
 
@@ -259,6 +266,7 @@ class Speed(Section):
         parts += ["patch matmul"] if self.patch_matmul else []
         parts += [f"fp8 {self.fp8}"] if self.fp8 != "none" else []
         parts += [f"int4 {self.int4}"] if self.int4 != "none" else []
+        parts += [f"16-bit {self.keep_16bit}"] if self.keep_16bit else []
         parts += [f"{self.fp8_gemm} gemm"] if self.fp8_gemm != "cublas" else []
         parts += [f"torchao {self.torchao}"] if self.torchao != "none" else []
         parts += [f"compile {self.compile}" + (f" {self.compile_mode}" if self.compile_mode != "default" else "")
@@ -341,10 +349,11 @@ class Params(Section):
                 raise ParamsError(f"finetune.full_size_epochs ({self.finetune.full_size_epochs}) is more than "
                                   f"finetune.epochs ({self.finetune.epochs})")
         layers = self.model.layers
-        for item in self.quant.keep_16bit if isinstance(self.quant.keep_16bit, list) else []:
-            if isinstance(item, int) and layers is not None and not -layers <= item < layers:
-                raise ParamsError(f"quant.keep_16bit names layer {item}, but the model has {layers} encoder layers "
-                                  f"(0..{layers - 1}, or -1 for the last)")
+        for name, keep in (("quant", self.quant.keep_16bit), ("speed", self.speed.keep_16bit)):
+            for item in keep if isinstance(keep, list) else []:
+                if isinstance(item, int) and layers is not None and not -layers <= item < layers:
+                    raise ParamsError(f"{name}.keep_16bit names layer {item}, but the model has {layers} encoder "
+                                      f"layers (0..{layers - 1}, or -1 for the last)")
 
     @classmethod
     def of(cls, params: dict[str, Any], prefix: str = "") -> "Params":

@@ -207,9 +207,11 @@ def apply(model: nn.Module, speed: SpeedSettings, calibration: Any = None) -> nn
     if speed.patch_matmul:
         model = patch_matmul(model)
     if speed.fp8 == "static":
-        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches, speed.fp8_gemm, layers)
+        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches, speed.fp8_gemm, layers,
+                                     speed.keep_16bit)
     if speed.int4 != "none":
-        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches, speed.fp8_gemm, layers)
+        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches, speed.fp8_gemm, layers,
+                                    speed.keep_16bit)
     if speed.fp8_gemm == "triton":
         model = lowbit.fuse_mlp(model, layers)  # the linears were built on vitlab's kernel
     if speed.torchao != "none":

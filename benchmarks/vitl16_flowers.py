@@ -1,0 +1,169 @@
+"""The seeds' study at the seeds' scale: a ViT-L/16 trained by vitlab on Flowers-102, and every variant on it.
+
+    python -m vitlab run params/flowers_vitl16.yaml --set data.root=DIR --steps finetune,quantize,evaluate \
+        --time-limit 9m                                   # then --resume RUN --time-limit 9m until it exits 0
+    python benchmarks/run.py vitl16_flowers variants RUN --set data.root=DIR    # one `vitlab run` per variant
+    python benchmarks/run.py vitl16_flowers collect RUN VARIANT_RUN ...         # -> results/vitl16_flowers_<device>.json
+
+`variants` runs each of VARIANTS from the trained run's checkpoint (finetune.method none) through
+quantize and evaluate; ABLATION's variants also run the ablation (bitsandbytes' formats on the NF4 run,
+vitlab's own on the fp8_fused run) and the NF4 run the demo. A variant that fails is reported and the
+others go on. `collect` turns the run folders into one `{meta, rows}` file whose rows carry `table`:
+`model` (the trained ViT-L/16), `variant`, `ablation` (every configuration of the sweeps and the checks
+on test) and `transfer` (when transfer runs are given with --transfer).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import parser, vitlab_run, write
+
+from vitlab import runs
+
+# The ablation runs first: a device command that runs out of time loses the cheap variants, not the study.
+VARIANTS = ["nf4_sdpa", "fp8_fused", "int8_sdpa", "w4a8_fused", "nf4_graph", "fp16_sdpa", "nf4_flash", "int8_flash"]
+ABLATION = {"nf4_sdpa": "[nf4,int8]", "fp8_fused": "[fp8,w4a8]"}  # which run sweeps which formats
+DEMO = "nf4_sdpa"
+FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu", "eval.batch_size=256",
+           "eval.latency_batch_sizes=[1,32,256]", "eval.warmup=5", "eval.iters=20", "ablation.split=valid",
+           "ablation.verify_split=test"]
+BF16_DENSE_TFLOPS = {"h100": 989.4, "h200": 989.4}  # the SXM parts' dense bf16 tensor-core peak
+
+
+MIN_VARIANT_S = 120  # under --time-limit, no variant starts with less left than this
+
+
+def run_variants(trained: Path, sets: list[str], variants: list[str], device: str, time_limit: float | None) -> list[Path]:
+    checkpoint = runs.path(trained, "checkpoint")
+    folders, deadline = [], time.time() + time_limit if time_limit else None
+    for variant in variants:
+        earlier = [r for r in runs.list_runs(runs.RUNS_DIR) if runs.load_params(r)["variant"] == f"vitl16_{variant}"]
+        if earlier and runs.manifest(earlier[-1])["status"] == "ok":  # an earlier command ran it
+            folders.append(earlier[-1])
+            print(f"{variant}: done before -> {earlier[-1]}", flush=True)
+            continue
+        steps = "finetune,quantize,evaluate" + (",ablation" if variant in ABLATION else "") + (",demo" if variant == DEMO else "")
+        extra = [f"ablation.quant_types={ABLATION[variant]}"] if variant in ABLATION else []
+        t0, left = time.time(), deadline - time.time() if deadline else None
+        if left is not None and left < MIN_VARIANT_S:
+            print(f"{variant}: not started, {left:.0f} s left of the time limit", flush=True)
+            continue
+        try:
+            if earlier:  # stopped by an earlier command's time limit: continued where it stopped
+                subprocess.run([sys.executable, "-m", "vitlab", "run", "--resume", str(earlier[-1]),
+                                *(["--time-limit", f"{left:.0f}"] if left else [])], check=True, cwd=runs.REPO_ROOT)
+                folders.append(earlier[-1])
+            else:
+                folders.append(vitlab_run(f"params/{variant}.yaml", f"vitl16_{variant}", steps,
+                                          [f"model.id={checkpoint}", *FLOWERS, *extra, *sets], device, left))
+        except subprocess.CalledProcessError as e:  # a bug to fix, reported here; the other variants still run
+            print(f"{variant}: FAILED (exit {e.returncode}) after {time.time() - t0:.0f} s", flush=True)
+            continue
+        print(f"{variant}: ok in {time.time() - t0:.0f} s -> {folders[-1]}", flush=True)
+    return folders
+
+
+def model_rows(trained: Path, evaluated: Path) -> list[dict]:
+    """The trained model: its training (img/s and TFLOP/s per image size) and its test accuracy, as the
+    first model of `evaluated` (a run of its checkpoint: every variant's run scores the 16-bit model first)."""
+    params, train = runs.load_params(trained), runs.read_json(runs.path(trained, "train_metrics"))
+    acc = runs.read_json(runs.path(evaluated, "results"))["accuracy"][0]
+    cfg, man = params["model"]["config"], runs.manifest(trained)
+    selected = next(r for r in train["history"] if r["selected"])
+    tag = next((w.lower() for w in man["device"]["name"].split() if w[:1] == "H" and w[1:].isdigit()), "")
+    rows = []
+    for size in sorted({r["image_size"] or cfg["image_size"] for r in train["history"]}):
+        mine = [r["train_img_s"] for r in train["history"][1:] if (r["image_size"] or cfg["image_size"]) == size]
+        img_s = sorted(mine)[len(mine) // 2] if mine else None
+        tokens = (size // cfg["patch_size"]) ** 2 + 1
+        tflops = 6 * train["total_params"] * tokens * img_s / 1e12 if img_s else None
+        rows.append({"image_size": size, "train_img_s": img_s, "tflops_6nt": tflops,
+                     "pct_bf16_dense_peak": 100 * tflops / BF16_DENSE_TFLOPS[tag] if tflops and tag in BF16_DENSE_TFLOPS else None})
+    return [{"num_hidden_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
+             "parameters": train["total_params"], "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"],
+             "test_top1_hi": acc["top1_hi"], "test_top5": acc["top5"], "f1_macro": acc["f1_macro"], "test_images": acc["n"],
+             "valid_top1": selected["val_acc"], "selected_epoch": selected["epoch"], "epochs": params["finetune"]["epochs"],
+             "train_seconds": sum(r["seconds"] for r in train["history"]), "finetune_s": man["steps"]["finetune"]["seconds"],
+             "run": trained.name, "scored_in": evaluated.name, **{f"{k}_{r['image_size']}px": v for r in rows for k, v in r.items() if k != "image_size"}}]
+
+
+def variant_rows(run_dir: Path) -> list[dict]:
+    """The variant (the run's last model) with its paired difference to the run's 16-bit model."""
+    params, results = runs.load_params(run_dir), runs.read_json(runs.path(run_dir, "results"))
+    acc = results["accuracy"][-1]
+    lat = {r["batch_size"]: r for r in results["latency"] if r["model"] == acc["model"]}
+    return [{"variant": params["variant"].removeprefix("vitl16_"), "model": acc["model"], "top1": acc["top1"],
+             "top1_lo": acc["top1_lo"], "top1_hi": acc["top1_hi"], "top5": acc["top5"], "f1_macro": acc["f1_macro"],
+             "top1_delta_pt": acc.get("top1_delta_pt", 0.0), "delta_lo_pt": acc.get("delta_lo_pt", 0.0),
+             "delta_hi_pt": acc.get("delta_hi_pt", 0.0), "disk_mb": acc["disk_mb"],
+             **{f"{k}_bs{b}": lat[b][k] for b in sorted(lat) for k in ("p50_ms", "p95_ms", "p99_ms", "throughput_img_s")},
+             "peak_mb": max((r.get("peak_mem_mb") or 0) for r in lat.values()) or None,
+             "evaluate_s": runs.manifest(run_dir)["steps"]["evaluate"]["seconds"], "run": run_dir.name}]
+
+
+def ablation_rows(run_dir: Path) -> list[dict]:
+    """Every configuration of the run's sweep (on valid) and every check of its choices (on test)."""
+    out = []
+    for r in runs.read_json(runs.path(run_dir, "sensitivity")):
+        kept = r["keep_16bit"] if isinstance(r["keep_16bit"], list) and all(isinstance(k, int) for k in r["keep_16bit"]) else r["config"]
+        out.append({"quant_type": r["quant"], "kept": kept, "config": r["config"], "kind": r["kind"], "split": "valid",
+                    **{k: r[k] for k in ("kl", "kl_lo", "kl_hi", "top1", "top1_lo", "top1_hi", "footprint_mb")}})
+    choice = runs.read_json(runs.path(run_dir, "choice"))
+    for c in choice["checks"]:
+        out.append({"quant_type": c["quant"], "kept": c["keep_16bit"], "config": c["config"], "kind": "check",
+                    "split": choice["verify_split"], "comparison": c["comparison"], "chosen": c["chosen"],
+                    **{k: c[k] for k in ("kl", "top1", "top1_lo", "top1_hi", "footprint_mb", "d_top1", "d_top1_lo",
+                                         "d_top1_hi", "d_kl", "d_kl_lo", "d_kl_hi")}})
+    return out
+
+
+def transfer_rows(run_dir: Path) -> list[dict]:
+    params, train = runs.load_params(run_dir), runs.read_json(runs.path(run_dir, "train_metrics"))
+    acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
+    return [{"method": params["finetune"]["method"], "lora_r": params["finetune"]["lora"]["r"], "top1": acc["top1"],
+             "top1_lo": acc["top1_lo"], "top1_hi": acc["top1_hi"], "trainable_params": train["trainable_params"],
+             "peak_vram_mb": train["peak_vram_mb"], "s_per_epoch": train["s_per_epoch"], "run": run_dir.name}]
+
+
+def collect(args) -> Path:
+    trained, given = Path(args.paths[0]), [Path(p) for p in args.paths[1:]]
+    others = [p for p in given if runs.manifest(p)["steps"].get("evaluate", {}).get("status") == "ok"]
+    missing = {p.name: runs.manifest(p).get("failed_step") or runs.manifest(p)["status"] for p in given if p not in others}
+    named = {"model": model_rows(trained, others[0]), "variant": [], "ablation": [],
+             "transfer": [r for p in args.transfer for r in transfer_rows(Path(p))]}
+    for run_dir in others:
+        named["variant"] += variant_rows(run_dir)
+        if runs.manifest(run_dir)["steps"].get("ablation", {}).get("status") == "ok":
+            named["ablation"] += ablation_rows(run_dir)
+    man = runs.manifest(trained)
+    path = write(args, "vitl16_flowers", time.time(), [{"table": name, **row} for name, rows in named.items() for row in rows],
+                 "trained from scratch on Flowers-102's train split by params/flowers_vitl16.yaml",
+                 measured_on=man["device"], versions=man["versions"], params=runs.load_params(trained),
+                 training_commands=[c["command"] for c in man.get("commands", [])], not_evaluated=missing)
+    for row in named["variant"]:
+        print(f"{row['variant']:>11}: top-1 {row['top1']:.4f} ({row['top1_delta_pt']:+.2f} pt "
+              f"[{row['delta_lo_pt']:+.2f}, {row['delta_hi_pt']:+.2f}]) p50 bs256 {row.get('p50_ms_bs256', float('nan')):.2f} ms")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__, device="auto")
+    ap.add_argument("what", choices=["variants", "collect"])
+    ap.add_argument("paths", nargs="+", help="variants: the trained run; collect: the trained run, then the variants' runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variants: params for every run")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--transfer", nargs="*", default=[], help="collect: the transfer runs' folders")
+    ap.add_argument("--time-limit", type=float, help="variants: seconds for them all (each `vitlab run` gets what is left)")
+    args = ap.parse_intermixed_args(argv)
+    if args.what == "variants":
+        folders = run_variants(Path(args.paths[0]), args.set, args.variants.split(","), args.device, args.time_limit)
+        print("collect with: python benchmarks/run.py vitl16_flowers collect", args.paths[0], *folders)
+        return
+    print(collect(args))
+
+
+if __name__ == "__main__":
+    main()
