@@ -186,6 +186,67 @@ def train_speed_table() -> str:
                            "training": "img_s", "TFLOP/s": "tflops", "peak VRAM": "vram"}))
 
 
+def _ablation_frame(rows: list[dict]) -> pd.DataFrame:
+    """The result's ablation rows in the shape plots.sensitivity takes (quant, layer, config, kind, kl, ...)."""
+    frame = pd.DataFrame(rows).rename(columns={"quant_type": "quant"})
+    frame["layer"] = [k[0] if kind == "single layer" else None for k, kind in zip(frame["kept"], frame["kind"])]
+    return frame
+
+
+def vitl16_section(name: str = "vitl16_flowers_h200.json") -> str:
+    """The ViT-L/16 trained on Flowers-102: the model, its variants against its 16-bit self, and what the
+    per-layer sweep says about the seeds' two findings; figures/vitl16_flowers_*.png."""
+    data = load(name)
+    m, hist = data["model"][0], pd.DataFrame(data["history"])
+    plots.save(plots.training_curves(data["history"]), FIGURES / "vitl16_flowers_training.png")
+    ab = _ablation_frame(data["ablation"])
+    valid = ab[ab["split"] == "valid"]
+    plots.save(plots.sensitivity(valid, "kl"), FIGURES / "vitl16_flowers_sensitivity_kl.png")
+    seen = hist.dropna(subset=["val_acc"])
+    late = seen[seen["epoch"] >= seen["epoch"].max() - 60].iloc[0]
+    out = [f"A ViT-L/16 ({m['parameters'] / 1e6:.1f} M parameters, {m['num_hidden_layers']} layers of "
+           f"{m['hidden_size']}) trained from scratch by `params/flowers_vitl16.yaml` for {m['epochs']} epochs on "
+           f"{_device(data['meta'])}: **{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}** test top-1 "
+           f"({m['test_images']} images), far short of the 85% target: validation top-1 was still climbing "
+           f"({late['val_acc']:.1%} at epoch {int(late['epoch'])}, {m['valid_top1']:.1%} at {m['selected_epoch']}). "
+           f"Training ran at {fmt.rate(m['train_img_s_160px'])} at 160 px ({m['tflops_6nt_160px']:.0f} TFLOP/s, "
+           f"{m['pct_bf16_dense_peak_160px']:.0f}% of dense bf16) and {fmt.rate(m['train_img_s_224px'])} at 224 px "
+           f"(`benchmarks/results/{name}`; curves in figures/vitl16_flowers_training.png).",
+           "Each variant by `vitlab run` from that checkpoint; the difference is paired against the same run's 16-bit "
+           "model on the same test images:"]
+    rows = [{"variant": f"`{r['variant']}`", "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
+             "delta": f"{r['top1_delta_pt']:+.2f} pt [{r['delta_lo_pt']:+.2f}, {r['delta_hi_pt']:+.2f}]",
+             **{f"b{b}": fmt.ms(r[f"p50_ms_bs{b}"]) for b in (1, 32, 256)}, "disk": fmt.mb(r["disk_mb"]),
+             "peak": fmt.mb(r["peak_mb"])} for r in data["variant"]]
+    out.append(_table(rows, {"variant": "variant", "test top-1 [95% CI]": "top1", "vs 16-bit [95% CI]": "delta",
+                             "p50 batch 1": "b1", "p50 batch 32": "b32", "p50 batch 256": "b256", "disk": "disk",
+                             "peak memory": "peak"}))
+    out.append("The per-layer sweep on valid (figures/vitl16_flowers_sensitivity_kl.png): the share of the "
+               "all-quantized model's KL to 16-bit that keeping layers in 16-bit removes, and test top-1 of those "
+               "configurations:")
+    test = ab[ab["kind"] == "check"].drop_duplicates(["quant", "config"])
+    lines = []
+    for q in valid.loc[valid["quant"] != "16-bit", "quant"].unique():
+        mine = valid[valid["quant"] == q].set_index("config")
+        base = mine.loc["all quantized", "kl"]
+        for config in ("keep layer 0", "keep first+last", f"keep layers {m['num_hidden_layers'] - 4}-{m['num_hidden_layers'] - 1}",
+                       "keep last quarter", "keep attention", "keep mlp"):
+            if config in mine.index:
+                t = test[(test["quant"] == q) & (test["config"] == config)]
+                lines.append({"q": q, "config": config, "share": f"{round(100 * (base - mine.loc[config, 'kl']) / base)}%",
+                              "size": fmt.mb(mine.loc[config, "footprint_mb"]),
+                              "test": fmt.pct(t["top1"].iloc[0], t["top1_lo"].iloc[0], t["top1_hi"].iloc[0]) if len(t) else "–"})
+    out.append(_table(lines, {"format": "q", "kept in 16-bit": "config", "KL removed (valid)": "share",
+                              "size": "size", "test top-1 [95% CI]": "test"}))
+    checks = ab[(ab["kind"] == "check") & ~ab["chosen"].astype(bool)]
+    ties = all(lo <= 0 <= hi for lo, hi in zip(checks["d_top1_lo"], checks["d_top1_hi"]))
+    out.append(("Every test-set comparison of the ablation's choice with the seeds' heuristics (first+last, the last "
+                "quarter, the last four layers, layer 21) is a tie: each paired top-1 interval holds 0. "
+                if ties else "Some test-set comparisons of the ablation's choice with the seeds' heuristics differ: "
+                "see the JSON's check rows. ") + f"Not run in that session: {data['meta'].get('not_run', 'nothing')}.")
+    return "\n\n".join(out)
+
+
 def results_md() -> str:
     return "\n\n".join([
         "# Results", "Generated by `python benchmarks/summarize.py` from `benchmarks/results/*.json`; do not edit by hand. "
@@ -193,7 +254,8 @@ def results_md() -> str:
         "## ViT-L/16 inference against the peers", peers_headline("peers_h200.json"),
         "The same on the H100, with the peers (timm compiled, timm + torchao FP8), earlier sessions:",
         peers_headline("peers_h100.json"),
-        "## Oxford Flowers-102", flowers_headline(),
+        "## ViT-L/16 trained on Oxford Flowers-102 (the seeds' depth)", vitl16_section(),
+        "## Oxford Flowers-102, ViT-S/16", flowers_headline(),
         "## Transfer to unseen classes", transfer_table(),
         "## Training speed", train_speed_table(),
         "## More tables", "- [figures/h100_matrix.md](../figures/h100_matrix.md): every precision x attention kernel, "

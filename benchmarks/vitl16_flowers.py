@@ -9,8 +9,8 @@
 quantize and evaluate; ABLATION's variants also run the ablation (bitsandbytes' formats on the NF4 run,
 vitlab's own on the fp8_fused run) and the NF4 run the demo. A variant that fails is reported and the
 others go on. `collect` turns the run folders into one `{meta, rows}` file whose rows carry `table`:
-`model` (the trained ViT-L/16), `variant`, `ablation` (every configuration of the sweeps and the checks
-on test) and `transfer` (when transfer runs are given with --transfer).
+`model` (the trained ViT-L/16), `history` (its epochs), `variant`, `ablation` (every configuration of the
+sweeps and the checks on test) and `transfer` (when transfer runs are given with --transfer).
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def collect(args) -> Path:
     trained, given = Path(args.paths[0]), [Path(p) for p in args.paths[1:]]
     others = [p for p in given if runs.manifest(p)["steps"].get("evaluate", {}).get("status") == "ok"]
     missing = {p.name: runs.manifest(p).get("failed_step") or runs.manifest(p)["status"] for p in given if p not in others}
-    named = {"model": model_rows(trained, others[0]), "variant": [], "ablation": [],
+    named = {"model": model_rows(trained, others[0]),
+             "history": runs.read_json(runs.path(trained, "train_metrics"))["history"], "variant": [], "ablation": [],
              "transfer": [r for p in args.transfer for r in transfer_rows(Path(p))]}
     for run_dir in others:
         named["variant"] += variant_rows(run_dir)

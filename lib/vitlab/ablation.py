@@ -183,7 +183,7 @@ def _row(qname: str, config: Config, kind: str, scorer: _Scorer, logits: np.ndar
 def _kind(name: str) -> str:
     if name == "all quantized":
         return "all quantized"
-    return "single layer" if name.startswith("keep layer") else "group"
+    return "single layer" if name.removeprefix("keep layer ").isdigit() else "group"
 
 
 def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, quant_types: list[str],
