@@ -247,3 +247,26 @@ def test_a_training_out_of_time_keeps_its_state_and_resumes_exactly_there(params
     history = training.train(finetune.build(settings, p["finetune"], digits_data.class_names, CPU), batches, batches,
                              p["finetune"], CPU, checkpoint=state)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+
+
+class _Planted:
+    """What a run folder from someone else could hold in its training state: a pickle that runs a command."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (open, (str(self.mark), "w"))
+
+
+def test_a_planted_pickle_in_a_kept_training_state_is_refused_not_run(params, checkpoint, digits_data, tmp_path):
+    from vitlab.errors import RunError
+
+    p, settings = _cfg(params, checkpoint, "full")
+    state, mark = tmp_path / "last.pt", tmp_path / "it-ran"
+    torch.save({"model": _Planted(mark), "history": [], "best": (0, 0, None)}, state)
+    assert not mark.exists()
+    with pytest.raises(RunError, match="holds more than tensors"):
+        training.train(finetune.build(settings, p["finetune"], digits_data.class_names, CPU), _few_images(digits_data),
+                       _few_images(digits_data), p["finetune"], CPU, checkpoint=state)
+    assert not mark.exists()

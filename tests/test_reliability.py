@@ -314,9 +314,9 @@ def test_a_full_disk_leaves_no_temp_file_and_still_marks_the_manifest(tmp_path, 
 
 @pytest.mark.e2e
 def test_a_finetune_at_its_time_limit_stops_after_an_epoch_and_resume_finishes_it(tmp_path):
-    epochs = 150
+    epochs = 60
     proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(tmp_path), "--steps", "finetune,quantize",
-                  "--set", f"finetune.epochs={epochs}", "--time-limit", "16")
+                  "--set", f"finetune.epochs={epochs}", "--time-limit", "12")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     (run_dir,) = runs.list_runs(tmp_path)
     man = runs.manifest(run_dir)
@@ -330,3 +330,87 @@ def test_a_finetune_at_its_time_limit_stops_after_an_epoch_and_resume_finishes_i
     history = json.loads(runs.path(run_dir, "train_metrics").read_text())["history"]
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
     assert "time_limit" not in runs.manifest(run_dir)
+
+
+def test_a_runs_dir_that_is_a_file_or_cannot_be_written_gets_one_line(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from vitlab import __main__ as cli
+
+    smoke = str(config.PARAMS_DIR / "smoke.yaml")
+    afile = tmp_path / "runs.txt"
+    afile.write_text("not a folder")
+    assert cli.main(["run", smoke, "--runs-dir", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"vitlab: error: {afile} is a file, not a folder: give --runs-dir a folder (it is made if missing)"
+    # A read-only mount or a folder of someone else's: what mkdir raises there (root ignores permissions, so the
+    # refusal is injected at the system call the run folder is made with).
+    real_mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert cli.main(["run", smoke, "--runs-dir", str(tmp_path / "ro")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"vitlab: error: Permission denied: {tmp_path / 'ro'}"
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes into a folder whatever its permissions")
+def test_a_read_only_runs_dir_gets_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    proc = vitlab("run", "params/smoke.yaml", "--runs-dir", str(ro))
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("vitlab: error: Permission denied")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_ctrl_c_to_the_process_group_marks_the_run_failed_and_exits_130_without_a_traceback(tmp_path):
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "run", "params/smoke.yaml", "--runs-dir", str(tmp_path),
+                             "--set", "finetune.epochs=200"], cwd=config.REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir = _wait_for_step(tmp_path, "finetune")
+    deadline = time.monotonic() + 120
+    while not (run_dir / "finetune").is_dir() and time.monotonic() < deadline:  # the notebook is at work
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the CLI and the step's kernel both get it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("vitlab: interrupted (Ctrl-C)")
+    man = runs.manifest(run_dir)
+    assert man["status"] == "failed" and man["failed_step"] == "finetune" and runner.status(run_dir) == "failed"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_run_killed_in_every_step_in_turn_resumes_each_time_and_finishes(tmp_path):
+    """SIGKILL (nothing can be caught) to the whole process group while each step is at work, then --resume:
+    the killed step reads `interrupted`, the steps before it stay done, and the last resume finishes clean."""
+    import os
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, "-m", "vitlab", "run", *args], cwd=config.REPO_ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    proc = start("params/smoke.yaml", "--runs-dir", str(tmp_path))
+    run_dir = None
+    for i, step in enumerate(runs.STEPS):
+        if i:
+            proc = start("--resume", str(run_dir))
+        run_dir = _wait_for_step(tmp_path, step)  # its kernel is starting: the shortest step is still at work
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        man = runs.manifest(run_dir)
+        assert runner.status(run_dir) == "interrupted", step
+        assert [s for s, e in man["steps"].items() if e["status"] == "ok"] == list(runs.STEPS)[:i], step
+    final = vitlab("run", "--resume", str(run_dir))
+    assert final.returncode == 0, final.stderr
+    man = runs.manifest(run_dir)
+    assert man["status"] == "ok" and all(e["status"] == "ok" for e in man["steps"].values())
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".failed") or p.name in (".lock", ".heartbeat")]

@@ -135,6 +135,7 @@ def test_the_command_line_refuses_in_a_blink_without_importing_torch(tmp_path):
     (lambda root: [p.unlink() for p in (root / "train" / "c4").iterdir()], "['train/c4'] under"),
     (lambda root: [shutil.rmtree(root / s / f"c{i}") for s in ("train", "valid", "test") for i in range(1, 10)],
      "1 class folder(s)"),
+    (lambda root: (root / "train" / "c1" / "loop").symlink_to(root / "train"), "is a link to a folder above it"),
 ])
 def test_an_imagefolder_is_checked_from_its_listing_before_any_folder(folder, tmp_path, capsys, spoil, message):
     root = tmp_path / "root"
@@ -145,3 +146,47 @@ def test_an_imagefolder_is_checked_from_its_listing_before_any_folder(folder, tm
     code = cli.main(["run", SMOKE, "--runs-dir", str(tmp_path / "runs"), *sets])
     err = capsys.readouterr().err
     assert code == 2 and message in err and not (tmp_path / "runs").exists(), err
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [f"{prefix}{key}"]
+    return out
+
+
+# Values a typo, a paste or a hostile file can put anywhere: every one of them, in every field.
+FUZZ = ["null", "-1", "0", "1e30", ".inf", "-.nan", "x", "[]", "{}", "[1, [2]]", "'[1'", "../../x", "true", "3.5",
+        "1e-3", "' '", "{a: 1}", "999999999999999999999", "~", "'\\u0000'"]
+
+
+@pytest.mark.parametrize("key", _leaves(config.defaults()))
+def test_every_field_takes_any_value_without_a_traceback(tmp_path, capsys, key):
+    """A fuzz of every params field: each value is either run or refused in one line, before any folder."""
+    for i, value in enumerate(FUZZ):
+        runs_dir = tmp_path / f"runs{i}"
+        code = cli.main(["run", SMOKE, "--runs-dir", str(runs_dir), "--steps", "finetune", "--set",
+                         f"{key}={value}", "--time-limit", "0.001"])  # an accepted value stops before any step runs
+        err = capsys.readouterr().err
+        assert code in (2, 3), f"{key}={value}: exit {code}: {err}"
+        if code == 2:
+            assert err.startswith("vitlab: error: ") and len(err.strip().splitlines()) == 1, f"{key}={value}: {err}"
+            assert not runs_dir.exists(), f"{key}={value} made a folder before it was refused"
+        else:
+            (run_dir,) = runs_dir.iterdir()
+            assert not (run_dir / ".heartbeat").exists() and not (run_dir / ".lock").exists()
+
+
+def test_a_model_folder_that_is_not_a_safetensors_checkpoint_is_refused_before_any_folder(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"a pickle someone handed over")
+    code = cli.main(["run", SMOKE, "--runs-dir", str(tmp_path / "runs"), "--set", f"model.id={model}",
+                     "--set", "finetune.method=none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no model.safetensors (it holds a pickled pytorch_model.bin" in err, err
+    assert not (tmp_path / "runs").exists()
+    code = cli.main(["run", SMOKE, "--runs-dir", str(tmp_path / "runs"), "--set", f"model.id={tmp_path / 'gone'}",
+                     "--set", "finetune.method=none"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err

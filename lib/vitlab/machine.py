@@ -35,9 +35,34 @@ def check_imagefolder(root: Path) -> None:
         if classes[s] != classes["train"]:
             diff = sorted(set(classes["train"]) ^ set(classes[s]))
             raise DataError(f"{root}/{s} and {root}/train hold different class folders: {diff[:10]}")
-    empty = [f"{s}/{c}" for s in classes for c in classes[s] if not any((root / s / c).iterdir())]
+    listing = {(s, c): list((root / s / c).iterdir()) for s in classes for c in classes[s]}
+    empty = [f"{s}/{c}" for (s, c), entries in listing.items() if not entries]
     if empty:
         raise DataError(f"class folder(s) {empty[:5]} under {root} hold no images")
+    # A link to a folder above it makes a loop: the images under it are read again and again, relabelled.
+    loops = [p for (s, c), entries in listing.items() for p in entries if p.is_symlink() and p.is_dir()
+             and (root / s / c).resolve().is_relative_to(p.resolve())]
+    if loops:
+        raise DataError(f"{loops[0]} is a link to a folder above it (a loop: its images would be read again and "
+                        f"again under other labels); remove it")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """A local checkpoint folder's problems named before transformers meets them (its words for these are
+    "Repo id must be in the form ...", "Unrecognized model", or a pickle loaded where safetensors were meant).
+    A name that is not a path (a hub id like org/name) passes: the hub answers for it."""
+    path = Path(path)
+    if not path.is_dir():
+        if path.is_absolute() or len(path.parts) > 2 or path.suffix:
+            raise ModelError(f"checkpoint folder {path} does not exist (a step that made it did not finish, or it "
+                             "was moved): re-run the step that writes it, or give model.id an existing folder")
+        return
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        pickled = " (it holds a pickled pytorch_model.bin, which vitlab does not load: it can run code)" if (
+            path / "pytorch_model.bin").is_file() else ""
+        raise ModelError(f"{path} has no {' or '.join(missing)}{pickled}: a checkpoint folder is what "
+                         "save_pretrained writes (config.json and model.safetensors)")
 
 
 def check_data(p: Params) -> None:
@@ -75,6 +100,8 @@ def check(p: Params) -> None:
         if processes > 1 and gpus and gpus < processes:
             raise ParamsError(f"{key} is {processes}, but this machine has {gpus} GPU(s): one process per GPU")
     check_data(p)
+    if p.model.id is not None:
+        check_checkpoint(p.model.id)
     if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
         import torch
 

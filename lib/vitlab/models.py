@@ -20,6 +20,7 @@ from transformers import (AutoConfig, AutoImageProcessor, BitsAndBytesConfig, Vi
 
 from . import attention
 from .errors import ModelError
+from .machine import check_checkpoint
 from .settings import local_model
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -82,25 +83,8 @@ def load_processor(settings: ModelSettings) -> ViTImageProcessor:
         raise _offline_hint(settings.id, e) from e
 
 
-def check_local(path: str | Path) -> None:
-    """A checkpoint folder's problems named before transformers meets them (its words for these are "Repo id
-    must be in the form ...", "Unrecognized model", or a pickle loaded where safetensors were meant)."""
-    path = Path(path)
-    if not path.is_dir():
-        if path.is_absolute() or len(path.parts) > 2 or path.suffix:  # a path, not a hub id like org/name
-            raise ModelError(f"checkpoint folder {path} does not exist (a step that made it did not finish, or it "
-                             "was moved): re-run the step that writes it, or give model.id an existing folder")
-        return
-    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
-    if missing:
-        pickled = " (it holds a pickled pytorch_model.bin, which vitlab does not load: it can run code)" if (
-            path / "pytorch_model.bin").is_file() else ""
-        raise ModelError(f"{path} has no {' or '.join(missing)}{pickled}: a checkpoint folder is what "
-                         "save_pretrained writes (config.json and model.safetensors)")
-
-
 def _from_pretrained(path: str | Path, **kwargs: Any) -> ViTForImageClassification:
-    check_local(path)
+    check_checkpoint(path)
     try:
         # safetensors only: a pickled pytorch_model.bin in a folder someone handed over could run code on load.
         return ViTForImageClassification.from_pretrained(str(path), use_safetensors=True, **kwargs, **_hub_kwargs(path))

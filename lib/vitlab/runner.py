@@ -183,7 +183,8 @@ class _Live:
                            f"{holder.get('host')}); wait for it, or stop that process first") from None
         self.man.update(pid=os.getpid(), host=platform.node())
         self.save()
-        threading.Thread(target=self._beat, daemon=True).start()
+        self.beating = threading.Thread(target=self._beat, daemon=True)
+        self.beating.start()
         return self
 
     def _beat(self) -> None:
@@ -198,6 +199,7 @@ class _Live:
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
+        self.beating.join()  # or its last touch could bring .heartbeat back after it is removed below
         self.save()
         # The run is no longer live: its lock and heartbeat go (status() reads a finished run's manifest).
         for name in (".heartbeat", ".lock"):

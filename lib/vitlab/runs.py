@@ -268,7 +268,11 @@ def manifest(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         raise RunError(f"{run_dir} is not a vitlab run folder (no manifest.json)")
-    return read_json(path)
+    try:
+        return read_json(path)
+    except ValueError as e:  # cut short by a full disk, or edited by hand
+        raise RunError(f"{path} is not readable JSON ({e}): the run folder is damaged; start a new run "
+                       "(its finished steps' products are still in the folder)") from None
 
 
 def load_params(run_dir: str | Path) -> dict[str, Any]:

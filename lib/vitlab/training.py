@@ -7,6 +7,7 @@ import contextlib
 import copy
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from . import models, runs
-from .errors import TimeLimitReached
+from .errors import RunError, TimeLimitReached
 from .settings import Finetune
 
 PROGRESS_EVERY_S = 10.0
@@ -390,7 +391,11 @@ def _save(path: Path, state: dict[str, Any], history: list[dict], best: tuple) -
 
 def _restore(path: Path, state: dict[str, Any], device: torch.device) -> tuple[list[dict], tuple]:
     # Tensors and plain containers only: a planted pickle in a run folder someone handed over cannot run code.
-    blob = torch.load(path, map_location=device, weights_only=True)
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message suggests weights_only=False, which would run it
+        raise RunError(f"{path} holds more than tensors (a pickle that could run code): vitlab does not load it; "
+                       "delete it to start the training over") from None
     missing = set(_trainable(state["model"])) - set(blob["model"])
     if missing:
         raise RuntimeError(f"{path} was written for another model ({sorted(missing)[:3]} missing); delete it to start over")
