@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 import time
@@ -112,6 +113,9 @@ def _run(args: argparse.Namespace) -> int:
         run_dir, rerun = runs.create(params, args.runs_dir), []
     print(f"[vitlab] run folder: {run_dir}", flush=True)
     runs.note_command(run_dir, " ".join(["python -m vitlab", *map(shlex.quote, args.argv)]))
+    # A step stopped by Ctrl-C leaves nbclient's task waiting on a kernel that is then killed; asyncio would
+    # print that task's DeadKernelError traceback at exit. The run's own lines already say what happened.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     man = runner.execute(run_dir, rerun, deadline=args.started + args.time_limit if args.time_limit else None)
     print(f"[vitlab] {man['status']}" + (f" (time limit {man['time_limit']})" if "time_limit" in man else "")
           + f": {run_dir}", flush=True)

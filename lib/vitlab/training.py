@@ -337,10 +337,7 @@ def train(model: nn.Module, train_batches: Iterable, valid_batches: Iterable, ft
         stop = checkpoint is not None and epoch < ft.epochs and _out_of_time(history, small_until, save_s, accelerator)
         if main and checkpoint is not None and (time.monotonic() - last_save >= 60 * ft.checkpoint_minutes
                                                 or epoch == ft.epochs or stop):
-            t_save = time.monotonic()
-            _save(Path(checkpoint), setup.state, history, best)
-            last_save = time.monotonic()
-            save_s = last_save - t_save
+            save_s, last_save = _save(Path(checkpoint), setup.state, history, best), time.monotonic()
         if stop:
             raise TimeLimitReached(f"stopped at the time limit after epoch {epoch} of {ft.epochs}; the training "
                                    "state is kept: --resume continues from there")
@@ -380,13 +377,16 @@ def _trainable(model: nn.Module, buffers: bool = False) -> dict[str, torch.Tenso
     return out | ({n: b.detach() for n, b in model.named_buffers()} if buffers else {})
 
 
-def _save(path: Path, state: dict[str, Any], history: list[dict], best: tuple) -> None:
-    """The training state after an epoch, written atomically (a kill mid-write leaves the previous one)."""
+def _save(path: Path, state: dict[str, Any], history: list[dict], best: tuple) -> float:
+    """The training state after an epoch, written atomically (a kill mid-write leaves the previous one);
+    the seconds it took."""
+    t0 = time.monotonic()
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"model": _trainable(state["model"]), "history": history, "best": best,
             **{k: v.state_dict() for k, v in state.items() if k != "model" and v is not None}}
     torch.save(blob, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
+    return time.monotonic() - t0
 
 
 def _restore(path: Path, state: dict[str, Any], device: torch.device) -> tuple[list[dict], tuple]:
