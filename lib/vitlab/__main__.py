@@ -76,6 +76,7 @@ def _resume(args: argparse.Namespace) -> tuple[Path, list[str]] | None:
     man = runs.manifest(run_dir)  # fails clearly on a folder that is not a run
     if runner.status(run_dir) == "running":
         raise runs.RunError(f"{run_dir} is being executed right now (pid {man.get('pid')} on {man.get('host')})")
+    runner.wait_for_kernel(run_dir)
     asked = _split(args.rerun) + _split(args.steps)
     runs.check_rerun(run_dir, asked)
     rerun = runs.with_dependents(list(man["steps"]), asked)

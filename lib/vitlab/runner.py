@@ -79,8 +79,33 @@ def _kernel_stderr_to(path: Path) -> type:
             with open(path, "ab") as log:  # the kernel holds its own copy of the descriptor
                 await super()._async_launch_kernel(kernel_cmd, **{**kw, "stderr": log})
             KERNELS.add(self.provisioner.process)
+            # The kernel has a session of its own: a SIGKILL of `vitlab run` leaves it working for a moment.
+            (path.parent / KERNEL_PID).write_text(str(self.provisioner.process.pid))
 
     return Manager
+
+
+KERNEL_PID = ".kernel_pid"  # in a run folder while a step's kernel may be alive
+
+
+def wait_for_kernel(run_dir: Path, seconds: float = 10.0) -> None:
+    """Before a run is resumed: the kernel of its last step, if a killed `vitlab run` left it behind, gone
+    (ipykernel leaves when its parent does, within about a second); else a RunError naming its pid."""
+    path = Path(run_dir) / KERNEL_PID
+    if not path.is_file():
+        return
+    pid, deadline = int(path.read_text() or 0), time.monotonic() + seconds
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        if pid:
+            raise RunError(f"the kernel of {run_dir}'s last step (pid {pid}) is still running: let it end or kill it, "
+                           "then resume")
+    path.unlink(missing_ok=True)
 
 
 # The kernels of steps executing now. A kernel busy in a cell does not stop when the run is interrupted
@@ -202,7 +227,7 @@ class _Live:
         self.beating.join()  # or its last touch could bring .heartbeat back after it is removed below
         self.save()
         # The run is no longer live: its lock and heartbeat go (status() reads a finished run's manifest).
-        for name in (".heartbeat", ".lock"):
+        for name in (".heartbeat", ".lock", KERNEL_PID):  # every kernel of the run has been shut down or killed
             (self.run_dir / name).unlink(missing_ok=True)
         fcntl.flock(self.lock_file, fcntl.LOCK_UN)
         self.lock_file.close()
