@@ -122,6 +122,16 @@ def _corrupt_manifest(work: Path) -> list[str]:
     return ["run", "--resume", str(run)]
 
 
+def _empty_root(work: Path) -> list[str]:
+    (work / "empty").mkdir()
+    return _set("data.source=imagefolder", f"data.root={work / 'empty'}")(work)
+
+
+def _runs_dir_a_file(work: Path) -> list[str]:
+    (work / "f").write_text("not a folder")
+    return ["run", SMOKE, "--runs-dir", str(work / "f")]
+
+
 def _symlink_loop(root: Path) -> None:
     (root / "train" / "c0" / "loop").symlink_to(root / "train")
 
@@ -153,17 +163,14 @@ CASES = [
     Case("lr: 1e-3 in a file (accepted)", _file("finetune:\n  lr: 1e-3\n", "--time-limit", "0.001"), 3, "time limit",
          lambda work: (work / "runs").is_dir()),
     Case("a bad --time-limit", lambda work: ["run", SMOKE, "--time-limit", "9x"], 2, "is not a duration"),
-    Case("an empty data.root", lambda work: (work / "empty").mkdir() or _set("data.source=imagefolder",
-                                                                             f"data.root={work / 'empty'}")(work),
-         2, "has no train/valid/test folder"),
+    Case("an empty data.root", _empty_root, 2, "has no train/valid/test folder"),
     Case("a test split missing a class", _folder(lambda root: shutil.rmtree(root / "test" / "c2")), 2,
          "hold different class folders"),
     Case("one class only", _folder(lambda root: [shutil.rmtree(root / s / "c1") or shutil.rmtree(root / s / "c2")
                                                  for s in ("train", "valid", "test")]), 2, "1 class folder(s)"),
     Case("a symlink loop in data.root", _folder(_symlink_loop), 2, "is a link to a folder above it"),
     Case("an 87-byte 60000x1 PNG", _folder(_bomb), 1, "strip.png", lambda work: True),
-    Case("a runs dir that is a file", lambda work: (work / "f").write_text("x") and
-         ["run", SMOKE, "--runs-dir", str(work / "f")], 2, "is a file, not a folder"),
+    Case("a runs dir that is a file", _runs_dir_a_file, 2, "is a file, not a folder"),
     Case("--resume of a folder that is no run", lambda work: ["run", "--resume", str(work)], 2, "manifest"),
     Case("--resume with a hand-edited epochs: 0", _edited("finetune.epochs", 0), 2, "'finetune.epochs' is 0",
          lambda work: True),
