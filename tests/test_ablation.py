@@ -193,6 +193,6 @@ def test_a_choice_in_vitlabs_format_becomes_speed_params_that_keep_its_layers(wi
 def test_the_seeds_deep_layers_of_a_24_layer_model_are_a_group_not_one_layer():
     configs = {c.name: c for c in ablation.configurations(24)}
     assert configs["keep layers 20-23"].keep == [20, 21, 22, 23] and configs["keep layers 20-23"].layer is None
-    assert ablation._kind("keep layers 20-23") == "group" and ablation._kind("keep layer 21") == "single layer"
+    assert ablation._kind(configs["keep layers 20-23"]) == "group" and ablation._kind(configs["keep layer 21"]) == "single layer"
     assert "keep layers 20-23" in [c.name for c in ablation.heuristics(24)]
     assert not any(c.name.startswith("keep layers") for c in ablation.configurations(6))  # the last quarter is it there

@@ -180,10 +180,10 @@ def _row(qname: str, config: Config, kind: str, scorer: _Scorer, logits: np.ndar
             "footprint_mb": footprint / 2**20}
 
 
-def _kind(name: str) -> str:
-    if name == "all quantized":
+def _kind(config: Config) -> str:
+    if config.name == "all quantized":
         return "all quantized"
-    return "single layer" if name.removeprefix("keep layer ").isdigit() else "group"
+    return "single layer" if config.layer is not None else "group"
 
 
 def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, quant_types: list[str],
@@ -201,7 +201,7 @@ def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, 
         mine = list(range(rank, len(configs), world))
         got = []
         for i, (config, kept, logits, size) in zip(mine, scorer.run(q, [configs[i] for i in mine])):
-            got.append((i, _row(qname, config, kind(config.name), scorer, logits, size, seed, len(kept))))
+            got.append((i, _row(qname, config, kind(config), scorer, logits, size, seed, len(kept))))
             _say(got[-1][1], f"{i + 1}/{len(configs)}")
         return [row for _, row in sorted(gather(got) if gather is not None else got, key=lambda pair: pair[0])]
 
@@ -211,7 +211,7 @@ def sweep(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, 
         rows += score(q, qname, configurations(scorer.n_layers), _kind)
         order = greedy_order(rows, qname)  # from every process's rows: the same order everywhere
         rows += score(q, qname, [Config(f"greedy {k}", None, sorted(order[:k])) for k in range(1, len(order) + 1)],
-                      lambda name: "greedy")
+                      lambda config: "greedy")
     if timings is not None:
         timings.update(scorer.seconds, configurations=scorer.configs)
     return rows
