@@ -40,6 +40,15 @@ def parser(doc: str | None, device: str = "cuda") -> argparse.ArgumentParser:
     return ap
 
 
+# Dense tensor-core peaks in TFLOP/s (NVIDIA's data sheets, without sparsity): bf16, FP8, by device name.
+PEAKS = {"H100 80GB HBM3": (989.4, 1978.9), "H100 PCIe": (756.0, 1513.0), "H200": (989.4, 1978.9)}
+
+
+def dense_peaks(device_name: str) -> tuple[float, float] | None:
+    """(bf16, FP8) dense TFLOP/s of the GPU called `device_name`, None for one not in PEAKS."""
+    return next((v for k, v in PEAKS.items() if k in device_name), None)
+
+
 def device_tag(device: dict) -> str:
     """h200, h100, ... for a CUDA device (the model number in its name, as runs.environment() records it), cpu otherwise."""
     if device["type"] != "cuda":

@@ -27,14 +27,10 @@ from types import SimpleNamespace
 
 import pandas as pd
 import torch
-from common import by_table, device_tag, parser, quant_settings, random_checkpoint, settings, tables, write
+from common import by_table, dense_peaks, device_tag, parser, quant_settings, random_checkpoint, settings, tables, write
 from torch import nn
 
 from vitlab import bench, config, data, evaluate, infer, machine, metrics, models, quant, speed
-
-# Dense tensor-core peaks in TFLOP/s (NVIDIA's data sheets, without sparsity), by device name.
-PEAKS = {"H100 80GB HBM3": (989.4, 1978.9), "H100 PCIe": (756.0, 1513.0), "H200": (989.4, 1978.9)}
-
 
 class Timm(nn.Module):
     """A timm model called the way vitlab calls a transformers one: model(pixel_values=x).logits."""
@@ -176,7 +172,7 @@ def run_speed(args) -> None:
     names, sizes, t0 = args.paths.split(","), [int(b) for b in args.batch_sizes.split(",")], time.time()
     if names[0] != "stock":
         names = ["stock", *names]  # every ratio is against stock measured in the same process
-    peaks = next((v for k, v in PEAKS.items() if k in torch.cuda.get_device_name(device)), None)
+    peaks = dense_peaks(torch.cuda.get_device_name(device))
     rows, kernels, ref, model, measured = [], [], None, None, None
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = random_checkpoint(args.arch, Path(tmp))

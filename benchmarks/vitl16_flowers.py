@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import parser, vitlab_run, write
+from common import dense_peaks, parser, vitlab_run, write
 
 from vitlab import runs
 
@@ -30,7 +30,6 @@ DEMO = "nf4_sdpa"
 FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu", "eval.batch_size=256",
            "eval.latency_batch_sizes=[1,32,256]", "eval.warmup=5", "eval.iters=20", "ablation.split=valid",
            "ablation.verify_split=test"]
-BF16_DENSE_TFLOPS = {"h100": 989.4, "h200": 989.4}  # the SXM parts' dense bf16 tensor-core peak
 
 
 MIN_VARIANT_S = 120  # under --time-limit, no variant starts with less left than this
@@ -73,7 +72,7 @@ def model_rows(trained: Path, evaluated: Path) -> list[dict]:
     acc = runs.read_json(runs.path(evaluated, "results"))["accuracy"][0]
     cfg, man = params["model"]["config"], runs.manifest(trained)
     selected = next(r for r in train["history"] if r["selected"])
-    tag = next((w.lower() for w in man["device"]["name"].split() if w[:1] == "H" and w[1:].isdigit()), "")
+    peaks = dense_peaks(man["device"]["name"])
     rows = []
     for size in sorted({r["image_size"] or cfg["image_size"] for r in train["history"]}):
         mine = [r["train_img_s"] for r in train["history"][1:] if (r["image_size"] or cfg["image_size"]) == size]
@@ -81,7 +80,7 @@ def model_rows(trained: Path, evaluated: Path) -> list[dict]:
         tokens = (size // cfg["patch_size"]) ** 2 + 1
         tflops = 6 * train["total_params"] * tokens * img_s / 1e12 if img_s else None
         rows.append({"image_size": size, "train_img_s": img_s, "tflops_6nt": tflops,
-                     "pct_bf16_dense_peak": 100 * tflops / BF16_DENSE_TFLOPS[tag] if tflops and tag in BF16_DENSE_TFLOPS else None})
+                     "pct_bf16_dense_peak": 100 * tflops / peaks[0] if tflops and peaks else None})
     return [{"num_hidden_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
              "parameters": train["total_params"], "test_top1": acc["top1"], "test_top1_lo": acc["top1_lo"],
              "test_top1_hi": acc["top1_hi"], "test_top5": acc["top5"], "f1_macro": acc["f1_macro"], "test_images": acc["n"],
