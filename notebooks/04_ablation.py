@@ -27,7 +27,7 @@ run_dir = None  # ...and the run folder
 import pandas as pd
 from IPython.display import Markdown, display
 
-from vitlab import ablation, data, models, plots, quant, runs
+from vitlab import ablation, data, mixed, models, plots, quant, runs
 
 params, run_dir, out, device = runs.open_step("ablation", params, run_dir, params_file)
 settings = models.ModelSettings.from_params(params["model"])
@@ -105,6 +105,34 @@ pd.DataFrame(checks).set_index(["quant", "comparison", "config"])[[
 # %%
 display(Markdown(f"On the {verify} split ({checks[0]['n']} images):\n\n"
                  + "\n".join(f"- {line}" for line in ablation.verdicts(checks))))
+
+# %% [markdown]
+# ## Formats per layer under a latency or accuracy budget
+# Size is not speed: bitsandbytes' formats make a model small and slower. vitlab's own formats
+# (FP8, W4A8, W3A8, ...) run on its kernels, so the question becomes which layer can run in which
+# format. With `ablation.formats` (the menu, e.g. `[16bit, fp8, w4a8]`), each uniform format is timed
+# on the run's speed path (`speed`: compiled and CUDA-graphed on a GPU) at `ablation.latency_batch_size`;
+# from the fastest one, layers move one at a time to a slower format that holds them better, the move
+# with the most of the sweep's KL removed per estimated millisecond first; points along that path are
+# built as one model each (`speed.layer_formats`) and measured: top-1 on `ablation.split`, p50 latency
+# with CUDA events. `ablation.latency_budget_ms` takes the most accurate within the budget,
+# `ablation.max_top1_drop_pt` (or, with neither, no loss at all) the fastest within that accuracy. The
+# choice is then checked on `ablation.verify_split` against the uniform formats, the seeds' heuristics and
+# the size-budget choice, at every `eval.latency_batch_sizes`, and written as a params file.
+
+# %%
+study = (mixed.study(checkpoint, settings, params, records, batches, verify_batches, device, choices)
+         if budgets["formats"] else None)
+runs.write_json(runs.path(run_dir, "mixed_formats"), study or {"candidates": [], "choice": None, "checks": []})
+if study:
+    mixed.write_params(out, params, study["choice"], checkpoint)
+    display(pd.DataFrame(study["candidates"]).set_index("choice")[["p50_ms", "top1", "top1_delta_pt", "kl"]].round(4))
+    checked = pd.DataFrame(study["checks"]).assign(model=lambda d: d["choice"])
+    for size in params["eval"]["latency_batch_sizes"]:
+        plots.save(plots.accuracy_vs_latency(checked, size), out / f"mixed_formats_bs{size}.png")
+    display(Markdown(mixed.verdict(study)))
+else:
+    display(Markdown("`ablation.formats` is empty: no per-layer format choice was made."))
 
 # %%
 runs.close_step(run_dir, "ablation")  # opened by hand: the step is marked finished (under `vitlab run` the runner marks it)

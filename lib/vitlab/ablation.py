@@ -14,7 +14,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 from . import data, infer, lowbit, metrics, models, parallel, quant
 from .models import ModelSettings
 from .quant import QuantSettings
+from .settings import Int4Format
 
 # bitsandbytes' formats (quant params), and vitlab's own on its kernels (speed params; lowbit's linears).
 QUANT_TYPES = {"nf4": {"bits": 4, "type": "nf4"}, "fp4": {"bits": 4, "type": "fp4"}, "int8": {"bits": 8}}
-LOWBIT_TYPES = {"fp8": {"fp8": "static"}, "w4a8": {"int4": "w4a8"}, "w4a16": {"int4": "w4a16"}}
+LOWBIT_TYPES = {"fp8": {"fp8": "static"}, **{f: {"int4": f} for f in get_args(Int4Format)}}
 FORMATS = [*QUANT_TYPES, *LOWBIT_TYPES]
 
 
@@ -42,9 +43,8 @@ class Lowbit(NamedTuple):
         return self.name
 
     def twin(self, linear: nn.Linear, input_amax: float) -> nn.Module:
-        if self.name == "fp8":
-            return lowbit.Fp8Linear(linear, input_amax)
-        return lowbit.Int4Linear(linear, "fp8" if self.name == "w4a8" else "bf16", input_amax)
+        return lowbit.make_linear(self.name, linear, input_amax)
+
 
 class Config(NamedTuple):
     """One configuration of the sweep: its name, the encoder layer it keeps alone (None for the others),
@@ -327,7 +327,7 @@ def mixed_params(params: dict[str, Any], choice: dict, checkpoint: str | Path) -
         quant_part = {**params["quant"], "bits": 16, "keep_16bit": []}
         speed_part = {**params["speed"], "fp8": "none", "int4": "none", "torchao": "none", **LOWBIT_TYPES[q],
                       "keep_16bit": choice["keep_16bit"]}
-        if q == "w4a16" and speed_part["fp8_gemm"] == "triton":
+        if q.endswith("a16") and speed_part["fp8_gemm"] == "triton":
             speed_part["fp8_gemm"] = "cublas"  # W4A16 has no FP8 activations for vitlab's kernel
     else:
         quant_part = {**params["quant"], **QUANT_TYPES[q], "keep_16bit": choice["keep_16bit"]}
@@ -335,7 +335,8 @@ def mixed_params(params: dict[str, Any], choice: dict, checkpoint: str | Path) -
     return {**params, "variant": f"{params['variant']}_{q}_mixed",
             "steps": [s for s in params["steps"] if s != "ablation"],
             "model": {**params["model"], "id": str(Path(checkpoint).resolve()), "init": "default"},
-            "finetune": {**params["finetune"], "method": "none"}, "quant": quant_part, "speed": speed_part}
+            "finetune": {**params["finetune"], "method": "none", "qat_format": None}, "quant": quant_part,
+            "speed": speed_part}
 
 
 def write_mixed(out: Path, params: dict[str, Any], choices: dict[str, dict], checkpoint: str | Path) -> list[Path]:

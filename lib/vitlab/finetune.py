@@ -1,5 +1,5 @@
-"""Fine-tuning: which model trains (LoRA and QLoRA through peft, full, a linear probe, or none: the
-checkpoint as it is), in one process or several data-parallel ones, and how it is saved (the adapter,
+"""Fine-tuning: which model trains (LoRA and QLoRA through peft, full, a linear probe, QAT: full through
+fake-quantized linears (`qat`), or none: the checkpoint as it is), in one process or several data-parallel ones, and how it is saved (the adapter,
 the merged 16-bit checkpoint, the metrics). The loop itself is `training`'s."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
-from . import data, models, parallel, quant, training
+from . import data, models, parallel, qat, quant, training
 from .models import ModelSettings
 
 
@@ -53,8 +53,8 @@ def build(settings: ModelSettings, ft_cfg: dict[str, Any], class_names: list[str
                                                 use_gradient_checkpointing=False)
     else:
         model = models.build(settings, class_names, dtype=torch.float32).to(device)
-    if method in ("full", "none"):
-        return model.requires_grad_(method == "full")
+    if method in ("full", "none", "qat"):
+        return model.requires_grad_(method != "none")
     if method == "probe":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("classifier.")
@@ -90,8 +90,10 @@ def run(model: nn.Module, ds, processor, params: dict[str, Any], device: torch.d
     settings, ft = ModelSettings.from_params(params["model"]), params["finetune"]
     if ft["processes"] > 1:  # the main process of the data-parallel ones saves the model
         return train_in_processes(params, model, out, checkpoint, ft["processes"])
+    if ft["method"] == "qat":  # input scales from validation images, as the speed path calibrates them
+        qat.prepare(model, ft["qat_format"], ds.batches("valid", ft["batch_size"], device))
     history = fit(model, ds, params, device, checkpoint)
-    save(model, processor, settings, ds.class_names, ft["method"], out)
+    save(qat.strip(model), processor, settings, ds.class_names, ft["method"], out)
     return history
 
 
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 def merged(model: nn.Module, settings: ModelSettings, class_names: list[str], method: str,
            adapter_dir: Path | None) -> nn.Module:
     """A plain ViT with the adapter folded into 16-bit weights (in model.dtype), on the CPU."""
-    if method in ("full", "probe", "none"):
+    if method in ("full", "probe", "none", "qat"):
         out = model
     elif method == "lora":
         out = model.merge_and_unload()

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import kernels, models, quant
 from .errors import SpeedPathError
+from .settings import FP8_ACTIVATIONS, LAYER_FORMATS
 
 FP8 = kernels.FP8
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -28,23 +29,35 @@ INT4_GROUP = kernels.INT4_GROUP  # inputs that share one power-of-two exponent i
 INT4_MAX_EXPONENT = 9  # q * 2**-9 is still exact in e4m3 (its subnormals are multiples of 2**-9)
 
 
-def int4_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric int4 codes of a (out, in) weight: one float scale per output row, and per group of 128
-    inputs a power-of-two exponent e (the group's step is the row's step / 2**e). Power-of-two group
-    steps keep every dequantized value q * 2**-e exact in FP8 e4m3 and bf16, so the tensor cores see
-    the 4-bit weights themselves, with the row scale applied to the GEMM's output.
-    Returns (codes packed two per byte (out, in/2) uint8: inputs 2j and 2j + 1 in byte j's low and high
-    nibble; exponents (out, in/128) uint8; row scales (out,) float32)."""
+def int_codes(weight: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric integer codes of a (out, in) weight in -L..L (L = 2**(bits-1) - 1: 7, 3 or 1 for 4-, 3- and
+    2-bit), one float scale per output row, and per group of 128 inputs a power-of-two exponent e (the
+    group's step is the row's step / 2**e). Power-of-two group steps keep every dequantized value
+    q * 2**-e exact in FP8 e4m3 and bf16, so the tensor cores see the low-bit weights themselves, with
+    the row scale applied to the GEMM's output.
+    Returns (codes (out, in) float32, exponents (out, in/128) float32, row scales (out,) float32)."""
     out, inp = weight.shape
     if inp % INT4_GROUP:
         raise SpeedPathError(f"int4 linears need inputs in groups of {INT4_GROUP}; this layer has {inp}")
-    w = weight.detach().float().view(out, inp // INT4_GROUP, INT4_GROUP)
+    if bits not in (2, 3, 4):
+        raise SpeedPathError(f"vitlab's integer weight codes have 2, 3 or 4 bits, not {bits}")
+    levels = 2 ** (bits - 1) - 1
+    w = weight.float().view(out, inp // INT4_GROUP, INT4_GROUP)
     row_max = w.abs().amax(dim=(1, 2)).clamp(min=1e-12)
     group_max = w.abs().amax(dim=2).clamp(min=1e-30)
     exponent = torch.floor(torch.log2(row_max[:, None] / group_max)).clamp(0, INT4_MAX_EXPONENT)
-    step = (row_max / 7)[:, None, None] * torch.exp2(-exponent)[..., None]
-    codes = (torch.round(w / step).clamp(-7, 7) + 8).to(torch.uint8).view(out, inp)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), exponent.to(torch.uint8), row_max / 7
+    step = (row_max / levels)[:, None, None] * torch.exp2(-exponent)[..., None]
+    codes = torch.round(w / step).clamp(-levels, levels)
+    return codes.view(out, inp), exponent, row_max / levels
+
+
+def int4_quantize(weight: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`int_codes` in int4 storage: (codes + 8 packed two per byte (out, in/2) uint8: inputs 2j and 2j + 1 in
+    byte j's low and high nibble; exponents (out, in/128) uint8; row scales (out,) float32). Fewer bits
+    use the same nibbles (and kernels) with fewer levels."""
+    codes, exponent, row_scale = int_codes(weight.detach(), bits)
+    codes = (codes + 8).to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), exponent.to(torch.uint8), row_scale
 
 
 def int4_dequantize(packed: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -119,18 +132,20 @@ class Fp8Linear(Fp8Activations):
 
 
 class Int4Linear(Fp8Activations):
-    """A linear layer with 4-bit weights (`int4_quantize`: ~4.06 bits per weight with its exponents).
+    """A linear layer with 4-bit weights (`int4_quantize`: ~4.06 bits per weight with its exponents; `bits`
+    3 or 2 store fewer levels in the same nibbles).
     activations "fp8" (W4A8): inputs cast to e4m3 with a static scale, and the exact 4-bit weights
     expanded to e4m3 for the FP8 tensor cores: in memory by a compiled kernel before cuBLAS (or before
     vitlab's kernel for many rows), in registers inside vitlab's kernel for few rows, where reading
     half a byte per weight matters; "bf16" (W4A16): the weights expanded to the input's 16-bit type."""
 
-    def __init__(self, linear: nn.Linear, activations: str, input_amax: float | None = None, fp8_gemm: str = "cublas"):
+    def __init__(self, linear: nn.Linear, activations: str, input_amax: float | None = None, fp8_gemm: str = "cublas",
+                 bits: int = 4):
         super().__init__()
         if activations not in ("fp8", "bf16"):
             raise SpeedPathError(f"Int4Linear activations are 'fp8' or 'bf16', not '{activations}'")
         self.fp8_gemm = _gemm(fp8_gemm) if activations == "fp8" else "cublas"
-        packed, exponent, row_scale = int4_quantize(linear.weight)
+        packed, exponent, row_scale = int4_quantize(linear.weight, bits)
         self.register_buffer("packed", packed)
         self.register_buffer("exponent", exponent)
         self.register_buffer("weight_scale", row_scale[None, :].contiguous())  # (1, out)
@@ -224,8 +239,6 @@ def _plain_linears(model: nn.Module, setting: str, layers: models.Layers | None,
     """The encoder-block linears but those `keep` names (quant.resolve_keep), refused unless all are the
     16-bit model's own."""
     names = models.block_linears(model, layers)
-    if not all(type(model.get_submodule(n)) is nn.Linear for n in names):
-        raise SpeedPathError(f"{setting} needs the 16-bit model's plain linears (quant.bits: 16, speed.torchao: none)")
     kept = set(quant.resolve_keep(model, keep, "speed.keep_16bit")) if keep else set()
     return [n for n in names if n not in kept]
 
@@ -237,25 +250,49 @@ def _replace(model: nn.Module, names: list[str], make) -> nn.Module:
     return model
 
 
-def calibrate_fp8(model: nn.Module, batches: Any, max_batches: int, fp8_gemm: str = "cublas",
-                  layers: models.Layers | None = None, keep: list | str = ()) -> nn.Module:
-    """Replace every encoder-block linear with an `Fp8Linear` on `fp8_gemm` whose input scale is the largest
-    |input| seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
-    check_fp8_gpu(next(model.parameters()).device)
-    names = _plain_linears(model, "speed.fp8", layers, keep)
-    amax = input_amax(model, names, batches, max_batches)
-    return _replace(model, names, lambda name, linear: Fp8Linear(linear, amax[name], fp8_gemm))
+def make_linear(fmt: str, linear: nn.Linear, input_amax: float | None, fp8_gemm: str = "cublas") -> nn.Module:
+    """`linear` in one of vitlab's formats (settings.LAYER_FORMATS but 16bit): fp8 or w{bits}a{8|16}."""
+    if fmt == "fp8":
+        return Fp8Linear(linear, input_amax, fp8_gemm)
+    bits, activations = parse_int(fmt)
+    return Int4Linear(linear, activations, input_amax, fp8_gemm if activations == "fp8" else "cublas", bits)
 
 
-def int4_linears(model: nn.Module, mode: str, batches: Any = None, max_batches: int = 4,
-                 fp8_gemm: str = "cublas", layers: models.Layers | None = None, keep: list | str = ()) -> nn.Module:
-    """Every encoder-block linear as an `Int4Linear`: mode "w4a8" (FP8 activations on `fp8_gemm`, scales
-    calibrated on `batches` of real images) or "w4a16"."""
-    if mode not in ("w4a8", "w4a16"):
-        raise SpeedPathError(f"unknown speed.int4 '{mode}'; choose 'w4a8' or 'w4a16'")
-    names = _plain_linears(model, "speed.int4", layers, keep)
-    if mode == "w4a16":
-        return _replace(model, names, lambda name, linear: Int4Linear(linear, "bf16"))
-    check_fp8_gpu(next(model.parameters()).device)
-    amax = input_amax(model, names, batches, max_batches)
-    return _replace(model, names, lambda name, linear: Int4Linear(linear, "fp8", amax[name], fp8_gemm))
+def parse_int(fmt: str) -> tuple[int, str]:
+    """'w3a8' -> (3, 'fp8'); 'w4a16' -> (4, 'bf16')."""
+    if fmt not in LAYER_FORMATS or not fmt.startswith("w"):
+        raise SpeedPathError(f"unknown low-bit format '{fmt}'; choose from {list(LAYER_FORMATS)}")
+    bits, acts = fmt[1:].split("a")
+    return int(bits), "fp8" if acts == "8" else "bf16"
+
+
+def assignment(model: nn.Module, speed, layers: models.Layers | None = None) -> dict[str, str]:
+    """Each encoder-block linear that the `speed` settings put in a low-bit format -> that format: one per
+    layer from speed.layer_formats, or speed.fp8 / speed.int4 everywhere but speed.keep_16bit. Refused
+    unless the linears are the 16-bit model's own."""
+    layers = layers or models.encoder_layers(model)
+    if speed.layer_formats:
+        if len(speed.layer_formats) != len(layers.blocks):
+            raise SpeedPathError(f"speed.layer_formats lists {len(speed.layer_formats)} formats for "
+                                 f"{len(layers.blocks)} encoder layers: give one per layer")
+        index = lambda name: int(name[len(layers.prefix) + 1:].split(".", 1)[0])  # noqa: E731
+        formats = {n: speed.layer_formats[index(n)] for n in models.block_linears(model, layers)}
+        formats = {n: f for n, f in formats.items() if f != "16bit"}
+        setting = "speed.layer_formats"
+    else:
+        setting = "speed.fp8" if speed.fp8 == "static" else "speed.int4"
+        formats = dict.fromkeys(_plain_linears(model, setting, layers, speed.keep_16bit), speed.uniform_format)
+    if not all(type(model.get_submodule(n)) is nn.Linear for n in formats):
+        raise SpeedPathError(f"{setting} needs the 16-bit model's plain linears (quant.bits: 16, speed.torchao: none)")
+    return formats
+
+
+def convert(model: nn.Module, formats: dict[str, str], batches: Any = None, max_batches: int = 4,
+            fp8_gemm: str = "cublas") -> nn.Module:
+    """Replace each named linear with its `make_linear` twin in its format; FP8-activation formats get the
+    largest |input| seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
+    scaled = [n for n, f in formats.items() if f in FP8_ACTIVATIONS]
+    if scaled:
+        check_fp8_gpu(next(model.parameters()).device)
+    amax = input_amax(model, scaled, batches, max_batches) if scaled else {}
+    return _replace(model, list(formats), lambda name, linear: make_linear(formats[name], linear, amax.get(name), fp8_gemm))

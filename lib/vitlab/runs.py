@@ -76,7 +76,9 @@ STEPS: dict[str, Step] = {
     "ablation": Step("04_ablation.py", ("finetune",), {
         "sensitivity": "ablation/sensitivity.json",
         "sensitivity_table": "ablation/sensitivity.csv",
-        "choice": "ablation/choice.json"}, EVERY + ("quant", "eval.batch_size", "ablation")),
+        "choice": "ablation/choice.json",
+        "mixed_formats": "ablation/mixed_formats.json"},  # the per-layer format choice (ablation.formats)
+        EVERY + ("quant", "speed", "eval", "ablation")),
     "demo": Step("05_demo.py", ("finetune", "quantize"), {}, EVERY + ("quant", "speed")),
 }
 assert tuple(STEPS) == settings.STEPS

@@ -23,7 +23,13 @@ Attention = Literal["eager", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn
 ATTENTION = get_args(Attention)
 GPU_ONLY_ATTENTION = ("sdpa_efficient", "sdpa_cudnn", "flash_attention_2")  # PyTorch's flash has a CPU kernel
 Dtype = Literal["bfloat16", "float16", "float32"]
-AblationQuant = Literal["nf4", "fp4", "int8", "fp8", "w4a8", "w4a16"]  # ablation.FORMATS says what each is
+# vitlab's own formats of a linear (lowbit): FP8 static, or w{bits}a{8|16}: 4-, 3- or 2-bit weight codes (int4
+# storage, kernels unchanged) with FP8 or 16-bit activations; "16bit" leaves a layer as it is.
+Int4Format = Literal["w4a8", "w4a16", "w3a8", "w3a16", "w2a8", "w2a16"]
+LayerFormat = Literal["16bit", "fp8", "w4a8", "w4a16", "w3a8", "w3a16", "w2a8", "w2a16"]
+LAYER_FORMATS = get_args(LayerFormat)
+FP8_ACTIVATIONS = tuple(f for f in LAYER_FORMATS if f == "fp8" or f.endswith("a8"))
+AblationQuant = Literal["nf4", "fp4", "int8", "fp8", "w4a8", "w4a16", "w3a8", "w3a16", "w2a8", "w2a16"]  # ablation.FORMATS
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # it names the run folder
 # transformers' ViTConfig().to_dict() keys (5.23; tests/test_settings.py checks it against the installed one),
 # so an unknown model.config key is refused without importing transformers.
@@ -157,7 +163,7 @@ class Data(Section):
 
 @dataclass(frozen=True)
 class Finetune(Section):
-    method: Literal["lora", "qlora", "full", "probe", "none"]
+    method: Literal["lora", "qlora", "full", "probe", "none", "qat"]
     epochs: int = rule(*AT_LEAST_1)
     batch_size: int = rule(*AT_LEAST_1)
     lr: float = rule(lambda v: v > 0, "positive (e.g. 0.001)")
@@ -178,6 +184,7 @@ class Finetune(Section):
     drop_path: float = rule(lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.1 is usual)")
     full_size_epochs: int = rule(*NON_NEGATIVE)
     checkpoint_minutes: float = rule(lambda v: v >= 0, "0 (every epoch) or more")
+    qat_format: Union[LayerFormat, None]  # method qat: the format fake-quantized in training (speed runs the same)
     lora: Lora
 
     def __post_init__(self) -> None:
@@ -188,6 +195,11 @@ class Finetune(Section):
             raise ParamsError(f"finetune.batch_size {self.batch_size} is the whole step's batch: it must split evenly "
                               f"into finetune.processes ({self.processes}) x finetune.accumulate ({self.accumulate}) "
                               "micro-batches")
+        if (self.method == "qat") != (self.qat_format not in (None, "16bit")):
+            raise ParamsError("finetune.method qat trains the model as the format it will run in: set finetune.qat_format "
+                              f"to one of {list(LAYER_FORMATS[1:])} with it, and only with it")
+        if self.processes > 1 and self.method == "qat":
+            raise ParamsError("finetune.method qat trains in one process: set finetune.processes: 1")
         if self.processes > 1 and (self.cuda_graph or self.method == "qlora"):
             raise ParamsError("finetune.processes > 1 trains with DDP, which vitlab does not capture in a CUDA graph "
                               "(finetune.cuda_graph) nor run on a 4-bit base (method qlora): one process for those")
@@ -224,10 +236,11 @@ class Speed(Section):
     fuse_qkv: bool = False
     patch_matmul: bool = False
     fp8: Literal["none", "static"] = "none"
-    int4: Literal["none", "w4a8", "w4a16"] = "none"
+    int4: Union[Literal["none"], Int4Format] = "none"
     fp8_gemm: Literal["cublas", "triton"] = "cublas"
     calibration_batches: int = field(default=4, metadata={"rule": AT_LEAST_1})
     keep_16bit: Union[str, list[Union[int, str]]] = field(default_factory=list)
+    layer_formats: list[LayerFormat] = field(default_factory=list)  # one per encoder layer (the mixed choice)
 
     def __post_init__(self) -> None:
         quantizing = [f"speed.{k} '{getattr(self, k)}'" for k in ("fp8", "int4", "torchao") if getattr(self, k) != "none"]
@@ -239,8 +252,17 @@ class Speed(Section):
         if isinstance(self.keep_16bit, str) and self.keep_16bit != "first_last":
             raise ParamsError(f"speed.keep_16bit is '{self.keep_16bit}'; a string must be 'first_last', otherwise "
                               "give a list of layer indices (0, -1) or name patterns ('attention')")
-        if self.fp8_gemm == "triton" and self.fp8 == "none" and self.int4 != "w4a8":
-            raise ParamsError("speed.fp8_gemm: triton runs FP8 activations: set speed.fp8: static or speed.int4: w4a8")
+        if self.layer_formats and (quantizing or self.keep_16bit):
+            raise ParamsError("speed.layer_formats gives every encoder layer its own format: leave speed.fp8, speed.int4, "
+                              "speed.torchao and speed.keep_16bit unset with it")
+        if self.fp8_gemm == "triton" and not self.calibrates:
+            raise ParamsError("speed.fp8_gemm: triton runs FP8 activations: set speed.fp8: static, speed.int4: w4a8 "
+                              "(or another a8 format), or an FP8-activation format in speed.layer_formats")
+
+    @property
+    def uniform_format(self) -> str | None:
+        """The one format of every block linear (fp8, w4a8, ...), or None (16-bit, per-layer formats, torchao)."""
+        return "fp8" if self.fp8 == "static" else None if self.int4 == "none" else self.int4
 
     @classmethod
     def from_params(cls, speed_params: dict[str, Any]) -> "Speed":
@@ -250,7 +272,7 @@ class Speed(Section):
     def rewrites(self) -> list[str]:
         """The settings that replace the 16-bit model's linears (they need quant.bits: 16)."""
         return ([f"speed.{k} {getattr(self, k)}" for k in ("torchao", "fp8", "int4") if getattr(self, k) != "none"]
-                + [f"speed.{k}" for k in ("fuse_qkv", "patch_matmul") if getattr(self, k)])
+                + [f"speed.{k}" for k in ("fuse_qkv", "patch_matmul", "layer_formats") if getattr(self, k)])
 
     @property
     def active(self) -> bool:
@@ -259,7 +281,7 @@ class Speed(Section):
     @property
     def calibrates(self) -> bool:
         """Whether applying these settings needs real images (static FP8 activation scales)."""
-        return self.fp8 == "static" or self.int4 == "w4a8"
+        return self.uniform_format in FP8_ACTIVATIONS or any(f in FP8_ACTIVATIONS for f in self.layer_formats)
 
     def describe(self) -> str:
         parts = ["fused qkv"] if self.fuse_qkv else []
@@ -267,6 +289,7 @@ class Speed(Section):
         parts += [f"fp8 {self.fp8}"] if self.fp8 != "none" else []
         parts += [f"int4 {self.int4}"] if self.int4 != "none" else []
         parts += [f"16-bit {self.keep_16bit}"] if self.keep_16bit else []
+        parts += ["formats " + ",".join(self.layer_formats)] if self.layer_formats else []
         parts += [f"{self.fp8_gemm} gemm"] if self.fp8_gemm != "cublas" else []
         parts += [f"torchao {self.torchao}"] if self.torchao != "none" else []
         parts += [f"compile {self.compile}" + (f" {self.compile_mode}" if self.compile_mode != "default" else "")
@@ -300,6 +323,18 @@ class Ablation(Section):
                                                 "in top-1 points (0 to 100), or null")
     verify_split: Literal["train", "valid", "test"]
     processes: int = rule(*AT_LEAST_1)
+    formats: list[LayerFormat]  # the per-layer menu of the latency-measured mixed choice ([]: no such choice)
+    latency_budget_ms: Union[float, None] = rule(lambda v: v is None or v > 0, "a positive latency in ms, or null")
+    latency_batch_size: int = rule(*AT_LEAST_1)
+
+    def __post_init__(self) -> None:
+        if self.latency_budget_ms is not None and not self.formats:
+            raise ParamsError("ablation.latency_budget_ms chooses among per-layer mixes of ablation.formats: list them "
+                              "(e.g. [16bit, fp8, w4a8])")
+        missing = [f for f in self.formats if f != "16bit" and f not in self.quant_types]
+        if missing:
+            raise ParamsError(f"ablation.formats {missing} need their per-layer sensitivity: add them to "
+                              "ablation.quant_types too")
 
 
 @dataclass(frozen=True)
@@ -328,6 +363,11 @@ class Params(Section):
         if "finetune" in self.steps:
             self._check_training()
         self._check_sizes()
+        qat = self.finetune.qat_format
+        if "finetune" in self.steps and self.finetune.method == "qat" and self.speed.uniform_format != qat:
+            raise ParamsError(f"finetune.method qat trains for {qat}, so evaluate must run {qat}: set "
+                              + ("speed.fp8: static" if qat == "fp8" else f"speed.int4: {qat}")
+                              + f" (speed runs {self.speed.uniform_format or '16-bit'})")
         if self.speed.rewrites and self.quant.bits != 16:
             raise ParamsError(f"{', '.join(self.speed.rewrites)} rewrite the 16-bit model's linears themselves: set "
                               f"quant.bits: 16 (it is {self.quant.bits}), or turn them off")
@@ -354,6 +394,9 @@ class Params(Section):
                 if isinstance(item, int) and layers is not None and not -layers <= item < layers:
                     raise ParamsError(f"{name}.keep_16bit names layer {item}, but the model has {layers} encoder "
                                       f"layers (0..{layers - 1}, or -1 for the last)")
+        if self.speed.layer_formats and layers is not None and len(self.speed.layer_formats) != layers:
+            raise ParamsError(f"speed.layer_formats lists {len(self.speed.layer_formats)} formats, but the model has "
+                              f"{layers} encoder layers: give one per layer")
 
     @classmethod
     def of(cls, params: dict[str, Any], prefix: str = "") -> "Params":

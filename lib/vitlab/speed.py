@@ -206,12 +206,9 @@ def apply(model: nn.Module, speed: SpeedSettings, calibration: Any = None) -> nn
         model = fuse_qkv(model, layers)
     if speed.patch_matmul:
         model = patch_matmul(model)
-    if speed.fp8 == "static":
-        model = lowbit.calibrate_fp8(model, calibration, speed.calibration_batches, speed.fp8_gemm, layers,
-                                     speed.keep_16bit)
-    if speed.int4 != "none":
-        model = lowbit.int4_linears(model, speed.int4, calibration, speed.calibration_batches, speed.fp8_gemm, layers,
-                                    speed.keep_16bit)
+    if speed.uniform_format or speed.layer_formats:
+        model = lowbit.convert(model, lowbit.assignment(model, speed, layers), calibration, speed.calibration_batches,
+                               speed.fp8_gemm)
     if speed.fp8_gemm == "triton":
         model = lowbit.fuse_mlp(model, layers)  # the linears were built on vitlab's kernel
     if speed.torchao != "none":
