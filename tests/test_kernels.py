@@ -218,10 +218,10 @@ def test_int4_model_is_sized_as_it_runs(wide):
 
 def test_new_speed_params_are_checked():
     smoke = config.PARAMS_DIR / "smoke.yaml"
-    for change, message in ((["speed.fp8_gemm=triton"], "set speed.fp8: static or speed.int4: w4a8"),
+    for change, message in ((["speed.fp8_gemm=triton"], "set speed.fp8: static, speed.int4: w4a8"),
                             (["quant.bits=16", "speed.fp8=static", "speed.int4=w4a8"], "pick one"),
                             (["speed.int4=w4a8", "quant.bits=4"], "set quant.bits: 16"),
-                            (["speed.int4=w3a8"], "speed.int4"),
+                            (["speed.int4=w5a8"], "speed.int4"),
                             (["speed.compile_mode=fast"], "speed.compile_mode")):
         with pytest.raises(config.ParamsError, match=message):
             config.resolve(smoke, change)

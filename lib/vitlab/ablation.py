@@ -304,8 +304,9 @@ def choose(rows: list[dict], quant_name: str, budget_mb: float | None = None,
 
 
 def choose_all(rows: list[dict], ablation_params: dict[str, Any]) -> dict[str, dict]:
-    """`choose` for every quant type of the `ablation` params. With neither budget set, the size budget is
-    a quarter of the way from fully quantized to 16-bit: enough room to keep the most sensitive layers."""
+    """`choose` for every quant type of the `ablation` params that has a configuration within them (the others
+    are named and left out). With neither budget set, the size budget is a quarter of the way from fully
+    quantized to 16-bit: enough room to keep the most sensitive layers."""
     drop = None if ablation_params["max_top1_drop_pt"] is None else ablation_params["max_top1_drop_pt"] / 100
     full = next(r for r in rows if r["config"] == "16-bit")["footprint_mb"]
     choices = {}
@@ -314,7 +315,10 @@ def choose_all(rows: list[dict], ablation_params: dict[str, Any]) -> dict[str, d
         if budget is None and drop is None:
             smallest = next(r for r in rows if r["quant"] == q and r["config"] == "all quantized")["footprint_mb"]
             budget = smallest + (full - smallest) / 4
-        choices[q] = choose(rows, q, budget, drop)
+        try:
+            choices[q] = choose(rows, q, budget, drop)
+        except ValueError as e:  # one format with no fitting configuration does not cost the others theirs
+            print(f"no size choice for {q}: {e}", flush=True)
     return choices
 
 

@@ -86,15 +86,16 @@ def speed_for(base: Speed, formats: list[str]) -> Speed:
                         layer_formats=[] if set(formats) == {SIXTEEN} else list(formats))
 
 
-def measure(checkpoint, settings: models.ModelSettings, base: Speed, candidate: Candidate, batches: list,
+def measure(checkpoint, settings: models.ModelSettings, base: Speed, candidate: Candidate, splits: list[list],
             calibration: list, device: torch.device, batch_sizes: list[int], warmup: int,
-            iters: int) -> tuple[np.ndarray, dict[int, float]]:
-    """The candidate as it runs: its logits on `batches` and its p50 latency (ms) at each batch size. Its
-    FP8 scales are calibrated on `calibration` (validation images, as evaluate calibrates them)."""
+            iters: int) -> tuple[list[np.ndarray], dict[int, float]]:
+    """The candidate as it runs, built once: its logits on each of `splits` (lists of batches) and its p50
+    latency (ms) at each batch size. FP8 scales are calibrated on `calibration` (validation images, as
+    evaluate calibrates them)."""
     model = models.load_checkpoint(checkpoint, settings, device)
     size = model.config.image_size
     sped = speed.apply(model, speed_for(base, candidate.formats), calibration)
-    logits, _ = infer.predict(sped, batches, device, progress=False)
+    logits = [infer.predict(sped, batches, device, progress=False)[0] for batches in splits]
     p50 = {b: bench.latency(sped, b, size, device, warmup, iters)["p50_ms"] for b in batch_sizes}
     del sped, model
     torch._dynamo.reset()  # each candidate compiles its own graphs: do not let them pile up
@@ -159,38 +160,42 @@ def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], ro
     formats = list(dict.fromkeys([SIXTEEN, *ab["formats"]]))
     seed, at = params["seed"], ab["latency_batch_size"]
 
-    labels_of = lambda on: np.concatenate([np.asarray(y) for _, y in on])  # noqa: E731
-    hits: dict[str, np.ndarray] = {}
+    sizes = sorted({at, *ev["latency_batch_sizes"]})
+    labels = [np.concatenate([np.asarray(y) for _, y in on]) for on in (batches, verify_batches)]
+    built: dict[tuple, tuple[list[np.ndarray], dict[int, float]]] = {}
 
-    def measured(cands: list[Candidate], on: list, sizes: list[int], ref=None) -> tuple[list[dict], np.ndarray]:
-        out, labels = [], labels_of(on)
-        for c in cands:
-            logits, p50 = measure(checkpoint, settings, base, c, on, batches, device, sizes, ev["warmup"], ev["iters"])
-            ref = logits if ref is None else ref  # the first candidate is 16-bit everywhere: the reference
-            hits[c.name] = (logits.argmax(1) == labels).astype(float)
-            out += row(c, logits, ref, labels, p50, seed)
-            print(f"mixed: {c.name}: top-1 {out[-1]['top1']:.4f}, " + ", ".join(
-                f"bs{b} {ms:.3f} ms" for b, ms in p50.items()), flush=True)
-        return out, ref
+    def build(c: Candidate) -> tuple[list[np.ndarray], dict[int, float]]:
+        """Each distinct assignment built and compiled once: its logits on both splits, every latency."""
+        if tuple(c.formats) not in built:
+            built[tuple(c.formats)] = measure(checkpoint, settings, base, c, [batches, verify_batches], batches, device,
+                                              sizes, ev["warmup"], ev["iters"])
+            (valid, _), p50 = built[tuple(c.formats)]
+            print(f"mixed: {c.name}: top-1 {(valid.argmax(1) == labels[0]).mean():.4f} on {ab['split']}, "
+                  + ", ".join(f"bs{b} {ms:.3f} ms" for b, ms in p50.items()), flush=True)
+        return built[tuple(c.formats)]
 
-    uniform, ref = measured(candidates([], formats, n_layers), batches, [at])
+    def scored(cands: list[Candidate], split: int, at_sizes: list[int]) -> list[dict]:
+        ref = build(Candidate(f"uniform_{SIXTEEN}", [SIXTEEN] * n_layers))[0][split]
+        return [r for c in cands for r in row(c, build(c)[0][split], ref, labels[split],
+                                              {b: build(c)[1][b] for b in at_sizes}, seed)]
+
+    uniform = scored(candidates([], formats, n_layers), 0, [at])
     latency = {r["formats"][0]: r["p50_ms"] for r in uniform}
     steps = path({f: shares(rows, f, n_layers) for f in formats}, latency)
-    more, _ = measured(candidates(steps, [], n_layers), batches, [at], ref)
-    cands = uniform + more
+    cands = uniform + scored(candidates(steps, [], n_layers), 0, [at])
     drop = None if ab["latency_budget_ms"] is not None else (ab["max_top1_drop_pt"] or 0.0)
     choice = choose(cands, at, ab["latency_budget_ms"], drop)
     fastest = min(latency, key=latency.get)
     pool = [Candidate(f"uniform_{f}", [f] * n_layers) for f in formats]
     pool += heuristics(fastest, n_layers, (size_choices or {}).get(fastest))
     pool.append(Candidate(choice["budget"], choice["formats"]))
-    hits.clear()
-    checks, _ = measured(pool, verify_batches, list(ev["latency_batch_sizes"]))
+    checks = scored(pool, 1, sizes)
+    hits = {c.name: (build(c)[0][1].argmax(1) == labels[1]).astype(float) for c in pool}
     for r in checks:  # the choice minus each configuration, on the same held-out images
         d = metrics.paired_bootstrap_diff(hits[choice["budget"]], hits[r["choice"]], seed=seed)
         r.update(zip(("vs_choice_pt", "vs_choice_lo_pt", "vs_choice_hi_pt"), (100 * v for v in d)))
     return {"candidates": cands, "choice": choice, "checks": checks, "latency_batch_size": at,
-            "verify_split": ab["verify_split"]}
+            "verify_split": ab["verify_split"], "builds": len(built)}
 
 
 def summary(formats: list[str]) -> str:
