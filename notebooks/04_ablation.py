@@ -43,7 +43,9 @@ display(Markdown(f"**run** `{run_dir.name}` · **device** `{device}` · **split*
 
 # %%
 # With ablation.processes > 1 the configurations are spread over that many processes (one GPU each).
-records = ablation.sweep_for_run(checkpoint, settings, base_quant, params, batches, device)
+# Kept in the step's resume folder: a study stopped by `--time-limit` resumes after the sweep.
+records = runs.kept(run_dir, "ablation", "sweep.json",
+                    lambda: ablation.sweep_for_run(checkpoint, settings, base_quant, params, batches, device))
 runs.write_json(runs.path(run_dir, "sensitivity"), records)
 rows = pd.DataFrame(records)
 rows.to_csv(runs.path(run_dir, "sensitivity_table"), index=False)
@@ -94,9 +96,10 @@ plots.save(plots.pareto(rows, choices), out / "pareto.png");
 
 # %%
 verify_batches = list(ds.loader(verify, params["eval"]["batch_size"]))
-checks = [c for choice in choices.values()
-          for c in ablation.check_choice(checkpoint, settings, base_quant, choice, records, verify_batches, device,
-                                         params["seed"])]
+checks = runs.kept(run_dir, "ablation", "checks.json", lambda: [
+    c for choice in choices.values()
+    for c in ablation.check_choice(checkpoint, settings, base_quant, choice, records, verify_batches, device,
+                                   params["seed"])])
 runs.write_json(runs.path(run_dir, "choice"), {"choices": choices, "verify_split": verify, "checks": checks})
 pd.DataFrame(checks).set_index(["quant", "comparison", "config"])[[
     "footprint_mb", "top1", "top1_lo", "top1_hi", "d_top1", "d_top1_lo", "d_top1_hi", "kl", "d_kl", "d_kl_lo",
@@ -121,15 +124,15 @@ display(Markdown(f"On the {verify} split ({checks[0]['n']} images):\n\n"
 # the size-budget choice, at every `eval.latency_batch_sizes`, and written as a params file.
 
 # %%
-study = (mixed.study(checkpoint, settings, params, records, batches, verify_batches, device, choices)
-         if budgets["formats"] else None)
+study = (mixed.study(checkpoint, settings, params, records, batches, verify_batches, device, choices,
+                     keep=runs.resume_folder(run_dir, "ablation") / "mixed") if budgets["formats"] else None)
 runs.write_json(runs.path(run_dir, "mixed_formats"), study or {"candidates": [], "choice": None, "checks": []})
 if study:
     mixed.write_params(out, params, study["choice"], checkpoint)
     display(pd.DataFrame(study["candidates"]).set_index("choice")[["p50_ms", "top1", "top1_delta_pt", "kl"]].round(4))
     checked = pd.DataFrame(study["checks"]).assign(model=lambda d: d["choice"])
     for size in params["eval"]["latency_batch_sizes"]:
-        plots.save(plots.accuracy_vs_latency(checked, size), out / f"mixed_formats_bs{size}.png")
+        plots.save(plots.accuracy_vs_latency(checked, size, front=True), out / f"mixed_formats_bs{size}.png")
     display(Markdown(mixed.verdict(study)))
 else:
     display(Markdown("`ablation.formats` is empty: no per-layer format choice was made."))

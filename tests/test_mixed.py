@@ -160,3 +160,27 @@ def test_a_written_mix_and_a_qat_run_go_through_vitlab_run(wide, tmp_path):
     saved = models.load_checkpoint(runs.path(run_dir, "checkpoint"), models.ModelSettings(
         id=None, dtype=torch.bfloat16, attention="sdpa", config=WIDE), CPU)
     assert all(type(saved.get_submodule(n)) is nn.Linear for n in models.block_linears(saved))  # stripped, 16-bit
+
+
+def test_a_study_stopped_at_the_time_limit_keeps_its_builds_and_resumes_there(wide, batches, tmp_path, monkeypatch):
+    from vitlab import quant, runs
+    from vitlab.errors import TimeLimitReached
+
+    path, settings = wide
+    nf4 = quant.QuantSettings(bits=4, type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    rows = ablation.sweep(path, settings, nf4, ["w2a16"], batches, CPU)
+    params = config.resolve("params/offline.yaml", [f"model.id={path}", "finetune.method=none", "quant.bits=16",
+                                                    "ablation.quant_types=[w2a16]", "ablation.formats=[w2a16]",
+                                                    "ablation.latency_batch_size=8", "eval.latency_batch_sizes=[8]",
+                                                    "eval.warmup=1", "eval.iters=2"])
+    keep = tmp_path / "kept"
+    monkeypatch.setenv(runs.DEADLINE_ENV, "0")  # long past: only the first build starts
+    with pytest.raises(TimeLimitReached, match="1 builds measured and kept"):
+        mixed.study(path, settings, params, rows, batches, batches, CPU, keep=keep)
+    (first,) = keep.glob("*.npz")
+    kept_p50 = float(__import__("numpy").load(first)["p50"][0])
+    monkeypatch.delenv(runs.DEADLINE_ENV)
+    got = mixed.study(path, settings, params, rows, batches, batches, CPU, keep=keep)
+    ref = next(r for r in got["candidates"] if r["choice"] == "uniform_16bit")
+    assert ref["p50_ms"] == kept_p50  # read back, not measured again
+    assert len(list(keep.glob("*.npz"))) == got["builds"] >= 2

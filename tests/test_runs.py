@@ -184,3 +184,11 @@ def test_speed_variant_runs_through_the_evaluate_step(tmp_path):
     assert {r["model"] for r in res["latency"]} == {a["model"], b["model"]}
 
 
+
+
+def test_a_kept_intermediate_result_is_computed_once_and_read_back(tmp_path):
+    calls = []
+    compute = lambda: calls.append(1) or {"rows": [1, 2]}  # noqa: E731
+    assert runs.kept(tmp_path, "ablation", "sweep.json", compute) == {"rows": [1, 2]}
+    assert runs.kept(tmp_path, "ablation", "sweep.json", compute) == {"rows": [1, 2]} and calls == [1]
+    assert (runs.resume_folder(tmp_path, "ablation") / "sweep.json").is_file()

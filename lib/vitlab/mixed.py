@@ -14,13 +14,16 @@ the size-budget choice, with paired intervals, at every latency batch size.
 """
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from . import ablation, bench, infer, metrics, models, speed
+from . import ablation, bench, infer, metrics, models, runs, speed
+from .errors import TimeLimitReached
 from .settings import FP8_ACTIVATIONS, Speed
 
 SIXTEEN = "16bit"
@@ -150,11 +153,44 @@ def heuristics(fastest: str, n_layers: int, size_choice: dict | None) -> list[Ca
     return out
 
 
+def _key(formats: tuple) -> str:
+    return hashlib.sha1(",".join(formats).encode()).hexdigest()[:16]
+
+
+def _kept(keep: Path | None, formats: tuple):
+    """A build measured before the study was stopped, or None."""
+    path = keep / f"{_key(formats)}.npz" if keep is not None else None
+    if path is None or not path.is_file():
+        return None
+    got = np.load(path)
+    return [got["valid"], got["verify"]], dict(zip(got["sizes"].tolist(), got["p50"].tolist()))
+
+
+def _timed_build(c: Candidate, run, keep: Path | None, pace: list[float]):
+    """`run()` unless it would, at the last build's pace (`pace`: every build's seconds so far), end after
+    `vitlab run --time-limit`'s deadline: then TimeLimitReached, the builds so far kept for --resume."""
+    done = len(pace)
+    if pace and runs.seconds_left() < 1.5 * pace[-1] + 5:
+        raise TimeLimitReached(f"stopped at the time limit before building '{c.name}' ({done} builds measured and "
+                               "kept): `vitlab run --resume` continues the study there")
+    t0 = time.monotonic()
+    (valid, verify), p50 = got = run()
+    pace.append(time.monotonic() - t0)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        np.savez(keep / f"{_key(tuple(c.formats))}.npz", valid=valid, verify=verify,
+                 sizes=np.array(list(p50)), p50=np.array(list(p50.values())))
+    return got
+
+
 def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], rows: list[dict], batches: list,
-          verify_batches: list, device: torch.device, size_choices: dict[str, dict] | None = None) -> dict[str, Any]:
+          verify_batches: list, device: torch.device, size_choices: dict[str, dict] | None = None,
+          keep: Path | None = None) -> dict[str, Any]:
     """The whole mixed choice of the ablation step: uniform formats timed, the path, candidates measured on
     `batches` at ablation.latency_batch_size, the choice, and the check on `verify_batches` at every
-    eval.latency_batch_sizes. Returns {"candidates", "choice", "checks"} (flat rows)."""
+    eval.latency_batch_sizes. Returns {"candidates", "choice", "checks"} (flat rows). With `keep` (a folder:
+    the step's resume folder), every build's measurements are kept there, and a study that finds them
+    (the same run resumed) measures only what is missing."""
     ab, ev, base = params["ablation"], params["eval"], Speed.of(params["speed"])
     n_layers = max(int(r["layer"]) for r in rows if r["kind"] == "single layer") + 1
     formats = list(dict.fromkeys([SIXTEEN, *ab["formats"]]))
@@ -163,16 +199,20 @@ def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], ro
     sizes = sorted({at, *ev["latency_batch_sizes"]})
     labels = [np.concatenate([np.asarray(y) for _, y in on]) for on in (batches, verify_batches)]
     built: dict[tuple, tuple[list[np.ndarray], dict[int, float]]] = {}
+    pace: list[float] = []
 
     def build(c: Candidate) -> tuple[list[np.ndarray], dict[int, float]]:
-        """Each distinct assignment built and compiled once: its logits on both splits, every latency."""
-        if tuple(c.formats) not in built:
-            built[tuple(c.formats)] = measure(checkpoint, settings, base, c, [batches, verify_batches], batches, device,
-                                              sizes, ev["warmup"], ev["iters"])
-            (valid, _), p50 = built[tuple(c.formats)]
+        """Each distinct assignment built and compiled once: its logits on both splits, every latency
+        (kept in `keep`, so a stopped study continues where it stopped)."""
+        key = tuple(c.formats)
+        if key not in built:
+            built[key] = _kept(keep, key) or _timed_build(c, lambda: measure(
+                checkpoint, settings, base, c, [batches, verify_batches], batches, device, sizes, ev["warmup"],
+                ev["iters"]), keep, pace)
+            (valid, _), p50 = built[key]
             print(f"mixed: {c.name}: top-1 {(valid.argmax(1) == labels[0]).mean():.4f} on {ab['split']}, "
-                  + ", ".join(f"bs{b} {ms:.3f} ms" for b, ms in p50.items()), flush=True)
-        return built[tuple(c.formats)]
+                  + ", ".join(f"bs{b} {ms:.3f} ms" for b, ms in p50.items()) + f" ({summary(c.formats)})", flush=True)
+        return built[key]
 
     def scored(cands: list[Candidate], split: int, at_sizes: list[int]) -> list[dict]:
         ref = build(Candidate(f"uniform_{SIXTEEN}", [SIXTEEN] * n_layers))[0][split]
@@ -185,7 +225,8 @@ def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], ro
     cands = uniform + scored(candidates(steps, [], n_layers), 0, [at])
     drop = None if ab["latency_budget_ms"] is not None else (ab["max_top1_drop_pt"] or 0.0)
     choice = choose(cands, at, ab["latency_budget_ms"], drop)
-    fastest = min(latency, key=latency.get)
+    # The heuristics keep layers of the fastest quantized format in 16-bit (of 16-bit itself they keep nothing).
+    fastest = min((f for f in latency if f != SIXTEEN), key=latency.get, default=SIXTEEN)
     pool = [Candidate(f"uniform_{f}", [f] * n_layers) for f in formats]
     pool += heuristics(fastest, n_layers, (size_choices or {}).get(fastest))
     pool.append(Candidate(choice["budget"], choice["formats"]))
@@ -209,7 +250,11 @@ def verdict(study: dict[str, Any]) -> str:
     at, choice = study["latency_batch_size"], study["choice"]
     rows = [r for r in study["checks"] if r["batch_size"] == at]
     mine = next(r for r in rows if r["choice"] == choice["budget"])
-    lines = [f"**{choice['budget']}** on {study['verify_split']} ({mine['n']} images), batch {at}: "
+    ref = next(r for r in rows if r["choice"] == f"uniform_{SIXTEEN}")
+    quick = [r["choice"] for r in rows if r["choice"].startswith("uniform_") and r["p50_ms"] < ref["p50_ms"]]
+    lines = [] if quick else [f"No format runs faster than 16-bit at batch {at} on this speed path: the choice is "
+                              "16-bit everywhere.\n"]
+    lines += [f"**{choice['budget']}** on {study['verify_split']} ({mine['n']} images), batch {at}: "
              f"{summary(mine['formats'])}: {mine['p50_ms']:.3f} ms, top-1 {mine['top1']:.4f} "
              f"({mine['top1_delta_pt']:+.2f} pt vs 16-bit [{mine['delta_lo_pt']:+.2f}, {mine['delta_hi_pt']:+.2f}])"]
     for r in rows:

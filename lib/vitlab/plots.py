@@ -60,11 +60,19 @@ def validation_curves(histories: dict[str, list[dict]], legend_title: str | None
 
 
 @_styled
-def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int) -> plt.Figure:
+def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int, front: bool = False) -> plt.Figure:
     """top-1 (with its bootstrap 95% interval) against p50 latency at one batch size; one point per model.
-    The latency axis starts at 0, so distances read as ratios."""
+    The latency axis starts at 0, so distances read as ratios. `front`: a grey step line through the
+    Pareto front (no other point is both faster and more accurate)."""
     d = rows[rows["batch_size"] == batch_size]
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    if front:
+        best, line = -1.0, []
+        for _, r in d.sort_values(["p50_ms", "top1"], ascending=[True, False]).iterrows():
+            if r["top1"] > best:
+                line.append((r["p50_ms"], r["top1"]))
+                best = r["top1"]
+        ax.step(*zip(*line), where="post", color="0.6", lw=1.5, zorder=0, label="Pareto front")
     markers = "osDX^vP*"
     for (i, (_, r)), color in zip(enumerate(d.iterrows()), sns.color_palette(n_colors=len(d))):
         ax.errorbar(r["p50_ms"], r["top1"], yerr=[[r["top1"] - r["top1_lo"]], [r["top1_hi"] - r["top1"]]],

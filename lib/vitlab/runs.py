@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -101,6 +102,23 @@ def resume_folder(run_dir: str | Path, step: str) -> Path:
     """Where a step keeps what lets a re-run continue (finetune's per-epoch state): not a product, kept
     when the step fails or is stopped, removed when it finishes."""
     return Path(run_dir) / ".resume" / step
+
+
+def kept(run_dir: str | Path, step: str, name: str, compute) -> Any:
+    """`compute()`'s JSON result, kept in the step's resume folder as `name`: a re-run of the stopped or
+    failed step (--resume) reads it back instead of computing it again."""
+    path = resume_folder(run_dir, step) / name
+    if path.is_file():
+        print(f"{step}: {name} from the stopped run's kept state", flush=True)
+        return read_json(path)
+    value = compute()
+    write_json(path, value)
+    return value
+
+
+def seconds_left() -> float:
+    """Seconds until `vitlab run --time-limit`'s deadline (infinite without one)."""
+    return float(os.environ.get(DEADLINE_ENV) or "inf") - time.time()
 
 
 def done(run_dir: str | Path, step: str) -> bool:
