@@ -41,6 +41,38 @@ def test_layer_formats_put_each_layer_in_its_own_format_in_one_model(wide, batch
     assert sped(pixel_values=batches[0][0].to(torch.bfloat16)).logits.isfinite().all()
 
 
+def test_a_mixed_model_computes_what_its_layers_compute_alone(wide, batches):
+    """Each layer of the mixed model is exactly the twin `make_linear` builds for its format, calibrated
+    on the same images: the logits are those of a model assembled by hand."""
+    path, settings = wide
+    x = batches[0][0].to(torch.bfloat16)
+    formats = ["w3a16", "fp8", "16bit"]
+    sped = speed.apply(models.load_checkpoint(path, settings, CPU), Speed(layer_formats=formats), batches)
+    by_hand = models.load_checkpoint(path, settings, CPU)
+    names = models.block_linears(by_hand)
+    amax = lowbit.input_amax(by_hand, names, batches, Speed().calibration_batches)
+    for name in names:
+        fmt = formats[int(name.split(".")[2])]  # vit.layers.<i>.attention.q_proj
+        if fmt != "16bit":
+            by_hand.set_submodule(name, lowbit.make_linear(fmt, by_hand.get_submodule(name), amax[name]))
+    with torch.no_grad():
+        assert torch.equal(sped(pixel_values=x).logits, by_hand(pixel_values=x).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, CUDA-graphed mixed model needs a CUDA GPU")
+def test_the_compiled_graphed_mixed_model_matches_its_eager_self(wide, batches):
+    path, settings = wide
+    gpu = torch.device("cuda")
+    on_gpu = [(x.to(gpu), y) for x, y in batches]
+    formats = Speed(layer_formats=["w4a8", "16bit", "fp8"], fuse_qkv=True, patch_matmul=True, fp8_gemm="triton")
+    eager = speed.apply(models.load_checkpoint(path, settings, gpu), formats, on_gpu)
+    fast = speed.apply(models.load_checkpoint(path, settings, gpu), formats.replace(compile="model", cuda_graph=True), on_gpu)
+    x = on_gpu[0][0].to(torch.bfloat16)
+    with torch.no_grad():
+        ref, got = eager(pixel_values=x).logits.float(), fast(pixel_values=x).logits.float()
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 def test_fewer_weight_bits_use_fewer_levels_of_the_same_storage():
     torch.manual_seed(0)
     weight = torch.randn(8, 256)

@@ -75,11 +75,13 @@ def check_data(p: Params) -> None:
 def check(p: Params) -> None:
     """What would fail only inside a step, checked before any: the device, its attention kernel, CUDA graphs,
     one GPU per process. Fast on a machine without a GPU; with one, torch answers."""
+    # evaluate runs the speed path, and so does the ablation's mixed choice (ablation.formats)
+    sped = "evaluate" in p.steps or ("ablation" in p.steps and bool(p.ablation.formats))
     wants_gpu = [reason for needed, reason in (
         (p.model.attention in GPU_ONLY_ATTENTION, f"attention '{p.model.attention}'"),
         (p.finetune.cuda_graph and "finetune" in p.steps, "finetune.cuda_graph (the training step as a CUDA graph)"),
-        (p.speed.cuda_graph and "evaluate" in p.steps, "speed.cuda_graph (the forward replayed as a CUDA graph)"),
-        (p.speed.fp8_gemm == "triton" and "evaluate" in p.steps, "speed.fp8_gemm: triton (vitlab's GPU kernel)"),
+        (p.speed.cuda_graph and sped, "speed.cuda_graph (the forward replayed as a CUDA graph)"),
+        (p.speed.fp8_gemm == "triton" and sped, "speed.fp8_gemm: triton (vitlab's GPU kernel)"),
         (p.device.startswith("cuda"), f"device '{p.device}'")) if needed]
     if p.model.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ParamsError("attention 'flash_attention_2' needs the flash-attn package, which is not installed: "
