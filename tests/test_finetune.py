@@ -8,6 +8,7 @@ import transformers
 from peft import PeftModel
 
 from vitlab import data, finetune, models, training
+from vitlab.errors import RunError
 
 CPU = torch.device("cpu")
 
@@ -270,3 +271,33 @@ def test_a_planted_pickle_in_a_kept_training_state_is_refused_not_run(params, ch
         training.train(finetune.build(settings, p["finetune"], digits_data.class_names, CPU), _few_images(digits_data),
                        _few_images(digits_data), p["finetune"], CPU, checkpoint=state)
     assert not mark.exists()
+
+
+def test_a_teacher_is_followed_as_far_as_distill_alpha_says(params, checkpoint, digits_data, f32):
+    """DeiT's hard distillation: with distill_alpha 1 the student learns the teacher's answers (a random-init
+    teacher, so they are not the labels); with 0, the labels."""
+    p, settings = _cfg(params, checkpoint, "full")
+    x, y = next(iter(digits_data.loader("train", 128)))
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    teacher = training.teacher(training.Finetune.of(p["finetune"] | {"teacher": checkpoint}), 10, CPU)
+    with torch.no_grad():
+        taught = teacher(pixel_values=x).logits.argmax(1)
+    assert (taught != y).float().mean() > 0.5  # a teacher that disagrees with the labels
+    agree = {}
+    for alpha in (0.0, 1.0):
+        transformers.set_seed(1)  # not the teacher's initial weights
+        model = finetune.build(models.ModelSettings(id=None, dtype=torch.float32, attention="sdpa", config=f32.config),
+                               p["finetune"] | {"method": "full"}, digits_data.class_names, CPU)
+        training.train(model, batches, batches[:1], p["finetune"] | {"method": "full", "epochs": 8, "lr": 2e-3,
+                       "teacher": checkpoint, "distill_alpha": alpha, "warmup_ratio": 0.0}, CPU, num_classes=10)
+        with torch.no_grad():
+            out = model(pixel_values=x).logits.argmax(1)
+        agree[alpha] = ((out == taught).float().mean().item(), (out == y).float().mean().item())
+    assert agree[1.0][0] > agree[0.0][0] and agree[1.0][0] > 0.6  # follows the teacher
+    assert agree[0.0][1] > agree[1.0][1]  # follows the labels
+
+
+def test_a_teacher_of_other_classes_is_refused(params, checkpoint):
+    p, _ = _cfg(params, checkpoint, "full")
+    with pytest.raises(RunError, match="same classes"):
+        training.teacher(training.Finetune.of(p["finetune"] | {"teacher": checkpoint}), 7, CPU)

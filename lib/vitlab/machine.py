@@ -47,7 +47,7 @@ def check_imagefolder(root: Path) -> None:
                         f"again under other labels); remove it")
 
 
-def check_checkpoint(path: str | Path) -> None:
+def check_checkpoint(path: str | Path, key: str = "model.id") -> None:
     """A local checkpoint folder's problems named before transformers meets them (its words for these are
     "Repo id must be in the form ...", "Unrecognized model", or a pickle loaded where safetensors were meant).
     A name that is not a path (a hub id like org/name) passes: the hub answers for it."""
@@ -55,7 +55,7 @@ def check_checkpoint(path: str | Path) -> None:
     if not path.is_dir():
         if path.is_absolute() or len(path.parts) > 2 or path.suffix:
             raise ModelError(f"checkpoint folder {path} does not exist (a step that made it did not finish, or it "
-                             "was moved): re-run the step that writes it, or give model.id an existing folder")
+                             f"was moved): re-run the step that writes it, or give {key} an existing folder")
         return
     missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
     if missing:
@@ -104,6 +104,8 @@ def check(p: Params) -> None:
     check_data(p)
     if p.model.id is not None:
         check_checkpoint(p.model.id)
+    if p.finetune.teacher is not None and "finetune" in p.steps:
+        check_checkpoint(p.finetune.teacher, "finetune.teacher")
     if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
         import torch
 

@@ -185,6 +185,8 @@ class Finetune(Section):
     full_size_epochs: int = rule(*NON_NEGATIVE)
     checkpoint_minutes: float = rule(lambda v: v >= 0, "0 (every epoch) or more")
     qat_format: Union[LayerFormat, None]  # method qat: the format fake-quantized in training (speed runs the same)
+    teacher: Union[str, None]  # a checkpoint trained on the same classes: its predictions are a second target
+    distill_alpha: float = rule(lambda v: 0 <= v <= 1, "the teacher's share of the loss, 0 to 1 (0.5 is DeiT's)")
     lora: Lora
 
     def __post_init__(self) -> None:

@@ -87,6 +87,17 @@ class TrainStep:
         self.device, self.max_grad_norm, self.label_smoothing = device, ft.max_grad_norm, ft.label_smoothing
         self.accumulate = ft.accumulate
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.teacher, self.alpha = None, ft.distill_alpha  # `teacher` set by _setup when ft.teacher names one
+
+    def loss(self, out: torch.Tensor, x: torch.Tensor, target: torch.Tensor, other_size: bool) -> torch.Tensor:
+        """Cross-entropy on the (smoothed, mixed) labels; with a teacher, DeiT's hard distillation: the
+        teacher's top class on the same augmented images is a second target, weighted `alpha`."""
+        loss = nn.functional.cross_entropy(out.float(), target, label_smoothing=self.label_smoothing)
+        if self.teacher is None:
+            return loss
+        with torch.no_grad():
+            taught = _logits(self.teacher, x, other_size).argmax(1)
+        return (1 - self.alpha) * loss + self.alpha * nn.functional.cross_entropy(out.float(), taught)
 
     def compute(self, x: torch.Tensor, target: torch.Tensor, other_size: bool, graphed: bool = False):
         """With `accumulate` k the batch is k micro-batches, each backpropagated at its share of the batch
@@ -102,7 +113,7 @@ class TrainStep:
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                                     cache_enabled=not graphed):
                     out = _logits(self.model, xi, other_size)
-                    loss = nn.functional.cross_entropy(out.float(), ti, label_smoothing=self.label_smoothing)
+                    loss = self.loss(out, xi, ti, other_size)
                 (self.scaler.scale(loss * share) if self.scaler is not None else loss * share).backward()
             losses.append(loss.detach() * share)
             logits.append(out.detach())
@@ -257,9 +268,20 @@ def _setup(model: nn.Module, ft: Finetune, steps: int, device: torch.device, num
     # Validation runs the plain module: one compiled graph per training shape is enough.
     stepped = torch.compile(stepped) if ft.compile else stepped
     step = (CudaGraphStep if ft.cuda_graph else TrainStep)(stepped, optimizer, scheduler, ft, amp, scaler, ema, device)
+    step.teacher = teacher(ft, num_classes, device) if ft.teacher else None
     return _Setup(step, stepped, ema.module if ema is not None else model,
                   {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": scaler},
                   amp, _mixer(ft, num_classes) if num_classes else None)
+
+
+def teacher(ft: Finetune, num_classes: int | None, device: torch.device) -> nn.Module:
+    """ft.teacher, frozen, in bf16 on a GPU (float32 on the CPU), refused unless it has this data's classes."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = models.load_checkpoint(ft.teacher, models.ModelSettings(id=ft.teacher, dtype=dtype, attention="sdpa"), device)
+    if num_classes is not None and model.config.num_labels != num_classes:
+        raise RunError(f"finetune.teacher {ft.teacher} has {model.config.num_labels} classes, this data {num_classes}: "
+                       "a teacher must be trained on the same classes")
+    return model.requires_grad_(False).eval()
 
 
 def _row(epoch: int, tr: dict, va: dict, seconds: float, batches, setup: _Setup, device: torch.device) -> dict:
