@@ -287,7 +287,7 @@ def mixed_section(compiled: str = "mixed_formats_h200_compiled_partial.json",
                                                      for b in uni.columns}} for c in uni.index]
     g = load(graph)
     checks = [r for r in _mixed_checks(g["rows"]) if r["batch_size"] == 256]
-    gout = [{"choice": r["choice"], "formats": ", ".join(f"{f} x{r['formats'].count(f)}" for f in dict.fromkeys(r["formats"])),
+    gout = [{"choice": r["choice"], "formats": fmt.formats(r["formats"]),
              "ms": fmt.ms(r["p50_ms"]), "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
              "delta": fmt.pt(*(r[k] / 100 for k in ("top1_delta_pt", "delta_lo_pt", "delta_hi_pt")))} for r in checks]
     return ("Formats per layer under a budget (`ablation.formats`, notebook 04, `params/flowers_mixed.yaml`) on the "

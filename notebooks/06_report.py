@@ -20,9 +20,10 @@ runs_root = "runs"
 # %%
 from pathlib import Path
 
+import pandas as pd
 from IPython.display import Image, Markdown, display
 
-from vitlab import ablation, plots, report, runs
+from vitlab import ablation, mixed, plots, report, runs
 
 sources = [Path(r) for r in run_dirs] if run_dirs else runs.list_runs(runs_root)
 data = report.collect(sources)
@@ -123,3 +124,18 @@ if not data.sensitivity.empty:
 # %%
 for run, checks in data.checks.items():
     display(Markdown(f"**{run}**\n\n" + "\n".join(f"- {line}" for line in ablation.verdicts(checks))))
+
+# %% [markdown]
+# ## Formats per layer under a budget
+# For each run whose ablation made the per-layer format choice (`ablation.formats`): every configuration
+# checked on held-out images, accuracy against latency at the batch size it was chosen at (grey: the
+# Pareto front), and the verdict against the uniform formats and the heuristics, with paired intervals.
+
+# %%
+for run, study in data.mixed.items():
+    checked = pd.DataFrame(study["checks"]).assign(model=lambda d: d["choice"])
+    fig = plots.accuracy_vs_latency(checked, study["latency_batch_size"], front=True)
+    fig.axes[0].set_title(f"formats per layer, {run}, batch {study['latency_batch_size']}")
+    keep(fig, f"mixed_formats_{run}.png")
+    display(Markdown(mixed.verdict(study)))
+

@@ -47,3 +47,8 @@ def rate(x, unit: str = "img/s") -> str:
 
 def ratio(x) -> str:
     return "–" if _missing(x) else f"{x:.2f}x"
+
+
+def formats(per_layer: list[str]) -> str:
+    """Formats per layer in a few words: ['fp8', 'fp8', '16bit'] -> 'fp8 x2, 16bit x1'."""
+    return ", ".join(f"{f} x{per_layer.count(f)}" for f in dict.fromkeys(per_layer))

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from . import ablation, bench, infer, metrics, models, runs, speed
+from . import ablation, bench, fmt, infer, metrics, models, runs, speed
 from .errors import TimeLimitReached
 from .settings import FP8_ACTIVATIONS, Speed
 
@@ -211,7 +211,7 @@ def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], ro
                 ev["iters"]), keep, pace)
             (valid, _), p50 = built[key]
             print(f"mixed: {c.name}: top-1 {(valid.argmax(1) == labels[0]).mean():.4f} on {ab['split']}, "
-                  + ", ".join(f"bs{b} {ms:.3f} ms" for b, ms in p50.items()) + f" ({summary(c.formats)})", flush=True)
+                  + ", ".join(f"bs{b} {ms:.3f} ms" for b, ms in p50.items()) + f" ({fmt.formats(c.formats)})", flush=True)
         return built[key]
 
     def scored(cands: list[Candidate], split: int, at_sizes: list[int]) -> list[dict]:
@@ -239,11 +239,6 @@ def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], ro
             "verify_split": ab["verify_split"], "builds": len(built)}
 
 
-def summary(formats: list[str]) -> str:
-    """['fp8', 'fp8', '16bit'] -> 'fp8 x2, 16bit x1'."""
-    return ", ".join(f"{f} x{formats.count(f)}" for f in dict.fromkeys(formats))
-
-
 def verdict(study: dict[str, Any]) -> str:
     """The check in sentences: each configuration's latency and top-1 at the choice's batch size, against
     the choice (a paired difference whose interval holds 0 is a tie)."""
@@ -255,7 +250,7 @@ def verdict(study: dict[str, Any]) -> str:
     lines = [] if quick else [f"No format runs faster than 16-bit at batch {at} on this speed path: the choice is "
                               "16-bit everywhere.\n"]
     lines += [f"**{choice['budget']}** on {study['verify_split']} ({mine['n']} images), batch {at}: "
-             f"{summary(mine['formats'])}: {mine['p50_ms']:.3f} ms, top-1 {mine['top1']:.4f} "
+             f"{fmt.formats(mine['formats'])}: {mine['p50_ms']:.3f} ms, top-1 {mine['top1']:.4f} "
              f"({mine['top1_delta_pt']:+.2f} pt vs 16-bit [{mine['delta_lo_pt']:+.2f}, {mine['delta_hi_pt']:+.2f}])"]
     for r in rows:
         if r is mine:

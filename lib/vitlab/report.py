@@ -31,6 +31,7 @@ class Collected:
     sensitivity: pd.DataFrame = field(default_factory=pd.DataFrame)
     choices: dict[str, dict] = field(default_factory=dict)  # run label -> the ablation's choice per quant type
     checks: dict[str, list[dict]] = field(default_factory=dict)  # run label -> the choice's held-out check rows
+    mixed: dict[str, dict] = field(default_factory=dict)  # run label -> its formats-per-layer study (mixed.study)
     dirs: dict[str, Path] = field(default_factory=dict)  # run label -> its folder (readable runs only)
 
 
@@ -56,7 +57,7 @@ def collect(run_dirs: list[Path]) -> Collected:
     """Status of every run (failed and unreadable ones included) and the results of the steps that finished."""
     mans = _manifests(run_dirs)
     labels = _labels(mans)
-    status, acc, lat, prof, sens, choices, checks = [], [], [], [], [], {}, {}
+    status, acc, lat, prof, sens, choices, checks, mixed = [], [], [], [], [], {}, {}, {}
     for r, man in mans.items():
         if isinstance(man, str):
             status.append({"run": r.name, "label": labels[r], "status": man})
@@ -77,9 +78,12 @@ def collect(run_dirs: list[Path]) -> Collected:
             sens.append(pd.DataFrame(runs.read_json(runs.path(r, "sensitivity"))).assign(run=labels[r]))
             choice = runs.read_json(runs.path(r, "choice"))
             choices[labels[r]], checks[labels[r]] = choice["choices"], choice["checks"]
+            study = runs.path(r, "mixed_formats")
+            if study.is_file() and runs.read_json(study)["choice"]:  # older ablations, or no ablation.formats
+                mixed[labels[r]] = runs.read_json(study)
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     dirs = {labels[r]: r for r, man in mans.items() if isinstance(man, dict)}
-    return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens), choices, checks, dirs)
+    return Collected(pd.DataFrame(status), cat(acc), cat(lat), cat(prof), cat(sens), choices, checks, mixed, dirs)
 
 
 # --- tables for reading: formatted once here, for the report and the end-of-run summary ---------------
@@ -143,6 +147,11 @@ def summary(run_dir: Path) -> str:
         lines += [f"ablation's choice ({q}): keep {c['keep_16bit'] or 'nothing'} in 16-bit, {fmt.mb(c['footprint_mb'])}, "
                   f"valid top-1 {fmt.pct(c['top1'])}" for q, c in choices.items()]
         lines += [f"  as a params file: {p}" for p in sorted((Path(run_dir) / "ablation").glob("*_mixed.yaml"))]
+    for run, study in data.mixed.items():
+        c = study["choice"]
+        lines += [f"formats per layer ({c['budget']}): {fmt.formats(c['formats'])}, {fmt.ms(c['p50_ms'])} at batch "
+                  f"{c['batch_size']}, valid top-1 {fmt.pct(c['top1'])}"]
+        lines += [f"  as a params file: {p}" for p in sorted((Path(run_dir) / "ablation").glob("*_mixed_formats.yaml"))]
     if runs.done(run_dir, "evaluate"):
         lines += [f"every number: {runs.path(run_dir, 'results_table')}"]
     lines += ["compare runs: python -m vitlab report  (-> runs/reports/<date>_<time>/06_report.html)"]
