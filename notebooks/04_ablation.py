@@ -127,7 +127,9 @@ display(Markdown(f"On the {verify} split ({checks[0]['n']} images):\n\n"
 study = (mixed.study(checkpoint, settings, params, records, batches, verify_batches, device, choices,
                      keep=runs.resume_folder(run_dir, "ablation") / "mixed") if budgets["formats"] else None)
 runs.write_json(runs.path(run_dir, "mixed_formats"), study or {"candidates": [], "choice": None, "checks": []})
-if study:
+if study and study["choice"] is None:
+    display(Markdown(f"**No mix fits the budget.** {study['no_fit']}"))
+elif study:
     mixed.write_params(out, params, study["choice"], checkpoint)
     display(pd.DataFrame(study["candidates"]).set_index("choice")[["p50_ms", "top1", "top1_delta_pt", "kl"]].round(4))
     checked = pd.DataFrame(study["checks"]).assign(model=lambda d: d["choice"])

@@ -157,6 +157,9 @@ def test_the_choice_is_measured_under_each_budget_and_runs_as_params(wide, batch
     assert best["top1"] == max(r["top1"] for r in got["candidates"])
     with pytest.raises(ValueError, match="no measured mix fits"):
         mixed.choose(got["candidates"], 8, latency_budget_ms=1e-6)
+    tight = mixed.study(path, settings, {**params, "ablation": {**params["ablation"], "latency_budget_ms": 1e-6}},
+                        rows, batches, batches, CPU)
+    assert tight["choice"] is None and "no measured mix fits" in tight["no_fit"] and tight["candidates"]
     checks = {(r["choice"], r["batch_size"]) for r in got["checks"]}
     assert {("heuristic_first_last", 1), ("top1_budget", 8), ("uniform_w2a16", 1)} <= checks
     written = mixed.write_params(tmp_path, params, choice, path)

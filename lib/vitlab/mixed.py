@@ -9,8 +9,9 @@ measured latencies spread evenly over the layers: a cost model that only orders.
 it is then measured as it runs: `measure` builds the model on the run's speed path with
 `speed.layer_formats` (one compiled, CUDA-graphed model on a GPU, whatever the mix) and takes its top-1
 and KL on the split and its p50 latency with CUDA events. `choose` picks from measured rows only;
-`check` scores the choice on held-out images against the uniform formats, the seeds' heuristics and
-the size-budget choice, with paired intervals, at every latency batch size.
+`study` (the ablation step's whole choice) then scores it on held-out images against the uniform
+formats, the seeds' heuristics and the size-budget choice, with paired intervals, at every latency
+batch size, each distinct assignment built once and kept for a resumed run.
 """
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ class Candidate(NamedTuple):
     formats: list[str]
 
 
-def shares(rows: list[dict], fmt: str, n_layers: int) -> np.ndarray:
-    """Layer i's share of `fmt`'s KL (from the sweep's rows): what keeping it alone in 16-bit removed."""
-    if fmt == SIXTEEN:
+def shares(rows: list[dict], name: str, n_layers: int) -> np.ndarray:
+    """Layer i's share of format `name`'s KL (from the sweep's rows): what keeping it alone in 16-bit removed."""
+    if name == SIXTEEN:
         return np.zeros(n_layers)
-    mine = [r for r in rows if r["quant"] == fmt]
+    mine = [r for r in rows if r["quant"] == name]
     if not mine:
-        raise ValueError(f"the sweep has no rows for '{fmt}': add it to ablation.quant_types")
+        raise ValueError(f"the sweep has no rows for '{name}': add it to ablation.quant_types")
     base = next(r["kl"] for r in mine if r["kind"] == "all quantized")
     out = np.zeros(n_layers)
     for r in mine:
@@ -224,7 +225,11 @@ def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], ro
     steps = path({f: shares(rows, f, n_layers) for f in formats}, latency)
     cands = uniform + scored(candidates(steps, [], n_layers), 0, [at])
     drop = None if ab["latency_budget_ms"] is not None else (ab["max_top1_drop_pt"] or 0.0)
-    choice = choose(cands, at, ab["latency_budget_ms"], drop)
+    try:
+        choice = choose(cands, at, ab["latency_budget_ms"], drop)
+    except ValueError as e:  # an answer too: what was measured stays, and says what the budget would need
+        return {"candidates": cands, "choice": None, "checks": [], "no_fit": str(e), "latency_batch_size": at,
+                "verify_split": ab["verify_split"], "builds": len(built)}
     # The heuristics keep layers of the fastest quantized format in 16-bit (of 16-bit itself they keep nothing).
     fastest = min((f for f in latency if f != SIXTEEN), key=latency.get, default=SIXTEEN)
     pool = [Candidate(f"uniform_{f}", [f] * n_layers) for f in formats]
