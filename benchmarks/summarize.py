@@ -363,13 +363,26 @@ def vitl16_headline(name: str = "vitl16_flowers_h200.json") -> str:
             f"NF4's KL (`benchmarks/results/{name}`, {_device(data['meta'])}).")
 
 
+def qat_headline(name: str = "qat_h200.json") -> str:
+    """One sentence for the README: the format where post-training quantization loses most, and QAT there."""
+    rows = {(r["format"], r["method"]): r for r in load(name)["rows"]}
+    worst = min((r for r in rows.values() if r["method"] == "ptq"), key=lambda r: r["top1_delta_pt"])
+    qat = rows[(worst["format"], "qat")]
+    acts = "FP8" if worst["format"].endswith("a8") else "16-bit"
+    return (f"Where post-training quantization loses: the ViT-S/16 recipe model in {worst['format'].upper()} "
+            f"({worst['format'][1]}-bit weight codes, {acts} activations) falls {fmt.pt(worst['top1_delta_pt'] / 100, worst['delta_lo_pt'] / 100, worst['delta_hi_pt'] / 100)} "
+            f"on test; {qat['train_s']:.0f} s of QAT (`finetune.method: qat`) bring it to "
+            f"{fmt.pt(qat['top1_delta_pt'] / 100, qat['delta_lo_pt'] / 100, qat['delta_hi_pt'] / 100)} of 16-bit, "
+            f"{qat['recovered']:.0%} of the loss won back (`benchmarks/results/{name}`, {_device(load(name)['meta'])}).")
+
+
 def readme_block() -> None:
     """The README's headline table, between its markers, from the same JSON."""
     text = README.read_text()
     begin, end = "<!-- results:begin (python benchmarks/summarize.py) -->", "<!-- results:end -->"
     head, rest = text.split(begin)
     _, tail = rest.split(end)
-    README.write_text(f"{head}{begin}\n{peers_headline()}\n\n{vitl16_headline()}\n\n{flowers_headline()}\n{end}{tail}")
+    README.write_text(f"{head}{begin}\n{peers_headline()}\n\n{vitl16_headline()}\n\n{qat_headline()}\n\n{flowers_headline()}\n{end}{tail}")
 
 
 def peers_figure(name: str = "peers_h100.json") -> str:
