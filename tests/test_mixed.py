@@ -131,6 +131,10 @@ def test_the_path_changes_the_layer_that_buys_most_per_millisecond_first():
     assert steps[0] == ["fp8", "w2a16", "w2a16"]  # layer 0 to fp8 removes 0.9 for 0.1 ms
     assert steps[-1] == ["16bit", "16bit", "16bit"] or all(f != "w2a16" for f in steps[-1])
     assert all(sum(a != b for a, b in zip(x, y)) == 1 for x, y in zip(steps, steps[1:]))
+    picked = mixed.candidates(steps, ["16bit", "fp8"], 3, points=3)
+    assert [c.name for c in picked][:2] == ["uniform_16bit", "uniform_fp8"] and len(picked) <= 2 + 3
+    assert picked[2].formats == steps[0]  # the path's fast end is always among them
+    assert len(mixed.candidates(steps, ["16bit"], 3, points=0)) == 1
 
 
 def test_the_choice_is_measured_under_each_budget_and_runs_as_params(wide, batches, tmp_path, digits_data):

@@ -72,7 +72,7 @@ def candidates(steps: list[list[str]], formats: list[str], n_layers: int, points
     """Every uniform format, and `points` assignments along `path` (denser near its fast end, where a
     few layers buy most of the accuracy)."""
     out = [Candidate(f"uniform_{f}", [f] * n_layers) for f in formats]
-    if steps:
+    if steps and points:
         picks = sorted({int(round(k)) - 1 for k in np.geomspace(1, len(steps), points)})
         out += [Candidate(f"path {k + 1}", steps[k]) for k in picks]
     seen, unique = set(), []
@@ -223,7 +223,7 @@ def study(checkpoint, settings: models.ModelSettings, params: dict[str, Any], ro
     uniform = scored(candidates([], formats, n_layers), 0, [at])
     latency = {r["formats"][0]: r["p50_ms"] for r in uniform}
     steps = path({f: shares(rows, f, n_layers) for f in formats}, latency)
-    cands = uniform + scored(candidates(steps, [], n_layers), 0, [at])
+    cands = uniform + scored(candidates(steps, [], n_layers, ab["mixed_points"]), 0, [at])
     drop = None if ab["latency_budget_ms"] is not None else (ab["max_top1_drop_pt"] or 0.0)
     try:
         choice = choose(cands, at, ab["latency_budget_ms"], drop)

@@ -328,6 +328,7 @@ class Ablation(Section):
     formats: list[LayerFormat]  # the per-layer menu of the latency-measured mixed choice ([]: no such choice)
     latency_budget_ms: Union[float, None] = rule(lambda v: v is None or v > 0, "a positive latency in ms, or null")
     latency_batch_size: int = rule(*AT_LEAST_1)
+    mixed_points: int = rule(*NON_NEGATIVE)
 
     def __post_init__(self) -> None:
         if self.latency_budget_ms is not None and not self.formats:
