@@ -1,6 +1,7 @@
 """Fine-tuning: which model trains (LoRA and QLoRA through peft, full, a linear probe, QAT: full through
-fake-quantized linears (`qat`), or none: the checkpoint as it is), in one process or several data-parallel ones, and how it is saved (the adapter,
-the merged 16-bit checkpoint, the metrics). The loop itself is `training`'s."""
+fake-quantized linears (`qat`), or none: the checkpoint as it is), in one process or several
+data-parallel ones, and how it is saved (the adapter, the merged 16-bit checkpoint, the metrics). The
+loop itself is `training`'s."""
 from __future__ import annotations
 
 import json

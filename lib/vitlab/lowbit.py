@@ -235,9 +235,8 @@ def input_amax(model: nn.Module, names: list[str], batches: Any, max_batches: in
     return amax
 
 
-def _plain_linears(model: nn.Module, setting: str, layers: models.Layers | None, keep: list | str = ()) -> list[str]:
-    """The encoder-block linears but those `keep` names (quant.resolve_keep), refused unless all are the
-    16-bit model's own."""
+def _plain_linears(model: nn.Module, layers: models.Layers | None, keep: list | str = ()) -> list[str]:
+    """The encoder-block linears but those `keep` names (quant.resolve_keep)."""
     names = models.block_linears(model, layers)
     kept = set(quant.resolve_keep(model, keep, "speed.keep_16bit")) if keep else set()
     return [n for n in names if n not in kept]
@@ -281,7 +280,7 @@ def assignment(model: nn.Module, speed, layers: models.Layers | None = None) -> 
         setting = "speed.layer_formats"
     else:
         setting = "speed.fp8" if speed.fp8 == "static" else "speed.int4"
-        formats = dict.fromkeys(_plain_linears(model, setting, layers, speed.keep_16bit), speed.uniform_format)
+        formats = dict.fromkeys(_plain_linears(model, layers, speed.keep_16bit), speed.uniform_format)
     if not all(type(model.get_submodule(n)) is nn.Linear for n in formats):
         raise SpeedPathError(f"{setting} needs the 16-bit model's plain linears (quant.bits: 16, speed.torchao: none)")
     return formats
