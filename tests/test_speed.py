@@ -23,9 +23,25 @@ def test_compiling_the_linears_keeps_outputs_and_leaves_attention_eager(checkpoi
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_blocks_keep_outputs_and_like_blocks_share_one_graph(checkpoint, f32, test_batch):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = models.load_checkpoint(checkpoint, f32, CPU)
+    with torch.no_grad():
+        ref = model(pixel_values=test_batch).logits
+        speed.compiled(model, scope="blocks")
+        got = model(pixel_values=test_batch).logits
+        again = speed.compiled(models.load_checkpoint(checkpoint, f32, CPU), scope="blocks")(pixel_values=test_batch).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, ref, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1  # three blocks, two models: one graph
+
+
 def test_bad_requests_say_what_is_wrong(checkpoint, f32, test_batch):
     model = models.load_checkpoint(checkpoint, f32, CPU)
-    with pytest.raises(speed.SpeedPathError, match="choose 'model' or 'linears'"):
+    with pytest.raises(speed.SpeedPathError, match="choose 'model', 'blocks' or 'linears'"):
         speed.compiled(model, scope="layers")
     with pytest.raises(speed.SpeedPathError, match="need the model and inputs on a CUDA GPU"):
         speed.CudaGraphed(model)(pixel_values=test_batch)

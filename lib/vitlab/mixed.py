@@ -102,7 +102,8 @@ def measure(checkpoint, settings: models.ModelSettings, base: Speed, candidate: 
     logits = [infer.predict(sped, batches, device, progress=False)[0] for batches in splits]
     p50 = {b: bench.latency(sped, b, size, device, warmup, iters)["p50_ms"] for b in batch_sizes}
     del sped, model
-    torch._dynamo.reset()  # each candidate compiles its own graphs: do not let them pile up
+    if base.compile == "model":  # a whole-model graph is this candidate's alone: do not let them pile up
+        torch._dynamo.reset()  # (compiled blocks are shared by every candidate with such a block: kept)
     return logits, p50
 
 

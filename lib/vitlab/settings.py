@@ -232,7 +232,7 @@ class Speed(Section):
     """How evaluate runs the variant, applied in this order: fused q/k/v and patch matmul, low-bit
     linears (vitlab's FP8 or int4 ones, or torchao's), torch.compile, CUDA-graph replay."""
     torchao: Literal["none", "fp8", "int8dyn", "int4wo"] = "none"
-    compile: Literal["none", "model", "linears"] = "none"
+    compile: Literal["none", "model", "blocks", "linears"] = "none"
     compile_mode: Literal["default", "max-autotune"] = "default"
     cuda_graph: bool = False
     fuse_qkv: bool = False

@@ -173,8 +173,11 @@ def compiled(model: nn.Module, mode: str = "default", scope: str = "model", laye
 
     scope "model" compiles the whole forward. Traced whole, transformers' ViT hands SDPA a mask,
     which rules out the flash and cuDNN kernels and leaves a float32 math attention (most of the
-    forward: figures/h100_speed_paths.md). scope "linears" compiles each block's
-    MLP and attention projections and keeps attention eager, on the fused kernel.
+    forward: figures/h100_speed_paths.md). scope "blocks" compiles each encoder block in place
+    (regional compilation): blocks of one structure share one compiled graph, so a 24-layer model,
+    or a new model of the same blocks, compiles once per distinct block and batch size; what lies
+    between blocks (embeddings, final norm, classifier) stays eager. scope "linears" compiles each
+    block's MLP and attention projections and keeps attention eager, on the fused kernel.
     """
     if mode not in COMPILE_MODES:
         raise SpeedPathError(f"unknown compile mode '{mode}'; choose one of {list(COMPILE_MODES)}")
@@ -182,8 +185,12 @@ def compiled(model: nn.Module, mode: str = "default", scope: str = "model", laye
     mode = COMPILE_MODES[mode]
     if scope == "model":
         return torch.compile(model, mode=mode, dynamic=False)
+    if scope == "blocks":
+        for block in (layers or models.encoder_layers(model)).blocks:
+            block.compile(mode=mode, dynamic=False)
+        return model
     if scope != "linears":
-        raise SpeedPathError(f"unknown compile scope '{scope}'; choose 'model' or 'linears'")
+        raise SpeedPathError(f"unknown compile scope '{scope}'; choose 'model', 'blocks' or 'linears'")
     prefix, blocks = layers or models.encoder_layers(model)
     mlps = [f"{prefix}.{i}.{n}" for i, block in enumerate(blocks) for n, _ in block.named_modules()
             if n and models.component(n) == "mlp" and ("." not in n or models.component(n.rsplit(".", 1)[0]) != "mlp")]
