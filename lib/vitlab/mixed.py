@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import ablation, bench, fmt, infer, metrics, models, runs, speed
 from .errors import TimeLimitReached
@@ -96,7 +97,11 @@ def measure(checkpoint, settings: models.ModelSettings, base: Speed, candidate: 
     """The candidate as it runs, built once: its logits on each of `splits` (lists of batches) and its p50
     latency (ms) at each batch size. FP8 scales are calibrated on `calibration` (validation images, as
     evaluate calibrates them)."""
-    model = models.load_checkpoint(checkpoint, settings, device)
+    hf_logging.disable_progress_bar()  # one loading bar per candidate would bury the notebook's lines
+    try:
+        model = models.load_checkpoint(checkpoint, settings, device)
+    finally:
+        hf_logging.enable_progress_bar()
     size = model.config.image_size
     sped = speed.apply(model, speed_for(base, candidate.formats), calibration)
     logits = [infer.predict(sped, batches, device, progress=False)[0] for batches in splits]
