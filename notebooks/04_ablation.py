@@ -121,7 +121,9 @@ display(Markdown(f"On the {verify} split ({checks[0]['n']} images):\n\n"
 # with CUDA events. `ablation.latency_budget_ms` takes the most accurate within the budget,
 # `ablation.max_top1_drop_pt` (or, with neither, no loss at all) the fastest within that accuracy. The
 # choice is then checked on `ablation.verify_split` against the uniform formats, the seeds' heuristics and
-# the size-budget choice, at every `eval.latency_batch_sizes`, and written as a params file.
+# the size-budget choice, at every `eval.latency_batch_sizes`, and written as a params file. Every
+# build is kept in the step's resume folder: under `vitlab run --time-limit` the study stops before a
+# build that would not end in time, and `--resume` continues with the builds it has.
 
 # %%
 study = (mixed.study(checkpoint, settings, params, records, batches, verify_batches, device, choices,
