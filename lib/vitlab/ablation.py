@@ -322,10 +322,26 @@ def choose_all(rows: list[dict], ablation_params: dict[str, Any]) -> dict[str, d
     return choices
 
 
+def from_checkpoint(params: dict[str, Any], variant: str, checkpoint: str | Path) -> dict[str, Any]:
+    """The run's params as a new run `variant` of its trained `checkpoint` as it is (finetune.method none:
+    nothing is trained again), without the ablation: what every choice's params file starts from."""
+    return {**params, "variant": variant, "steps": [s for s in params["steps"] if s != "ablation"],
+            "model": {**params["model"], "id": str(Path(checkpoint).resolve()), "init": "default"},
+            "finetune": {**params["finetune"], "method": "none", "qat_format": None}}
+
+
+def write_params(folder: Path, params: dict[str, Any]) -> Path:
+    """`params` as <folder>/<its variant>.yaml, a file `vitlab run` takes."""
+    import yaml
+
+    path = folder / f"{params['variant']}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
 def mixed_params(params: dict[str, Any], choice: dict, checkpoint: str | Path) -> dict[str, Any]:
     """The run's params with the choice's format and layers kept in 16-bit (bitsandbytes' in `quant`,
-    vitlab's own in `speed`, on the run's speed path), starting from the run's trained `checkpoint` as it
-    is (finetune.method none: nothing is trained again): a params file `vitlab run` takes."""
+    vitlab's own in `speed`, on the run's speed path), from the run's trained `checkpoint`."""
     q = choice["quant"]
     if q in LOWBIT_TYPES:
         quant_part = {**params["quant"], "bits": 16, "keep_16bit": []}
@@ -336,23 +352,13 @@ def mixed_params(params: dict[str, Any], choice: dict, checkpoint: str | Path) -
     else:
         quant_part = {**params["quant"], **QUANT_TYPES[q], "keep_16bit": choice["keep_16bit"]}
         speed_part = params["speed"]
-    return {**params, "variant": f"{params['variant']}_{q}_mixed",
-            "steps": [s for s in params["steps"] if s != "ablation"],
-            "model": {**params["model"], "id": str(Path(checkpoint).resolve()), "init": "default"},
-            "finetune": {**params["finetune"], "method": "none", "qat_format": None}, "quant": quant_part,
+    return {**from_checkpoint(params, f"{params['variant']}_{q}_mixed", checkpoint), "quant": quant_part,
             "speed": speed_part}
 
 
 def write_mixed(out: Path, params: dict[str, Any], choices: dict[str, dict], checkpoint: str | Path) -> list[Path]:
     """Each choice as <out>/<variant>_<quant>_mixed.yaml; returns the files."""
-    import yaml
-
-    written = []
-    for choice in choices.values():
-        mixed = mixed_params(params, choice, checkpoint)
-        written.append(out / f"{mixed['variant']}.yaml")
-        written[-1].write_text(yaml.safe_dump(mixed, sort_keys=False))
-    return written
+    return [write_params(out, mixed_params(params, choice, checkpoint)) for choice in choices.values()]
 
 
 def sweep_for_run(checkpoint: str | Path, settings: ModelSettings, base: QuantSettings, params: dict[str, Any],

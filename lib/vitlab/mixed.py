@@ -275,12 +275,9 @@ def verdict(study: dict[str, Any]) -> str:
 
 def mixed_params(params: dict[str, Any], choice: dict, checkpoint) -> dict[str, Any]:
     """The run's params with the choice's formats per layer on its speed path, from the trained checkpoint
-    as it is (finetune.method none: nothing is trained again): a params file `vitlab run` takes."""
+    as it is: a params file `vitlab run` takes."""
     sped = speed_for(Speed.of(params["speed"]), choice["formats"])
-    return {**params, "variant": f"{params['variant']}_mixed_formats",
-            "steps": [s for s in params["steps"] if s != "ablation"],
-            "model": {**params["model"], "id": str(Path(checkpoint).resolve()), "init": "default"},
-            "finetune": {**params["finetune"], "method": "none", "qat_format": None},
+    return {**ablation.from_checkpoint(params, f"{params['variant']}_mixed_formats", checkpoint),
             "quant": {**params["quant"], "bits": 16, "keep_16bit": []},
             "speed": {**params["speed"], "fp8": "none", "int4": "none", "torchao": "none", "keep_16bit": [],
                       "fp8_gemm": sped.fp8_gemm, "layer_formats": list(sped.layer_formats)}}
@@ -288,9 +285,4 @@ def mixed_params(params: dict[str, Any], choice: dict, checkpoint) -> dict[str, 
 
 def write_params(out: Path, params: dict[str, Any], choice: dict, checkpoint) -> Path:
     """The choice as <out>/<variant>_mixed_formats.yaml."""
-    import yaml
-
-    mixed = mixed_params(params, choice, checkpoint)
-    path = out / f"{mixed['variant']}.yaml"
-    path.write_text(yaml.safe_dump(mixed, sort_keys=False))
-    return path
+    return ablation.write_params(out, mixed_params(params, choice, checkpoint))
