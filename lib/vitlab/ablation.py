@@ -445,11 +445,12 @@ def check_choice(checkpoint: str | Path, settings: ModelSettings, base: QuantSet
     return out
 
 
-def pareto_front(rows: list[dict], value: str = "top1", higher_is_better: bool = True) -> list[dict]:
-    """The rows no other row beats on both footprint (smaller) and `value`, by increasing footprint."""
+def pareto_front(rows: list[dict], value: str = "top1", higher_is_better: bool = True,
+                 cost: str = "footprint_mb") -> list[dict]:
+    """The rows no other row beats on both `cost` (smaller: footprint, latency) and `value`, by increasing cost."""
     sign = 1 if higher_is_better else -1
     front, best = [], -np.inf
-    for r in sorted(rows, key=lambda r: (r["footprint_mb"], -sign * r[value])):
+    for r in sorted(rows, key=lambda r: (r[cost], -sign * r[value])):
         if sign * r[value] > best:
             front.append(r)
             best = sign * r[value]

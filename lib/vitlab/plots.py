@@ -67,11 +67,7 @@ def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int, front: bool = False
     d = rows[rows["batch_size"] == batch_size]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if front:
-        best, line = -1.0, []
-        for _, r in d.sort_values(["p50_ms", "top1"], ascending=[True, False]).iterrows():
-            if r["top1"] > best:
-                line.append((r["p50_ms"], r["top1"]))
-                best = r["top1"]
+        line = [(r["p50_ms"], r["top1"]) for r in ablation.pareto_front(d.to_dict("records"), cost="p50_ms")]
         ax.step(*zip(*line), where="post", color="0.6", lw=1.5, zorder=0, label="Pareto front")
     markers = "osDX^vP*"
     for (i, (_, r)), color in zip(enumerate(d.iterrows()), sns.color_palette(n_colors=len(d))):
