@@ -287,11 +287,12 @@ def assignment(model: nn.Module, speed, layers: models.Layers | None = None) -> 
 
 
 def convert(model: nn.Module, formats: dict[str, str], batches: Any = None, max_batches: int = 4,
-            fp8_gemm: str = "cublas") -> nn.Module:
-    """Replace each named linear with its `make_linear` twin in its format; FP8-activation formats get the
-    largest |input| seen over `max_batches` batches of real images (the model runs them in 16-bit first)."""
+            fp8_gemm: str = "cublas", make=make_linear) -> nn.Module:
+    """Replace each named linear with `make(format, linear, input_amax, fp8_gemm)` (its `make_linear` twin, or
+    QAT's fake-quantized one); FP8-activation formats get the largest |input| seen over `max_batches`
+    batches of real images (the model runs them in 16-bit first)."""
     scaled = [n for n, f in formats.items() if f in FP8_ACTIVATIONS]
     if scaled:
         check_fp8_gpu(next(model.parameters()).device)
     amax = input_amax(model, scaled, batches, max_batches) if scaled else {}
-    return _replace(model, list(formats), lambda name, linear: make_linear(formats[name], linear, amax.get(name), fp8_gemm))
+    return _replace(model, list(formats), lambda name, linear: make(formats[name], linear, amax.get(name), fp8_gemm))

@@ -15,6 +15,7 @@ batch size, each distinct assignment built once and kept for a resumed run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def candidates(steps: list[list[str]], formats: list[str], n_layers: int, points
 def speed_for(base: Speed, formats: list[str]) -> Speed:
     """The run's speed path (compile, graphs, fused q/k/v ...) with these formats per layer."""
     gemm = base.fp8_gemm if any(f in FP8_ACTIVATIONS for f in formats) else "cublas"
-    return base.replace(fp8="none", int4="none", keep_16bit=[], fp8_gemm=gemm,
+    return base.replace(fp8="none", int4="none", torchao="none", keep_16bit=[], fp8_gemm=gemm,
                         layer_formats=[] if set(formats) == {SIXTEEN} else list(formats))
 
 
@@ -276,11 +277,9 @@ def verdict(study: dict[str, Any]) -> str:
 def mixed_params(params: dict[str, Any], choice: dict, checkpoint) -> dict[str, Any]:
     """The run's params with the choice's formats per layer on its speed path, from the trained checkpoint
     as it is: a params file `vitlab run` takes."""
-    sped = speed_for(Speed.of(params["speed"]), choice["formats"])
     return {**ablation.from_checkpoint(params, f"{params['variant']}_mixed_formats", checkpoint),
             "quant": {**params["quant"], "bits": 16, "keep_16bit": []},
-            "speed": {**params["speed"], "fp8": "none", "int4": "none", "torchao": "none", "keep_16bit": [],
-                      "fp8_gemm": sped.fp8_gemm, "layer_formats": list(sped.layer_formats)}}
+            "speed": dataclasses.asdict(speed_for(Speed.of(params["speed"]), choice["formats"]))}
 
 
 def write_params(out: Path, params: dict[str, Any], choice: dict, checkpoint) -> Path:

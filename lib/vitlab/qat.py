@@ -69,10 +69,8 @@ def prepare(model: nn.Module, fmt: str, batches: Any, max_batches: int = 4) -> n
     names = models.block_linears(model)
     if not all(type(model.get_submodule(n)) is nn.Linear for n in names):
         raise SpeedPathError("finetune.method qat fake-quantizes the model's plain linears (a full fine-tune)")
-    amax = lowbit.input_amax(model, names, batches, max_batches) if fmt in lowbit.FP8_ACTIVATIONS else {}
-    for name in names:
-        model.set_submodule(name, FakeQuantLinear(model.get_submodule(name), fmt, amax.get(name)))
-    return model
+    return lowbit.convert(model, dict.fromkeys(names, fmt), batches, max_batches,
+                          make=lambda fmt, linear, amax, _gemm: FakeQuantLinear(linear, fmt, amax))
 
 
 def strip(model: nn.Module) -> nn.Module:
