@@ -4,6 +4,11 @@
         --time-limit 9m                                   # then --resume RUN --time-limit 9m until it exits 0
     python benchmarks/run.py vitl16_flowers variants RUN --set data.root=DIR    # one `vitlab run` per variant
     python benchmarks/run.py vitl16_flowers collect RUN VARIANT_RUN ...         # -> results/vitl16_flowers_<device>.json
+    python benchmarks/run.py vitl16_flowers start SMALL_CHECKPOINT --set data.root=DIR   # what growing starts from
+
+`start` scores the ViT-S checkpoint that params/flowers_vitl16.yaml grows from, and the ViT-L/16 grown
+from it both ways (model.grow_depth copies and identity) before any training, on valid and test: what
+growing gives before fine-tuning adds anything.
 
 `variants` runs each of VARIANTS from the trained run's checkpoint (finetune.method none) through
 quantize and evaluate; ABLATION's variants also run the ablation (bitsandbytes' formats on the NF4 run,
@@ -127,6 +132,35 @@ def transfer_rows(run_dir: Path) -> list[dict]:
              "peak_vram_mb": train["peak_vram_mb"], "s_per_epoch": train["s_per_epoch"], "run": run_dir.name}]
 
 
+def start(args) -> Path:
+    import torch
+
+    from vitlab import config, data, finetune, infer, metrics, models
+
+    small, t0 = args.paths[0], time.time()
+    params = config.resolve(runs.REPO_ROOT / "params/flowers_vitl16.yaml", [f"model.grow_from={small}", *args.set])
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    ds = data.for_checkpoint(params["data"] | {"pipeline": "pil"}, params["seed"], small)
+    settings = models.ModelSettings.from_params(params["model"])
+    built = {"small": lambda: models.load_checkpoint(small, models.ModelSettings(small, torch.bfloat16, "sdpa"), device)}
+    for depth in ("copies", "identity"):
+        built[f"grown_{depth}"] = lambda depth=depth: finetune.build(
+            models.ModelSettings(None, torch.float32, "sdpa", settings.config, settings.init, settings.grow_from, depth),
+            params["finetune"] | {"method": "full"}, ds.class_names, device).to(torch.bfloat16)
+    rows = []
+    for name, make in built.items():
+        model = make()
+        row = {"model": name, "num_hidden_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size}
+        for split in ("valid", "test"):
+            logits, labels = infer.predict(model, ds.loader(split, 128), device, desc=f"{name} {split}")
+            row[f"{split}_top1"] = metrics.classification(logits, labels, len(ds.class_names))["top1"]
+        print(row, flush=True)
+        rows.append(row)
+        del model
+    return write(args, "vitl16_flowers", t0, rows, f"grown from {small} (no training)", part="start")
+
+
 def collect(args) -> Path:
     trained, given = Path(args.paths[0]), [Path(p) for p in args.paths[1:]]
     others = [p for p in given if runs.manifest(p)["steps"].get("evaluate", {}).get("status") == "ok"]
@@ -151,8 +185,9 @@ def collect(args) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, device="auto")
-    ap.add_argument("what", choices=["variants", "collect"])
-    ap.add_argument("paths", nargs="+", help="variants: the trained run; collect: the trained run, then the variants' runs")
+    ap.add_argument("what", choices=["variants", "collect", "start"])
+    ap.add_argument("paths", nargs="+", help="variants: the trained run; collect: the trained run, then the variants' "
+                    "runs; start: the checkpoint grown from")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variants: params for every run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--transfer", nargs="*", default=[], help="collect: the transfer runs' folders")
@@ -162,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         folders = run_variants(Path(args.paths[0]), args.set, args.variants.split(","), args.device, args.time_limit)
         print("collect with: python benchmarks/run.py vitl16_flowers collect", args.paths[0], *folders)
         return
-    print(collect(args))
+    print(start(args) if args.what == "start" else collect(args))
 
 
 if __name__ == "__main__":

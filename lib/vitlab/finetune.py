@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
-from . import data, models, parallel, qat, quant, training
+from . import data, grow, models, parallel, qat, quant, training
 from .models import ModelSettings
 
 
@@ -53,7 +53,10 @@ def build(settings: ModelSettings, ft_cfg: dict[str, Any], class_names: list[str
         model = prepare_model_for_kbit_training(models.generic_cpu_4bit(model, every_layer=True),
                                                 use_gradient_checkpointing=False)
     else:
-        model = models.build(settings, class_names, dtype=torch.float32).to(device)
+        model = models.build(settings, class_names, dtype=torch.float32)
+        if settings.grow_from is not None:
+            grow.from_checkpoint(model, settings.grow_from, settings.grow_depth, class_names)
+        model = model.to(device)
     if method in ("full", "none", "qat"):
         return model.requires_grad_(method != "none")
     if method == "probe":

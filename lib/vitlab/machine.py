@@ -4,13 +4,14 @@ many CPU threads a step should use while other work shares the cores."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import DataError, ModelError, ParamsError
-from .settings import GPU_ONLY_ATTENTION, Params
+from .settings import GPU_ONLY_ATTENTION, Params, local_model
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +66,29 @@ def check_checkpoint(path: str | Path, key: str = "model.id") -> None:
                          "save_pretrained writes (config.json and model.safetensors)")
 
 
+def check_growth(path: str, config: dict) -> None:
+    """model.grow_from's checkpoint and whether it fits inside model.config (vitlab.grow's rules), from its
+    config.json, before any work."""
+    check_checkpoint(path, "model.grow_from")
+    folder = local_model(path)
+    if folder is None:
+        raise ModelError(f"model.grow_from {path} is not a checkpoint folder: give the folder a trained run wrote "
+                         "(e.g. runs/<run>/finetune/model)")
+    small = json.loads((folder / "config.json").read_text())
+    fields = {"image_size": 224, "patch_size": 16, "hidden_size": 768, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "intermediate_size": 3072}
+    s = {k: small.get(k, v) for k, v in fields.items()}  # absent: ViTConfig's default
+    b = {k: config.get(k, v) for k, v in fields.items()}
+    same = [k for k in ("image_size", "patch_size") if s[k] != b[k]]
+    if s["hidden_size"] // s["num_attention_heads"] != b["hidden_size"] // b["num_attention_heads"]:
+        same.append("head width (hidden_size / num_attention_heads)")
+    smaller = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if b[k] < s[k]]
+    if same or smaller:
+        raise ModelError(f"model.grow_from {path} does not fit inside model.config: "
+                         + "; ".join([f"{k} must be the same" for k in same]
+                                     + [f"{k} {b[k]} is smaller than its {s[k]}" for k in smaller]))
+
+
 def check_data(p: Params) -> None:
     """The run's ImageFolder data, from its listing, before any run folder (the images are read by the steps)."""
     if p.data.source == "imagefolder" and {"finetune", "quantize", "evaluate", "ablation"} & set(p.steps):
@@ -104,6 +128,8 @@ def check(p: Params) -> None:
     check_data(p)
     if p.model.id is not None:
         check_checkpoint(p.model.id)
+    if p.model.grow_from is not None and "finetune" in p.steps:
+        check_growth(p.model.grow_from, p.model.config)
     if p.finetune.teacher is not None and "finetune" in p.steps:
         check_checkpoint(p.finetune.teacher, "finetune.teacher")
     if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):

@@ -34,13 +34,16 @@ class ModelSettings:
     attention: str
     config: dict[str, Any] = field(default_factory=dict)
     init: str = "default"
+    grow_from: str | None = None  # a trained checkpoint the model to train starts as (finetune.build grows it)
+    grow_depth: str = "copies"
 
     @classmethod
     def from_params(cls, model_params: dict[str, Any]) -> "ModelSettings":
         attention.hf_implementation(model_params["attention"])  # an unknown name fails here, not at load
-        local = local_model(model_params["id"])
+        local, grown = local_model(model_params["id"]), local_model(model_params["grow_from"])
         return cls(id=str(local) if local else model_params["id"], dtype=DTYPES[model_params["dtype"]], attention=model_params["attention"],
-                   config=dict(model_params["config"] or {}), init=model_params["init"])
+                   config=dict(model_params["config"] or {}), init=model_params["init"],
+                   grow_from=str(grown) if grown else model_params["grow_from"], grow_depth=model_params["grow_depth"])
 
     @property
     def dtype_name(self) -> str:

@@ -87,6 +87,8 @@ class Model(Section):
     id: Union[str, None]
     config: dict
     init: Literal["default", "mimetic", "sincos", "mimetic_sincos"]
+    grow_from: Union[str, None]  # a trained ViT checkpoint the random-init model grows from (wider, deeper)
+    grow_depth: Literal["copies", "identity"]
     dtype: Dtype
     attention: Attention
 
@@ -99,6 +101,9 @@ class Model(Section):
         if self.init != "default" and self.id is not None:
             raise ParamsError(f"model.init '{self.init}' starts a model built from model.config; model.id ({self.id}) "
                               "brings its own weights: set model.id null or model.init default")
+        if self.grow_from is not None and self.id is not None:
+            raise ParamsError(f"model.grow_from ({self.grow_from}) starts a model built from model.config; model.id "
+                              f"({self.id}) brings its own weights: set model.id null or model.grow_from null")
         if self.id is None:
             self._check_geometry()
 
