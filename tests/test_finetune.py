@@ -1,3 +1,4 @@
+import os
 import copy
 import time
 
@@ -301,3 +302,14 @@ def test_a_teacher_of_other_classes_is_refused(params, checkpoint):
     p, _ = _cfg(params, checkpoint, "full")
     with pytest.raises(RunError, match="same classes"):
         training.teacher(training.Finetune.of(p["finetune"] | {"teacher": checkpoint}), 7, CPU)
+
+
+def test_a_teacher_named_relative_to_the_repo_root_is_found_from_any_folder(params, checkpoint, monkeypatch, tmp_path):
+    """A notebook runs in notebooks/, the params name runs/... from the repo root (as model.id does)."""
+    from vitlab.settings import REPO_ROOT
+
+    p, _ = _cfg(params, checkpoint, "full")
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(checkpoint, REPO_ROOT)
+    teacher = training.teacher(training.Finetune.of(p["finetune"] | {"teacher": relative}), 10, CPU)
+    assert teacher.config.num_labels == 10

@@ -20,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from . import models, runs
 from .errors import RunError, TimeLimitReached
-from .settings import Finetune
+from .settings import Finetune, local_model
 
 PROGRESS_EVERY_S = 10.0
 
@@ -277,7 +277,8 @@ def _setup(model: nn.Module, ft: Finetune, steps: int, device: torch.device, num
 def teacher(ft: Finetune, num_classes: int | None, device: torch.device) -> nn.Module:
     """ft.teacher, frozen, in bf16 on a GPU (float32 on the CPU), refused unless it has this data's classes."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = models.load_checkpoint(ft.teacher, models.ModelSettings(id=ft.teacher, dtype=dtype, attention="sdpa"), device)
+    path = str(local_model(ft.teacher) or ft.teacher)  # relative to the repo root (a notebook runs in notebooks/)
+    model = models.load_checkpoint(path, models.ModelSettings(id=path, dtype=dtype, attention="sdpa"), device)
     if num_classes is not None and model.config.num_labels != num_classes:
         raise RunError(f"finetune.teacher {ft.teacher} has {model.config.num_labels} classes, this data {num_classes}: "
                        "a teacher must be trained on the same classes")
