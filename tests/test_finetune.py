@@ -1,5 +1,5 @@
-import os
 import copy
+import os
 import time
 
 import bitsandbytes as bnb
