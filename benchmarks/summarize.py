@@ -193,35 +193,64 @@ def _ablation_frame(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def vitl16_section(name: str = "vitl16_flowers_h200.json") -> str:
-    """The ViT-L/16 trained on Flowers-102: the model, its variants against its 16-bit self, and what the
-    per-layer sweep says about the seeds' two findings; figures/vitl16_flowers_*.png."""
-    data = load(name)
-    m, hist = data["model"][0], pd.DataFrame(data["history"])
-    plots.save(plots.training_curves(data["history"]), FIGURES / "vitl16_flowers_training.png")
-    ab = _ablation_frame(data["ablation"])
-    valid = ab[ab["split"] == "valid"]
-    plots.save(plots.sensitivity(valid, "kl"), FIGURES / "vitl16_flowers_sensitivity_kl.png")
-    seen = hist.dropna(subset=["val_acc"])
-    late = seen[seen["epoch"] >= seen["epoch"].max() - 60].iloc[0]
-    out = [f"A ViT-L/16 ({m['parameters'] / 1e6:.1f} M parameters, {m['num_hidden_layers']} layers of "
-           f"{m['hidden_size']}) trained from scratch by `params/flowers_vitl16.yaml` for {m['epochs']} epochs on "
-           f"{_device(data['meta'])}: **{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}** test top-1 "
-           f"({m['test_images']} images), far short of the 85% target: validation top-1 was still climbing "
-           f"({late['val_acc']:.1%} at epoch {int(late['epoch'])}, {m['valid_top1']:.1%} at {m['selected_epoch']}). "
-           f"Training ran at {fmt.rate(m['train_img_s_160px'])} at 160 px ({m['tflops_6nt_160px']:.0f} TFLOP/s, "
-           f"{m['pct_bf16_dense_peak_160px']:.0f}% of dense bf16) and {fmt.rate(m['train_img_s_224px'])} at 224 px "
-           f"(`benchmarks/results/{name}`; curves in figures/vitl16_flowers_training.png).",
-           "Each variant by `vitlab run` from that checkpoint; the difference is paired against the same run's 16-bit "
-           "model on the same test images:"]
+def _variant_table(variants: list[dict]) -> str:
     rows = [{"variant": f"`{r['variant']}`", "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
              "delta": f"{r['top1_delta_pt']:+.2f} pt [{r['delta_lo_pt']:+.2f}, {r['delta_hi_pt']:+.2f}]",
              **{f"b{b}": fmt.ms(r[f"p50_ms_bs{b}"]) for b in (1, 32, 256)}, "disk": fmt.mb(r["disk_mb"]),
-             "peak": fmt.mb(r["peak_mb"])} for r in data["variant"]]
-    out.append(_table(rows, {"variant": "variant", "test top-1 [95% CI]": "top1", "vs 16-bit [95% CI]": "delta",
-                             "p50 batch 1": "b1", "p50 batch 32": "b32", "p50 batch 256": "b256", "disk": "disk",
-                             "peak memory": "peak"}))
-    out.append("The per-layer sweep on valid (figures/vitl16_flowers_sensitivity_kl.png): the share of the "
+             "peak": fmt.mb(r["peak_mb"])} for r in variants]
+    return _table(rows, {"variant": "variant", "test top-1 [95% CI]": "top1", "vs 16-bit [95% CI]": "delta",
+                         "p50 batch 1": "b1", "p50 batch 32": "b32", "p50 batch 256": "b256", "disk": "disk",
+                         "peak memory": "peak"})
+
+
+def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl16_flowers_h200_scratch.json") -> str:
+    """The ViT-L/16 on Flowers-102: what each ingredient bought (from scratch, the ViT-S it grows from, the
+    grown model before and after training), its variants against its 16-bit self; then the from-scratch model's
+    per-layer sweep. figures/vitl16_flowers_*.png."""
+    data, old = load(name), load(scratch)
+    m, o, start = data["model"][0], old["model"][0], {r["model"]: r for r in data["start"]}
+    plots.save(plots.training_curves(data["history"]), FIGURES / "vitl16_flowers_training.png")
+    plots.save(plots.training_curves(old["history"]), FIGURES / "vitl16_flowers_scratch_training.png")
+    steps = [{"what": f"from scratch, {o['epochs']} epochs (params/flowers_vitl16.yaml before growing)", "layers": 24,
+              "valid": f"{o['valid_top1']:.1%}", "test": fmt.pct(o["test_top1"], o["test_top1_lo"], o["test_top1_hi"]),
+              "s": f"{o['train_seconds']:.0f} s"},
+             {"what": "the ViT-S/16 recipe model it grows from (params/flowers_scratch.yaml)", "layers": 12,
+              "valid": f"{start['small']['valid_top1']:.1%}", "test": f"{start['small']['test_top1']:.1%}",
+              "s": f"{data['meta']['teacher']['finetune_s']:.0f} s"},
+             {"what": "grown to ViT-L, depth by identities (exact), no training", "layers": 24,
+              "valid": f"{start['grown_identity']['valid_top1']:.1%}", "test": f"{start['grown_identity']['test_top1']:.1%}",
+              "s": "-"},
+             {"what": "grown to ViT-L, depth by halved copies (every layer works), no training", "layers": 24,
+              "valid": f"{start['grown_copies']['valid_top1']:.1%}", "test": f"{start['grown_copies']['test_top1']:.1%}",
+              "s": "-"},
+             {"what": f"halved copies, then {m['epochs']} epochs distilled from the ViT-S (selected: epoch "
+                      f"{m['selected_epoch']})", "layers": 24, "valid": f"{m['valid_top1']:.1%}",
+              "test": f"**{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}**",
+              "s": f"{m['train_seconds']:.0f} s"}]
+    out = [f"A ViT-L/16 ({m['parameters'] / 1e6:.1f} M parameters, {m['num_hidden_layers']} layers of "
+           f"{m['hidden_size']}) by `params/flowers_vitl16.yaml` on {_device(data['meta'])}: vitlab's own ViT-S/16 "
+           "recipe model, trained on the same split, grown to ViT-L's width and depth (`vitlab.grow`: the width "
+           "embedding commutes with LayerNorm, so the function is kept; depth by each layer twice with its residual "
+           "branches halved, so all 24 layers work) and trained on, distilled from the ViT-S (DeiT's hard "
+           "distillation). What each ingredient bought (valid: 818 images, test: 819):",
+           _table(steps, {"model": "what", "layers": "layers", "valid top-1": "valid", "test top-1 [95% CI]": "test",
+                          "training": "s"}),
+           f"The ViT-L reaches the 85% target but not past its teacher: {m['test_top1']:.1%} against the ViT-S's "
+           f"{start['small']['test_top1']:.1%} on the same test images. Training ran at "
+           f"{fmt.rate(m['train_img_s_160px'])} at 160 px ({m['tflops_6nt_160px']:.0f} TFLOP/s, "
+           f"{m['pct_bf16_dense_peak_160px']:.0f}% of dense bf16) and {fmt.rate(m['train_img_s_224px'])} at 224 px, the "
+           f"teacher's forward included (`benchmarks/results/{name}`; curves in figures/vitl16_flowers_training.png, "
+           "the from-scratch run's in figures/vitl16_flowers_scratch_training.png). Not isolated: distillation "
+           "against none in the fine-tune, identities against copies after it.",
+           "Each variant by `vitlab run` from that checkpoint; the difference is paired against the same run's 16-bit "
+           "model on the same test images:", _variant_table(data["variant"]),
+           f"Not run on this model: {data['meta'].get('not_run', 'nothing')}.",
+           f"### The ViT-L/16 trained from scratch ({fmt.pct(o['test_top1'], o['test_top1_lo'], o['test_top1_hi'])})",
+           f"Its variants (`benchmarks/results/{scratch}`):", _variant_table(old["variant"])]
+    ab = _ablation_frame(old["ablation"])
+    valid = ab[ab["split"] == "valid"]
+    plots.save(plots.sensitivity(valid, "kl"), FIGURES / "vitl16_flowers_scratch_sensitivity_kl.png")
+    out.append("Its per-layer sweep on valid (figures/vitl16_flowers_scratch_sensitivity_kl.png): the share of the "
                "all-quantized model's KL to 16-bit that keeping layers in 16-bit removes, and test top-1 of those "
                "configurations:")
     test = ab[ab["kind"] == "check"].drop_duplicates(["quant", "config"])
@@ -229,7 +258,7 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json") -> str:
     for q in valid.loc[valid["quant"] != "16-bit", "quant"].unique():
         mine = valid[valid["quant"] == q].set_index("config")
         base = mine.loc["all quantized", "kl"]
-        for config in ("keep layer 0", "keep first+last", f"keep layers {m['num_hidden_layers'] - 4}-{m['num_hidden_layers'] - 1}",
+        for config in ("keep layer 0", "keep first+last", f"keep layers {o['num_hidden_layers'] - 4}-{o['num_hidden_layers'] - 1}",
                        "keep last quarter", "keep attention", "keep mlp"):
             if config in mine.index:
                 t = test[(test["quant"] == q) & (test["config"] == config)]
@@ -243,7 +272,7 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json") -> str:
     out.append(("Every test-set comparison of the ablation's choice with the seeds' heuristics (first+last, the last "
                 "quarter, the last four layers, layer 21) is a tie: each paired top-1 interval holds 0. "
                 if ties else "Some test-set comparisons of the ablation's choice with the seeds' heuristics differ: "
-                "see the JSON's check rows. ") + f"Not run in that session: {data['meta'].get('not_run', 'nothing')}.")
+                "see the JSON's check rows. ") + f"Not run in that session: {old['meta'].get('not_run', 'nothing')}.")
     return "\n\n".join(out)
 
 
@@ -349,18 +378,15 @@ def results_md() -> str:
 
 
 def vitl16_headline(name: str = "vitl16_flowers_h200.json") -> str:
-    """One paragraph for the README: the ViT-L/16 trained here, its variants against it, its most sensitive layer."""
+    """One paragraph for the README: the ViT-L/16 grown and trained here, and its variants against it."""
     data = load(name)
-    m = data["model"][0]
+    m, small = data["model"][0], next(r for r in data["start"] if r["model"] == "small")
     variants = "; ".join(f"`{r['variant']}` {r['top1_delta_pt']:+.2f} pt [{r['delta_lo_pt']:+.2f}, {r['delta_hi_pt']:+.2f}] "
                          f"at {fmt.ms(r['p50_ms_bs256'])} (batch 256)" for r in data["variant"])
-    valid = _ablation_frame(data["ablation"])
-    valid = valid[(valid["split"] == "valid") & (valid["quant"] == "nf4")].set_index("config")
-    share = (valid.loc["all quantized", "kl"] - valid.loc["keep layer 0", "kl"]) / valid.loc["all quantized", "kl"]
-    return (f"The seeds' depth: a ViT-L/16 trained here from scratch in one device session reaches "
-            f"{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])} test top-1 ({m['epochs']} epochs, short of "
-            f"85%); against its 16-bit self {variants}; keeping layer 0 alone in 16-bit removes {share:.0%} of "
-            f"NF4's KL (`benchmarks/results/{name}`, {_device(data['meta'])}).")
+    return (f"The seeds' depth: a ViT-L/16 grown from vitlab's ViT-S/16 recipe model and trained on, distilled from it, "
+            f"reaches {fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])} test top-1 (its teacher: "
+            f"{small['test_top1']:.1%}; from scratch in one session: 57.5%); against its 16-bit self {variants} "
+            f"(`benchmarks/results/{name}`, {_device(data['meta'])}).")
 
 
 def qat_headline(name: str = "qat_h200.json") -> str:

@@ -172,10 +172,14 @@ def collect(args) -> Path:
         named["variant"] += variant_rows(run_dir)
         if runs.manifest(run_dir)["steps"].get("ablation", {}).get("status") == "ok":
             named["ablation"] += ablation_rows(run_dir)
-    man = runs.manifest(trained)
+    man, params = runs.manifest(trained), runs.load_params(trained)
+    grown = params["model"].get("grow_from")  # absent in runs made before growing existed
+    weights = (f"grown from {grown} by vitlab.grow ({params['model']['grow_depth']}), then trained on Flowers-102's "
+               "train split by params/flowers_vitl16.yaml" if grown else
+               "trained from scratch on Flowers-102's train split by params/flowers_vitl16.yaml")
     path = write(args, "vitl16_flowers", time.time(), [{"table": name, **row} for name, rows in named.items() for row in rows],
-                 "trained from scratch on Flowers-102's train split by params/flowers_vitl16.yaml",
-                 measured_on=man["device"], versions=man["versions"], params=runs.load_params(trained),
+                 weights,
+                 measured_on=man["device"], versions=man["versions"], params=params,
                  training_commands=[c["command"] for c in man.get("commands", [])], not_evaluated=missing)
     for row in named["variant"]:
         print(f"{row['variant']:>11}: top-1 {row['top1']:.4f} ({row['top1_delta_pt']:+.2f} pt "
