@@ -1,5 +1,5 @@
 """Growing a trained ViT wider and deeper (vitlab.grow): the width embedding commutes with LayerNorm, the
-grown model computes the small one's logits (exactly for `identity`, closely for `copies`), and a checkpoint
+grown model computes the small one's logits (exactly for `identity`, approximately for `copies`), and a checkpoint
 of other classes or a geometry that does not fit is refused before any work."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_the_grown_model_computes_the_small_ones_logits(f32, digits_data, test_b
     error = ((got - want).norm() / want.norm()).item()
     if tolerance is not None:
         assert error < tolerance
-    else:  # the same residual ODE in half steps: close, not equal
+    else:  # the same residual ODE in half steps: near on this random tiny model, not equal
         assert 1e-6 < error < 0.1 and (got.argmax(1) == want.argmax(1)).float().mean() > 0.9
     o = [grow._parts(layer)["o"].weight for layer in models.encoder_layers(large)[1]]
     working = [bool(w.abs().sum() > 0) for w in o]

@@ -53,7 +53,7 @@ def build(settings: ModelSettings, ft_cfg: dict[str, Any], class_names: list[str
         model = prepare_model_for_kbit_training(models.generic_cpu_4bit(model, every_layer=True),
                                                 use_gradient_checkpointing=False)
     else:
-        model = models.build(settings, class_names, dtype=torch.float32)
+        model = models.build(settings, class_names, dtype=torch.float32, device=device)  # mimetic's SVDs there
         if settings.grow_from is not None:
             grow.from_checkpoint(model, settings.grow_from, settings.grow_depth, class_names)
         model = model.to(device)

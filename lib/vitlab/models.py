@@ -118,7 +118,8 @@ def build(settings: ModelSettings, class_names: list[str], dtype: torch.dtype = 
           quantization_config: BitsAndBytesConfig | None = None,
           device: torch.device | None = None) -> ViTForImageClassification:
     """A classifier to train, with len(class_names) outputs: from `settings.id` (hub or local dir) or random
-    init, in `dtype` (float32 for training; `settings.dtype` is what the trained model is saved in).
+    init, in `dtype` (float32 for training; `settings.dtype` is what the trained model is saved in), on the
+    CPU; `device` is where a quantized checkpoint loads and where mimetic init computes.
 
     The checkpoint's classifier is kept only when its labels are `class_names` in the same order; any
     other head starts fresh (as ignore_mismatched_sizes does for another class count): a head of as
@@ -131,7 +132,7 @@ def build(settings: ModelSettings, class_names: list[str], dtype: torch.dtype = 
         config._attn_implementation = impl
         model = ViTForImageClassification(config)
         if settings.init in ("mimetic", "mimetic_sincos"):
-            mimetic_attention(model)
+            mimetic_attention(model, device=device)
         if settings.init in ("sincos", "mimetic_sincos"):
             sincos_positions(model)
         model = model.to(dtype)
@@ -156,30 +157,33 @@ def _attention_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.L
 
 
 def _factor(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d x rank) and (rank x d) factors whose product is the best rank-`rank` approximation of m."""
+    """(n x d x rank) and (n x rank x d) factors whose products are the best rank-`rank` approximations of
+    the n matrices m."""
     u, s, vh = torch.linalg.svd(m)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+    root = s[:, :rank].sqrt()
+    return u[:, :, :rank] * root[:, None], root[:, :, None] * vh[:, :rank]
 
 
 @torch.no_grad()
 def mimetic_attention(model: nn.Module, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4),
-                      seed: int = 0) -> None:
+                      seed: int = 0, device: torch.device | None = None) -> None:
     """Mimetic initialisation (Trockman & Kolter, ICML 2023): every head starts with the structure the
     attention of pretrained ViTs has, W_q^T W_k ~ a Z + b I (tokens attend to similar tokens) and
     W_o W_v ~ a Z - b I, Z Gaussian with variance 1/d; each head gets the best factors of its rank.
-    A data-free start that helps small-data training; the model is a plain ViT afterwards."""
+    A data-free start that helps small-data training; the model is a plain ViT afterwards. The SVDs run
+    on `device` (a GPU's take seconds where ViT-L's 768 on two CPU cores take minutes); Z is drawn on the CPU."""
     d, heads = model.config.hidden_size, model.config.num_attention_heads
     k, g = d // heads, torch.Generator().manual_seed(seed)
     eye = torch.eye(d)
     for layer in encoder_layers(model)[1]:
         q, key, v, o = _attention_projections(layer)
+        z = torch.randn(heads, 2, d, d, generator=g) / d ** 0.5  # per head: Z for q/k, then for v/o
+        qk_left, qk_right = (t.cpu() for t in _factor((qk[0] * z[:, 0] + qk[1] * eye).to(device or "cpu"), k))
+        vo_left, vo_right = (t.cpu() for t in _factor((vo[0] * z[:, 1] - vo[1] * eye).to(device or "cpu"), k))
         for h in range(heads):
             rows = slice(h * k, (h + 1) * k)
-            left, right = _factor(qk[0] * torch.randn(d, d, generator=g) / d ** 0.5 + qk[1] * eye, k)
-            q.weight[rows], key.weight[rows] = left.T, right  # q_i . k_j = x_i^T (q_w^T k_w) x_j
-            left, right = _factor(vo[0] * torch.randn(d, d, generator=g) / d ** 0.5 - vo[1] * eye, k)
-            o.weight[:, rows], v.weight[rows] = left, right
+            q.weight[rows], key.weight[rows] = qk_left[h].T, qk_right[h]  # q_i . k_j = x_i^T (q_w^T k_w) x_j
+            o.weight[:, rows], v.weight[rows] = vo_left[h], vo_right[h]
 
 
 @torch.no_grad()
