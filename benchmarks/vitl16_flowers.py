@@ -173,7 +173,7 @@ def collect(args) -> Path:
         if runs.manifest(run_dir)["steps"].get("ablation", {}).get("status") == "ok":
             named["ablation"] += ablation_rows(run_dir)
     man, params = runs.manifest(trained), runs.load_params(trained)
-    grown = params["model"].get("grow_from")  # absent in runs made before growing existed
+    grown = params["model"]["grow_from"]
     weights = (f"grown from {grown} by vitlab.grow ({params['model']['grow_depth']}), then trained on Flowers-102's "
                "train split by params/flowers_vitl16.yaml" if grown else
                "trained from scratch on Flowers-102's train split by params/flowers_vitl16.yaml")
