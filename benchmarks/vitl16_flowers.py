@@ -5,6 +5,12 @@
     python benchmarks/run.py vitl16_flowers variants RUN --set data.root=DIR    # one `vitlab run` per variant
     python benchmarks/run.py vitl16_flowers collect RUN VARIANT_RUN ...         # -> results/vitl16_flowers_<device>.json
     python benchmarks/run.py vitl16_flowers start SMALL_CHECKPOINT --set data.root=DIR   # what growing starts from
+    python benchmarks/run.py vitl16_flowers all --set data.root=DIR --time-limit 540 [--teacher CHECKPOINT]
+
+`all` is the study in one command, repeated until it says it is done: the ViT-S recipe model (or --teacher,
+one trained earlier), the ViT-L/16 grown from it and distilled from it, then the variants; each command
+continues what the last one stopped (the runs keep their state in runs/), so one warm device machine takes it
+as back-to-back commands.
 
 `start` scores the ViT-S checkpoint that params/flowers_vitl16.yaml grows from, and the ViT-L/16 grown
 from it both ways (model.grow_depth copies and identity) before any training, on valid and test: what
@@ -40,34 +46,62 @@ FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu
 MIN_VARIANT_S = 120  # under --time-limit, no variant starts with less left than this
 
 
+class NotStarted(Exception):
+    """Too little of the time limit is left to start a run (MIN_VARIANT_S)."""
+
+
+def continued(variant: str, params_file: str, steps: str, sets: list[str], device: str, left: float | None) -> Path:
+    """The run `variant`: an earlier command's if it finished, continued (--resume) if it stopped, else a new
+    `vitlab run`. Raises CalledProcessError when the run fails or stops at the time limit (exit 3), NotStarted
+    when it has work to do and less than MIN_VARIANT_S is `left`."""
+    earlier = [r for r in runs.list_runs(runs.RUNS_DIR) if runs.load_params(r)["variant"] == variant]
+    if earlier and runs.manifest(earlier[-1])["status"] == "ok":
+        print(f"{variant}: done before -> {earlier[-1]}", flush=True)
+        return earlier[-1]
+    if left is not None and left < MIN_VARIANT_S:
+        raise NotStarted(f"{variant}: not started, {left:.0f} s left of the time limit")
+    if earlier:  # stopped by an earlier command's time limit: continued where it stopped
+        subprocess.run([sys.executable, "-m", "vitlab", "run", "--resume", str(earlier[-1]),
+                        *(["--time-limit", f"{left:.0f}"] if left else [])], check=True, cwd=runs.REPO_ROOT)
+        return earlier[-1]
+    return vitlab_run(params_file, variant, steps, sets, device, left)
+
+
 def run_variants(trained: Path, sets: list[str], variants: list[str], device: str, time_limit: float | None) -> list[Path]:
     checkpoint = runs.path(trained, "checkpoint")
     folders, deadline = [], time.time() + time_limit if time_limit else None
     for variant in variants:
-        earlier = [r for r in runs.list_runs(runs.RUNS_DIR) if runs.load_params(r)["variant"] == f"vitl16_{variant}"]
-        if earlier and runs.manifest(earlier[-1])["status"] == "ok":  # an earlier command ran it
-            folders.append(earlier[-1])
-            print(f"{variant}: done before -> {earlier[-1]}", flush=True)
-            continue
         steps = "finetune,quantize,evaluate" + (",ablation" if variant in ABLATION else "") + (",demo" if variant == DEMO else "")
         extra = [f"ablation.quant_types={ABLATION[variant]}"] if variant in ABLATION else []
         t0, left = time.time(), deadline - time.time() if deadline else None
-        if left is not None and left < MIN_VARIANT_S:
-            print(f"{variant}: not started, {left:.0f} s left of the time limit", flush=True)
-            continue
         try:
-            if earlier:  # stopped by an earlier command's time limit: continued where it stopped
-                subprocess.run([sys.executable, "-m", "vitlab", "run", "--resume", str(earlier[-1]),
-                                *(["--time-limit", f"{left:.0f}"] if left else [])], check=True, cwd=runs.REPO_ROOT)
-                folders.append(earlier[-1])
-            else:
-                folders.append(vitlab_run(f"params/{variant}.yaml", f"vitl16_{variant}", steps,
-                                          [f"model.id={checkpoint}", *FLOWERS, *extra, *sets], device, left))
+            folders.append(continued(f"vitl16_{variant}", f"params/{variant}.yaml", steps,
+                                     [f"model.id={checkpoint}", *FLOWERS, *extra, *sets], device, left))
+        except NotStarted as e:
+            print(e, flush=True)
+            continue
         except subprocess.CalledProcessError as e:  # a bug to fix, reported here; the other variants still run
             print(f"{variant}: FAILED (exit {e.returncode}) after {time.time() - t0:.0f} s", flush=True)
             continue
         print(f"{variant}: ok in {time.time() - t0:.0f} s -> {folders[-1]}", flush=True)
     return folders
+
+
+def run_all(args) -> list[Path]:
+    """The whole study, continued across commands: the ViT-S (or --teacher), the ViT-L grown from it, the variants."""
+    deadline = time.time() + args.time_limit if args.time_limit else None
+    left = lambda: deadline - time.time() if deadline else None  # noqa: E731
+    try:
+        teacher = args.teacher or str(runs.path(continued("flowers_scratch", "params/flowers_scratch.yaml", "finetune",
+                                                          args.set, args.device, left()), "checkpoint"))
+        trained = continued("flowers_vitl16", "params/flowers_vitl16.yaml", "finetune,quantize,evaluate",
+                            [f"model.grow_from={teacher}", f"finetune.teacher={teacher}", *args.set], args.device, left())
+    except NotStarted as e:
+        sys.exit(f"{e}: run the same command again to continue")
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"stopped (exit {e.returncode}{': the time limit' if e.returncode == 3 else ''}): "
+                 "run the same command again to continue")
+    return [trained, *run_variants(trained, args.set, args.variants.split(","), args.device, left())]
 
 
 def model_rows(trained: Path, evaluated: Path) -> list[dict]:
@@ -189,17 +223,22 @@ def collect(args) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, device="auto")
-    ap.add_argument("what", choices=["variants", "collect", "start"])
-    ap.add_argument("paths", nargs="+", help="variants: the trained run; collect: the trained run, then the variants' "
-                    "runs; start: the checkpoint grown from")
+    ap.add_argument("what", choices=["variants", "collect", "start", "all"])
+    ap.add_argument("paths", nargs="*", help="variants: the trained run; collect: the trained run, then the variants' "
+                    "runs; start: the checkpoint grown from; all: none")
+    ap.add_argument("--teacher", help="all: the ViT-S checkpoint to grow from and distil from (default: train it)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variants: params for every run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--transfer", nargs="*", default=[], help="collect: the transfer runs' folders")
     ap.add_argument("--time-limit", type=float, help="variants: seconds for them all (each `vitlab run` gets what is left)")
     args = ap.parse_intermixed_args(argv)
-    if args.what == "variants":
-        folders = run_variants(Path(args.paths[0]), args.set, args.variants.split(","), args.device, args.time_limit)
-        print("collect with: python benchmarks/run.py vitl16_flowers collect", args.paths[0], *folders)
+    if args.what in ("variants", "all"):
+        if args.what == "all":
+            trained, *folders = run_all(args)
+        else:
+            trained, folders = args.paths[0], run_variants(Path(args.paths[0]), args.set, args.variants.split(","),
+                                                           args.device, args.time_limit)
+        print("collect with: python benchmarks/run.py vitl16_flowers collect", trained, *folders)
         return
     print(start(args) if args.what == "start" else collect(args))
 
