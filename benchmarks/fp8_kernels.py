@@ -15,6 +15,12 @@ from memory as a model's next layer does, and a split K is timed with the kernel
 partial sums (in the model that sum fuses into the next kernel, for about the same cost).
 TFLOP/s and % of the dense FP8 peak. At batch 256 only fc1 runs on vitlab's kernel in the model
 (cuBLAS's main loop is faster on the others), so by default only fc1 is swept there.
+
+With --quack (the `quack-kernels` package: CuTe-DSL GEMMs on CUTLASS's Python DSL), its Hopper GEMM runs
+on the same FP8 operands, with fc1's exact GELU in its epilogue, its bf16 output cast to FP8 by the same
+compiled kernel as cuBLAS's. quack's epilogue scales by one number (alpha), not per output channel as
+vitlab's FP8 weights are, so its rows time the main loop and epilogue with the weight scale's mean: a
+speed to compare, not a layer to use as is (rel_err says how far off it is).
 """
 from __future__ import annotations
 
@@ -91,6 +97,25 @@ def ours(ops, weight_kind: str, gelu: bool, out_scale, config, copy: int = 0):
     return _add_partials(out, layer.bias, torch.bfloat16) if out.dim() == 3 else out
 
 
+def quack(ops, gelu: bool, out_scale, copy: int = 0):
+    """quack's gemm / gemm_act on the FP8 layer's operands, alpha = input scale x the mean weight scale."""
+    from quack.gemm_interface import gemm, gemm_act
+
+    layer = ops["layers"]["fp8"][copy]
+    alpha = float(layer.input_scale) * float(layer.weight_scale.float().mean())
+    b = layer.fp8_weight().t()  # (k, n), k-major: what quack's FP8 GEMM reads
+    if not gelu:
+        return gemm(ops["xq"], b, bias=layer.bias, alpha=alpha, out_dtype=torch.bfloat16)
+    _, y = gemm_act(ops["xq"], b, bias=layer.bias, activation="gelu_erf", alpha=alpha, out_dtype=torch.bfloat16,
+                    postact_dtype=torch.bfloat16, store_preact=False)
+    return _cast(y, out_scale)
+
+
+@torch.compile(dynamic=False)
+def _cast(y, out_scale):
+    return (y.float() / out_scale).clamp(-448, 448).to(FP8)
+
+
 def taking_turns(ops, fn):
     """`fn(copy)` over the layer's copies in turn, one per call."""
     calls, copies = itertools.count(), len(ops["layers"]["fp8"])
@@ -105,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
     ap.add_argument("--rows", default="50432,197")
     ap.add_argument("--large-layers", default="fc1", help="layers swept above kernels.SMALL_M rows")
+    ap.add_argument("--quack", action="store_true", help="also time quack-kernels' GEMM (FP8 weights only)")
     args = ap.parse_args(argv)
     device, t0, rows = torch.device(args.device), time.time(), []
     torch.manual_seed(0)
@@ -122,6 +148,13 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({**base, "impl": "cublas" + (" + gelu/cast kernel" if gelu else "")
                              + (" + dequant" if weight_kind == "int4" else ""), "config": None, "ms": ms,
                              "tflops": flops / ms / 1e9, "pct_fp8_peak": 100 * flops / ms / 1e9 / FP8_PEAK})
+                if args.quack and weight_kind == "fp8":
+                    got = quack(ops, gelu, out_scale).float()
+                    got = got * out_scale if gelu else got
+                    ms = timed(taking_turns(ops, lambda i: quack(ops, gelu, out_scale, i)))
+                    rows.append({**base, "impl": "quack" + (" gemm_act(gelu_erf) + cast kernel" if gelu else " gemm"),
+                                 "config": "tuned", "rel_err": ((got - ref).norm() / ref.norm()).item(), "ms": ms,
+                                 "tflops": flops / ms / 1e9, "pct_fp8_peak": 100 * flops / ms / 1e9 / FP8_PEAK})
                 measured = {}
                 for config in SMALL if m <= kernels.SMALL_M else LARGE:
                     if (weight_kind == "int4" and config[2] != kernels.INT4_GROUP) or (config[-1] > 1 and (
