@@ -4,6 +4,7 @@ of other classes or a geometry that does not fit is refused before any work."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -88,3 +89,13 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_any_work(checkpoint, p
     p["model"].update(config={**LARGE, "image_size": 32}, grow_from=checkpoint)
     with pytest.raises(ModelError, match="image_size must be the same"):
         machine.check(config.validate(p))
+
+
+def test_checkpoints_named_from_the_repo_root_are_checked_from_any_folder(checkpoint, monkeypatch, tmp_path):
+    from vitlab.settings import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(checkpoint, REPO_ROOT)
+    machine.check_growth(relative, dict(LARGE))  # fits: no error
+    with pytest.raises(ModelError, match="does not exist"):
+        machine.check_growth("runs/no_such_run/finetune/model", dict(LARGE))

@@ -69,8 +69,8 @@ def check_checkpoint(path: str | Path, key: str = "model.id") -> None:
 def check_growth(path: str, config: dict) -> None:
     """model.grow_from's checkpoint and whether it fits inside model.config (vitlab.grow's rules), from its
     config.json, before any work."""
-    check_checkpoint(path, "model.grow_from")
-    folder = local_model(path)
+    folder = local_model(path)  # relative to the repo root, wherever vitlab runs from
+    check_checkpoint(folder or path, "model.grow_from")
     if folder is None:
         raise ModelError(f"model.grow_from {path} is not a checkpoint folder: give the folder a trained run wrote "
                          "(e.g. runs/<run>/finetune/model)")
@@ -131,7 +131,7 @@ def check(p: Params) -> None:
     if p.model.grow_from is not None and "finetune" in p.steps:
         check_growth(p.model.grow_from, p.model.config)
     if p.finetune.teacher is not None and "finetune" in p.steps:
-        check_checkpoint(p.finetune.teacher, "finetune.teacher")
+        check_checkpoint(local_model(p.finetune.teacher) or p.finetune.teacher, "finetune.teacher")
     if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
         import torch
 
