@@ -116,6 +116,15 @@ def _pickled_model(work: Path) -> list[str]:
     return _set(f"model.id={model}", "finetune.method=none")(work)
 
 
+def _too_large_to_grow(work: Path) -> list[str]:
+    """A real checkpoint twice as wide as the smoke model, named as the model the smoke model grows from."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=128)).save_pretrained(work / "wide")
+    return _set(f"model.grow_from={work / 'wide'}")(work)
+
+
 def _corrupt_manifest(work: Path) -> list[str]:
     run = _stopped_run(work)
     (run / "manifest.json").write_text("{ not json")
@@ -167,6 +176,7 @@ CASES = [
     Case("QAT without its format", _set("finetune.method=qat"), 2, "set finetune.qat_format"),
     Case("a teacher folder that is not there", _set("finetune.teacher=runs/nowhere/finetune/model"), 2,
          "does not exist"),
+    Case("growing from a model wider than the one to train", _too_large_to_grow, 2, "hidden_size 32 is smaller than its 64"),
     Case("a latency budget without formats", _set("ablation.latency_budget_ms=5"), 2, "list them"),
     Case("a bad --time-limit", lambda work: ["run", SMOKE, "--time-limit", "9x"], 2, "is not a duration"),
     Case("an empty data.root", _empty_root, 2, "has no train/valid/test folder"),
