@@ -167,21 +167,22 @@ def transfer_rows(run_dir: Path) -> list[dict]:
 
 
 def start(args) -> Path:
+    import dataclasses
+
     import torch
 
-    from vitlab import config, data, finetune, infer, metrics, models
+    from vitlab import config, data, finetune, infer, machine, metrics, models
 
     small, t0 = args.paths[0], time.time()
     params = config.resolve(runs.REPO_ROOT / "params/flowers_vitl16.yaml", [f"model.grow_from={small}", *args.set])
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = machine.resolve_device(args.device)
     ds = data.for_checkpoint(params["data"] | {"pipeline": "pil"}, params["seed"], small)
     settings = models.ModelSettings.from_params(params["model"])
     built = {"small": lambda: models.load_checkpoint(small, models.ModelSettings(small, torch.bfloat16, "sdpa"), device)}
     for depth in ("copies", "identity"):
         built[f"grown_{depth}"] = lambda depth=depth: finetune.build(
-            models.ModelSettings(None, torch.float32, "sdpa", settings.config, settings.init, settings.grow_from, depth),
-            params["finetune"] | {"method": "full"}, ds.class_names, device).to(torch.bfloat16)
+            dataclasses.replace(settings, grow_depth=depth), params["finetune"] | {"method": "full"}, ds.class_names,
+            device).to(torch.bfloat16)
     rows = []
     for name, make in built.items():
         model = make()

@@ -112,12 +112,13 @@ def grow(small: nn.Module, large: nn.Module, depth: str = "copies") -> None:
 
 
 def from_checkpoint(large: nn.Module, path: str, depth: str, class_names: list[str]) -> None:
-    """Grow the checkpoint at `path` into `large`, refused unless its classifier has these classes in this order."""
-    small = models._from_pretrained(path, dtype=torch.float32)
-    labels = [small.config.id2label[i] for i in range(small.config.num_labels)]
+    """Grow the checkpoint at `path` into `large`, refused (before its weights load) unless its classifier has
+    these classes in this order."""
+    labels = models.checkpoint_labels(models.ModelSettings(id=path, dtype=torch.float32, attention="sdpa"))
     if labels != list(class_names):
         raise ModelError(f"model.grow_from {path} was trained on other classes ({len(labels)}; this data has "
                          f"{len(class_names)}, or the same in another order): grow from a model of this data")
+    small = models._from_pretrained(path, dtype=torch.float32)
     grow(small, large, depth)
     cs, cl = small.config, large.config
     print(f"grown from {path} ({depth}): {cs.num_hidden_layers} layers of {cs.hidden_size} -> "

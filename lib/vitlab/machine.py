@@ -51,8 +51,9 @@ def check_imagefolder(root: Path) -> None:
 def check_checkpoint(path: str | Path, key: str = "model.id") -> None:
     """A local checkpoint folder's problems named before transformers meets them (its words for these are
     "Repo id must be in the form ...", "Unrecognized model", or a pickle loaded where safetensors were meant).
-    A name that is not a path (a hub id like org/name) passes: the hub answers for it."""
-    path = Path(path)
+    A name that is not a path (a hub id like org/name) passes: the hub answers for it. A relative path is
+    the repo root's, as model.id's is, wherever vitlab runs from."""
+    path = local_model(str(path)) or Path(path)
     if not path.is_dir():
         if path.is_absolute() or len(path.parts) > 2 or path.suffix:
             raise ModelError(f"checkpoint folder {path} does not exist (a step that made it did not finish, or it "
@@ -69,8 +70,8 @@ def check_checkpoint(path: str | Path, key: str = "model.id") -> None:
 def check_growth(path: str, config: dict) -> None:
     """model.grow_from's checkpoint and whether it fits inside model.config (vitlab.grow's rules), from its
     config.json, before any work."""
-    folder = local_model(path)  # relative to the repo root, wherever vitlab runs from
-    check_checkpoint(folder or path, "model.grow_from")
+    check_checkpoint(path, "model.grow_from")
+    folder = local_model(path)
     if folder is None:
         raise ModelError(f"model.grow_from {path} is not a checkpoint folder: give the folder a trained run wrote "
                          "(e.g. runs/<run>/finetune/model)")
@@ -131,7 +132,7 @@ def check(p: Params) -> None:
     if p.model.grow_from is not None and "finetune" in p.steps:
         check_growth(p.model.grow_from, p.model.config)
     if p.finetune.teacher is not None and "finetune" in p.steps:
-        check_checkpoint(local_model(p.finetune.teacher) or p.finetune.teacher, "finetune.teacher")
+        check_checkpoint(p.finetune.teacher, "finetune.teacher")
     if gpus and p.model.attention in ("sdpa_flash", "sdpa_cudnn", "flash_attention_2"):
         import torch
 
