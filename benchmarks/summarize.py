@@ -203,11 +203,13 @@ def _variant_table(variants: list[dict]) -> str:
                          "peak memory": "peak"})
 
 
-def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl16_flowers_h200_scratch.json") -> str:
+def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl16_flowers_h200_scratch.json",
+                   first: str = "vitl16_flowers_h200_first.json") -> str:
     """The ViT-L/16 on Flowers-102: what each ingredient bought (from scratch, the ViT-S it grows from, the
-    grown model before and after training), its variants against its 16-bit self; then the from-scratch model's
-    per-layer sweep. figures/vitl16_flowers_*.png."""
-    data, old = load(name), load(scratch)
+    grown model before and after training), its variants against its 16-bit self and its per-layer sweep at 24
+    layers; then the first training of the same recipe and the from-scratch model, as history.
+    figures/vitl16_flowers_*.png."""
+    data, old, earlier = load(name), load(scratch), load(first)
     m, o, start = data["model"][0], old["model"][0], {r["model"]: r for r in data["start"]}
     plots.save(plots.training_curves(data["history"]), FIGURES / "vitl16_flowers_training.png")
     plots.save(plots.training_curves(old["history"]), FIGURES / "vitl16_flowers_scratch_training.png")
@@ -245,35 +247,55 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
            "Each variant by `vitlab run` from that checkpoint; the difference is paired against the same run's 16-bit "
            "model on the same test images:", _variant_table(data["variant"]),
            f"Not run on this model: {data['meta'].get('not_run', 'nothing')}.",
+           _ablation_paragraphs(data, "this model", not_run=False),
+           f"### The first training of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
+           f"The same recipe and teacher, trained in an earlier session (`benchmarks/results/{first}`); its weights did "
+           "not outlive that session's machine, so its variants stand beside, not inside, the table above:",
+           _variant_table(earlier["variant"]),
            f"### The ViT-L/16 trained from scratch ({fmt.pct(o['test_top1'], o['test_top1_lo'], o['test_top1_hi'])})",
-           f"Its variants (`benchmarks/results/{scratch}`):", _variant_table(old["variant"])]
-    ab = _ablation_frame(old["ablation"])
+           f"Its variants (`benchmarks/results/{scratch}`):", _variant_table(old["variant"]),
+           _ablation_paragraphs(old, "that model", figure="vitl16_flowers_scratch_sensitivity_kl.png")]
+    return "\n\n".join(out)
+
+
+def _ablation_paragraphs(data: dict, which: str, figure: str = "vitl16_flowers_sensitivity_kl.png",
+                         not_run: bool = True) -> str:
+    """A ViT-L result's per-layer sweep: the share of the all-quantized KL each kept set removes (valid), its
+    test top-1, and whether the choice's paired comparisons with the seeds' heuristics on test are ties."""
+    n_layers = data["model"][0]["num_hidden_layers"]
+    ab = _ablation_frame(data["ablation"])
     valid = ab[ab["split"] == "valid"]
-    plots.save(plots.sensitivity(valid, "kl"), FIGURES / "vitl16_flowers_scratch_sensitivity_kl.png")
-    out.append("Its per-layer sweep on valid (figures/vitl16_flowers_scratch_sensitivity_kl.png): the share of the "
-               "all-quantized model's KL to 16-bit that keeping layers in 16-bit removes, and test top-1 of those "
-               "configurations:")
+    plots.save(plots.sensitivity(valid, "kl"), FIGURES / figure)
     test = ab[ab["kind"] == "check"].drop_duplicates(["quant", "config"])
-    lines = []
+    lines, deep = [], []
     for q in valid.loc[valid["quant"] != "16-bit", "quant"].unique():
         mine = valid[valid["quant"] == q].set_index("config")
         base = mine.loc["all quantized", "kl"]
-        for config in ("keep layer 0", "keep first+last", f"keep layers {o['num_hidden_layers'] - 4}-{o['num_hidden_layers'] - 1}",
+        singles = mine[mine["kind"] == "single layer"].sort_values("kl")
+        most = ", ".join(str(int(layer)) for layer in singles["layer"].iloc[:3])
+        deep.append(f"{q} {'yes' if any(layer >= n_layers - 4 for layer in singles['layer'].iloc[:3]) else 'no'}")
+        for config in ("all quantized", "keep first+last", f"keep layers {n_layers - 4}-{n_layers - 1}",
                        "keep last quarter", "keep attention", "keep mlp"):
             if config in mine.index:
                 t = test[(test["quant"] == q) & (test["config"] == config)]
-                lines.append({"q": q, "config": config, "share": f"{round(100 * (base - mine.loc[config, 'kl']) / base)}%",
+                lines.append({"q": q, "config": config, "most": most if config == "all quantized" else "",
+                              "share": f"{round(100 * (base - mine.loc[config, 'kl']) / base)}%" if base else "-",
                               "size": fmt.mb(mine.loc[config, "footprint_mb"]),
                               "test": fmt.pct(t["top1"].iloc[0], t["top1_lo"].iloc[0], t["top1_hi"].iloc[0]) if len(t) else "–"})
-    out.append(_table(lines, {"format": "q", "kept in 16-bit": "config", "KL removed (valid)": "share",
-                              "size": "size", "test top-1 [95% CI]": "test"}))
     checks = ab[(ab["kind"] == "check") & ~ab["chosen"].astype(bool)]
     ties = all(lo <= 0 <= hi for lo, hi in zip(checks["d_top1_lo"], checks["d_top1_hi"]))
-    out.append(("Every test-set comparison of the ablation's choice with the seeds' heuristics (first+last, the last "
-                "quarter, the last four layers, layer 21) is a tie: each paired top-1 interval holds 0. "
-                if ties else "Some test-set comparisons of the ablation's choice with the seeds' heuristics differ: "
-                "see the JSON's check rows. ") + f"Not run in that session: {old['meta'].get('not_run', 'nothing')}.")
-    return "\n\n".join(out)
+    return "\n\n".join([
+        f"The per-layer sweep of {which} on valid ({n_layers} layers; figures/{figure}): the share of the all-quantized "
+        "model's KL to 16-bit that keeping layers in 16-bit removes, the three layers whose keeping alone removes "
+        "most, and test top-1 of those configurations:",
+        _table(lines, {"format": "q", "kept in 16-bit": "config", "most sensitive layers (valid KL)": "most",
+                       "KL removed (valid)": "share", "size": "size", "test top-1 [95% CI]": "test"}),
+        ("Every test-set comparison of the ablation's choice with the seeds' heuristics (first+last, the last "
+         "quarter, the last four layers, layer 21) is a tie: each paired top-1 interval holds 0. " if ties else
+         "Some test-set comparisons of the ablation's choice with the seeds' heuristics differ: see the JSON's "
+         "check rows. ") + f"The seeds' \"deep layers {n_layers - 4}-{n_layers - 1} are the most sensitive\": one of "
+        f"them among the three most sensitive by valid KL: {', '.join(deep)}."
+        + (f" Not run: {data['meta'].get('not_run', 'nothing')}." if not_run else "")])
 
 
 def qat_section(name: str = "qat_h200.json") -> str:

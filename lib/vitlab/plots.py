@@ -149,32 +149,32 @@ def confusion(matrix: pd.DataFrame, title: str) -> plt.Figure:
 @_styled
 def sensitivity(rows: pd.DataFrame, value: str = "kl") -> plt.Figure:
     """Per-layer sensitivity: the metric (with its bootstrap 95% interval) when all but one layer is
-    quantized, one bar per quantization type; the all-quantized level as a dashed line."""
+    quantized, one panel per quantization type (their KLs differ by 10x and more, so each has its own
+    scale); the all-quantized level as a dashed line."""
     layers = rows[rows["kind"] == "single layer"].astype({"layer": int})
     kinds = list(dict.fromkeys(layers["quant"]))
-    width = 0.8 / len(kinds)
     colors = sns.color_palette(n_colors=len(kinds))
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * layers["layer"].nunique() * len(kinds) + 2), 3.8))
-    for i, (q, color) in enumerate(zip(kinds, colors)):
+    fig, axes = plt.subplots(len(kinds), 1, sharex=True, squeeze=False,
+                             figsize=(min(14, max(6, 0.4 * layers["layer"].nunique() + 2)), 1.2 + 2.1 * len(kinds)))
+    label = {"kl": "KL to 16-bit (nats)", "top1": "top-1"}.get(value, value)
+    ref = rows[rows["config"] == "16-bit"]
+    for ax, q, color in zip(axes[:, 0], kinds, colors):
         d = layers[layers["quant"] == q].sort_values("layer")
-        x = d["layer"] + (i - (len(kinds) - 1) / 2) * width
         err = [d[value] - d[f"{value}_lo"], d[f"{value}_hi"] - d[value]]
-        ax.bar(x, d[value], width, color=color, label=f"{q}, keep one layer")
-        ax.errorbar(x, d[value], yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=2)
+        ax.bar(d["layer"], d[value], 0.7, color=color, label="keep one layer")
+        ax.errorbar(d["layer"], d[value], yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=2)
         base = rows[(rows["quant"] == q) & (rows["config"] == "all quantized")]
         if not base.empty:
-            ax.axhline(base[value].iloc[0], color=color, ls="--", lw=1, label=f"{q}, all quantized")
-    ref = rows[rows["config"] == "16-bit"]
-    if value != "kl" and not ref.empty:
-        ax.axhline(ref[value].iloc[0], color="black", ls=":", lw=1, label="16-bit")
-    ax.set_xticks(sorted(layers["layer"].unique()))
-    label = {"kl": "KL to the 16-bit logits (nats)", "top1": "top-1"}.get(value, value)
-    ax.set(xlabel="encoder layer kept in 16-bit (all others quantized)", ylabel=label,
-           title=f"per-layer sensitivity ({value}), bootstrap 95% intervals")
-    if value == "top1":
-        lo = layers["top1_lo"].min()
-        ax.set_ylim(max(0, lo - 0.05), min(1, layers["top1_hi"].max() + 0.02))
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+            ax.axhline(base[value].iloc[0], color=color, ls="--", lw=1, label="all quantized")
+        if value != "kl" and not ref.empty:
+            ax.axhline(ref[value].iloc[0], color="black", ls=":", lw=1, label="16-bit")
+        if value == "top1":
+            ax.set_ylim(max(0, d["top1_lo"].min() - 0.05), min(1, d["top1_hi"].max() + 0.02))
+        ax.set_ylabel(f"{q}: {label}", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[-1, 0].set_xticks(sorted(layers["layer"].unique()))
+    axes[-1, 0].set_xlabel("encoder layer kept in 16-bit (all others quantized)")
+    axes[0, 0].set_title(f"per-layer sensitivity ({value}), bootstrap 95% intervals")
     fig.tight_layout()
     return fig
 
