@@ -247,19 +247,19 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
            "Each variant by `vitlab run` from that checkpoint; the difference is paired against the same run's 16-bit "
            "model on the same test images:", _variant_table(data["variant"]),
            f"Not run on this model: {data['meta'].get('not_run', 'nothing')}.",
-           _ablation_paragraphs(data, "this model", not_run=False),
+           _ablation_paragraphs(data, "this model"),
            f"### The first training of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
            f"The same recipe and teacher, trained in an earlier session (`benchmarks/results/{first}`); its weights did "
            "not outlive that session's machine, so its variants stand beside, not inside, the table above:",
            _variant_table(earlier["variant"]),
            f"### The ViT-L/16 trained from scratch ({fmt.pct(o['test_top1'], o['test_top1_lo'], o['test_top1_hi'])})",
            f"Its variants (`benchmarks/results/{scratch}`):", _variant_table(old["variant"]),
-           _ablation_paragraphs(old, "that model", figure="vitl16_flowers_scratch_sensitivity_kl.png")]
+           _ablation_paragraphs(old, "that model", figure="vitl16_flowers_scratch_sensitivity_kl.png"),
+           f"Not run in that session: {old['meta'].get('not_run', 'nothing')}."]
     return "\n\n".join(out)
 
 
-def _ablation_paragraphs(data: dict, which: str, figure: str = "vitl16_flowers_sensitivity_kl.png",
-                         not_run: bool = True) -> str:
+def _ablation_paragraphs(data: dict, which: str, figure: str = "vitl16_flowers_sensitivity_kl.png") -> str:
     """A ViT-L result's per-layer sweep: the share of the all-quantized KL each kept set removes (valid), its
     test top-1, and whether the choice's paired comparisons with the seeds' heuristics on test are ties."""
     n_layers = data["model"][0]["num_hidden_layers"]
@@ -294,8 +294,7 @@ def _ablation_paragraphs(data: dict, which: str, figure: str = "vitl16_flowers_s
          "quarter, the last four layers, layer 21) is a tie: each paired top-1 interval holds 0. " if ties else
          "Some test-set comparisons of the ablation's choice with the seeds' heuristics differ: see the JSON's "
          "check rows. ") + f"The seeds' \"deep layers {n_layers - 4}-{n_layers - 1} are the most sensitive\": one of "
-        f"them among the three most sensitive by valid KL: {', '.join(deep)}."
-        + (f" Not run: {data['meta'].get('not_run', 'nothing')}." if not_run else "")])
+        f"them among the three most sensitive by valid KL: {', '.join(deep)}."])
 
 
 def qat_section(name: str = "qat_h200.json") -> str:
