@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 from common import by_table
+from vitl16_flowers import VARIANTS
 
 from vitlab import fmt, plots
 
@@ -193,62 +194,91 @@ def _ablation_frame(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def _variant_table(variants: list[dict]) -> str:
-    rows = [{"variant": f"`{r['variant']}`", "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
-             "delta": f"{r['top1_delta_pt']:+.2f} pt [{r['delta_lo_pt']:+.2f}, {r['delta_hi_pt']:+.2f}]",
+def _variant_table(variants: list[dict], trained: dict[str, str] | None = None) -> str:
+    """One row per variant; with `trained` (run -> label), the training each variant's checkpoint came from."""
+    rows = [{"variant": f"`{r['variant']}`", "trained": (trained or {}).get(r.get("trained_run"), ""),
+             "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
+             "delta": "(the 16-bit model itself)" if r["model"].startswith("16-bit") else
+                      f"{r['top1_delta_pt']:+.2f} pt [{r['delta_lo_pt']:+.2f}, {r['delta_hi_pt']:+.2f}]",
              **{f"b{b}": fmt.ms(r[f"p50_ms_bs{b}"]) for b in (1, 32, 256)}, "disk": fmt.mb(r["disk_mb"]),
              "peak": fmt.mb(r["peak_mb"])} for r in variants]
-    return _table(rows, {"variant": "variant", "test top-1 [95% CI]": "top1", "vs 16-bit [95% CI]": "delta",
-                         "p50 batch 1": "b1", "p50 batch 32": "b32", "p50 batch 256": "b256", "disk": "disk",
-                         "peak memory": "peak"})
+    columns = {"variant": "variant", **({"from the training": "trained"} if trained else {}),
+               "test top-1 [95% CI]": "top1", "vs its 16-bit [95% CI]": "delta", "p50 batch 1": "b1",
+               "p50 batch 32": "b32", "p50 batch 256": "b256", "disk": "disk", "peak memory": "peak"}
+    return _table(rows, columns)
+
+
+def _trainings(data: dict, first: dict) -> dict[str, str]:
+    """Each training of the recipe in the result (run -> label), numbered after the first one's own file."""
+    done = sorted(data["model"], key=lambda m: m["run"])
+    return {m["run"]: f"#{i} ({m['test_top1']:.1%})" for i, m in enumerate(done, start=1 + len(first["model"]))}
 
 
 def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl16_flowers_h200_scratch.json",
                    first: str = "vitl16_flowers_h200_first.json") -> str:
     """The ViT-L/16 on Flowers-102: what each ingredient bought (from scratch, the ViT-S it grows from, the
-    grown model before and after training), its variants against its 16-bit self and its per-layer sweep at 24
-    layers; then the first training of the same recipe and the from-scratch model, as history.
-    figures/vitl16_flowers_*.png."""
+    grown model before and after training, each training of the recipe), its variants against their 16-bit
+    selves and its per-layer sweep at 24 layers; then the first training of the same recipe and the
+    from-scratch model, as history. figures/vitl16_flowers_*.png."""
     data, old, earlier = load(name), load(scratch), load(first)
-    m, o, start = data["model"][0], old["model"][0], {r["model"]: r for r in data["start"]}
-    plots.save(plots.training_curves(data["history"]), FIGURES / "vitl16_flowers_training.png")
+    o, start, trainings = old["model"][0], {r["model"]: r for r in data["start"]}, data["meta"]["trainings"]
+    label = _trainings(data, earlier)
+    models = sorted(data["model"], key=lambda m: m["run"])
+    latest = models[-1]
+    plots.save(plots.training_curves([r for r in data["history"] if r["trained_run"] == latest["run"]]),
+               FIGURES / "vitl16_flowers_training.png")
     plots.save(plots.training_curves(old["history"]), FIGURES / "vitl16_flowers_scratch_training.png")
+    grown_from = trainings[data["start"][0]["trained_run"]]["teacher"]  # the ViT-S that `start` scored
     steps = [{"what": f"from scratch, {o['epochs']} epochs (params/flowers_vitl16.yaml before growing)", "layers": 24,
               "valid": f"{o['valid_top1']:.1%}", "test": fmt.pct(o["test_top1"], o["test_top1_lo"], o["test_top1_hi"]),
               "s": f"{o['train_seconds']:.0f} s"},
              {"what": "the ViT-S/16 recipe model it grows from (params/flowers_scratch.yaml)", "layers": 12,
               "valid": f"{start['small']['valid_top1']:.1%}", "test": f"{start['small']['test_top1']:.1%}",
-              "s": f"{data['meta']['teacher']['finetune_s']:.0f} s"},
+              "s": f"{grown_from['finetune_s']:.0f} s"},
              {"what": "grown to ViT-L, depth by identities (exact), no training", "layers": 24,
               "valid": f"{start['grown_identity']['valid_top1']:.1%}", "test": f"{start['grown_identity']['test_top1']:.1%}",
               "s": "-"},
              {"what": "grown to ViT-L, depth by halved copies (every layer works), no training", "layers": 24,
               "valid": f"{start['grown_copies']['valid_top1']:.1%}", "test": f"{start['grown_copies']['test_top1']:.1%}",
-              "s": "-"},
-             {"what": f"halved copies, then {m['epochs']} epochs distilled from the ViT-S (selected: epoch "
-                      f"{m['selected_epoch']})", "layers": 24, "valid": f"{m['valid_top1']:.1%}",
-              "test": f"**{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}**",
-              "s": f"{m['train_seconds']:.0f} s"}]
-    out = [f"A ViT-L/16 ({m['parameters'] / 1e6:.1f} M parameters, {m['num_hidden_layers']} layers of "
-           f"{m['hidden_size']}) by `params/flowers_vitl16.yaml` on {_device(data['meta'])}: vitlab's own ViT-S/16 "
+              "s": "-"}]
+    for m in models:
+        teacher = trainings[m["run"]]["teacher"]
+        own = "" if teacher["run"] == grown_from["run"] else (
+            f", from a ViT-S trained again the same way (valid {teacher['valid_top1']:.1%}, {teacher['finetune_s']:.0f} s; "
+            "its test top-1 not measured)")
+        steps.append({"what": f"halved copies, then {m['epochs']} epochs distilled from the ViT-S (selected: epoch "
+                              f"{m['selected_epoch']}): training {label[m['run']].split()[0]}{own}", "layers": 24,
+                      "valid": f"{m['valid_top1']:.1%}", "test": f"**{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}**",
+                      "s": f"{m['train_seconds']:.0f} s"})
+    missing = [f"`{v}`" for v in VARIANTS if v not in {r["variant"] for r in data["variant"]}]
+    why = " ".join(f"Training {label[run].split()[0]}: {t['not_run']}." for run, t in trainings.items() if t.get("not_run"))
+    out = [f"A ViT-L/16 ({latest['parameters'] / 1e6:.1f} M parameters, {latest['num_hidden_layers']} layers of "
+           f"{latest['hidden_size']}) by `params/flowers_vitl16.yaml` on {_device(data['meta'])}: vitlab's own ViT-S/16 "
            "recipe model, trained on the same split, grown to ViT-L's width and depth (`vitlab.grow`: the width "
            "embedding commutes with LayerNorm, so the function is kept; depth by each layer twice with its residual "
            "branches halved, so all 24 layers work) and trained on, distilled from the ViT-S (DeiT's hard "
-           "distillation). What each ingredient bought (valid: 818 images, test: 819):",
+           f"distillation). What each ingredient bought (valid: 818 images, test: 819; training #1 is in "
+           f"`benchmarks/results/{first}`, below):",
            _table(steps, {"model": "what", "layers": "layers", "valid top-1": "valid", "test top-1 [95% CI]": "test",
                           "training": "s"}),
-           f"The ViT-L reaches the 85% target but not past its teacher: {m['test_top1']:.1%} against the ViT-S's "
-           f"{start['small']['test_top1']:.1%} on the same test images. Training ran at "
-           f"{fmt.rate(m['train_img_s_160px'])} at 160 px ({m['tflops_6nt_160px']:.0f} TFLOP/s, "
-           f"{m['pct_bf16_dense_peak_160px']:.0f}% of dense bf16) and {fmt.rate(m['train_img_s_224px'])} at 224 px, the "
-           f"teacher's forward included (`benchmarks/results/{name}`; curves in figures/vitl16_flowers_training.png, "
-           "the from-scratch run's in figures/vitl16_flowers_scratch_training.png). Not isolated: distillation "
-           "against none in the fine-tune, identities against copies after it.",
-           "Each variant by `vitlab run` from that checkpoint; the difference is paired against the same run's 16-bit "
-           "model on the same test images:", _variant_table(data["variant"]),
-           f"Not run on this model: {data['meta'].get('not_run', 'nothing')}.",
-           _ablation_paragraphs(data, "this model"),
-           f"### The first training of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
+           "Every training of the recipe reaches the 85% target: "
+           + ", ".join(f"#{i} {fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}"
+                       for i, m in enumerate([*earlier["model"], *models], start=1))
+           + f" on the same test images, against the first two's teacher's {start['small']['test_top1']:.1%}: the "
+           "trainings differ by less than their intervals, and none is clearly past its teacher. Training ran at "
+           f"{fmt.rate(latest['train_img_s_160px'])} at 160 px ({latest['tflops_6nt_160px']:.0f} TFLOP/s, "
+           f"{latest['pct_bf16_dense_peak_160px']:.0f}% of dense bf16) and {fmt.rate(latest['train_img_s_224px'])} at "
+           f"224 px, the teacher's forward included (`benchmarks/results/{name}`; the latest training's curves in "
+           "figures/vitl16_flowers_training.png, the from-scratch run's in figures/vitl16_flowers_scratch_training.png). "
+           "Not isolated: distillation against none in the fine-tune, identities against copies after it.",
+           "Each variant by `vitlab run` from the checkpoint of the training named; the difference is paired against "
+           "the same run's 16-bit model on the same test images (a device session cannot reach an earlier session's "
+           "weights, so the variants of one table come from two trainings):",
+           _variant_table(sorted(data["variant"], key=lambda r: r["trained_run"]), label),
+           f"On no training yet: {', '.join(missing) or 'every variant ran'}; the transfer at ViT-L scale; the widget "
+           f"in JupyterLab with the ViT-L NF4 model. {why}",
+           _ablation_paragraphs(data, f"training {label[data['ablation'][0]['trained_run']].split()[0]}"),
+           f"### Training #1 of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
            f"The same recipe and teacher, trained in an earlier session (`benchmarks/results/{first}`); its weights did "
            "not outlive that session's machine, so its variants stand beside, not inside, the table above:",
            _variant_table(earlier["variant"]),
@@ -398,16 +428,17 @@ def results_md() -> str:
         "answer and the seconds it took"]) + "\n"
 
 
-def vitl16_headline(name: str = "vitl16_flowers_h200.json") -> str:
+def vitl16_headline(name: str = "vitl16_flowers_h200.json", first: str = "vitl16_flowers_h200_first.json") -> str:
     """One paragraph for the README: the ViT-L/16 grown and trained here, and its variants against it."""
     data = load(name)
-    m, small = data["model"][0], next(r for r in data["start"] if r["model"] == "small")
+    m, small = max(data["model"], key=lambda r: r["run"]), next(r for r in data["start"] if r["model"] == "small")
     variants = "; ".join(f"`{r['variant']}` {r['top1_delta_pt']:+.2f} pt [{r['delta_lo_pt']:+.2f}, {r['delta_hi_pt']:+.2f}] "
-                         f"at {fmt.ms(r['p50_ms_bs256'])} (batch 256)" for r in data["variant"])
+                         f"at {fmt.ms(r['p50_ms_bs256'])} (batch 256)" for r in data["variant"] if not r["model"].startswith("16-bit"))
+    others = ", ".join(f"{r['test_top1']:.1%}" for r in [*load(first)["model"], *data["model"]] if r is not m)
     return (f"The seeds' depth: a ViT-L/16 grown from vitlab's ViT-S/16 recipe model and trained on, distilled from it, "
-            f"reaches {fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])} test top-1 (its teacher: "
-            f"{small['test_top1']:.1%}; from scratch in one session: 57.5%); against its 16-bit self {variants} "
-            f"(`benchmarks/results/{name}`, {_device(data['meta'])}).")
+            f"reaches {fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])} test top-1 in its latest training "
+            f"({others} before; the teacher of those two: {small['test_top1']:.1%}; from scratch in one session: 57.5%); against "
+            f"their 16-bit selves {variants} (`benchmarks/results/{name}`, {_device(data['meta'])}).")
 
 
 def qat_headline(name: str = "qat_h200.json") -> str:

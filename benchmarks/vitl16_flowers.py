@@ -4,6 +4,7 @@
         --time-limit 9m                                   # then --resume RUN --time-limit 9m until it exits 0
     python benchmarks/run.py vitl16_flowers variants RUN --set data.root=DIR    # one `vitlab run` per variant
     python benchmarks/run.py vitl16_flowers collect RUN VARIANT_RUN ...         # -> results/vitl16_flowers_<device>.json
+    python benchmarks/run.py vitl16_flowers collect RUN VARIANT_RUN ... --into results/vitl16_flowers_<device>.json
     python benchmarks/run.py vitl16_flowers start SMALL_CHECKPOINT --set data.root=DIR   # what growing starts from
     python benchmarks/run.py vitl16_flowers all --set data.root=DIR --time-limit 540 [--teacher CHECKPOINT]
 
@@ -21,10 +22,14 @@ quantize and evaluate; ABLATION's variants also run the ablation (bitsandbytes' 
 vitlab's own on the fp8_fused run) and the NF4 run the demo. A variant that fails is reported and the
 others go on. `collect` turns the run folders into one `{meta, rows}` file whose rows carry `table`:
 `model` (the trained ViT-L/16), `history` (its epochs), `variant`, `ablation` (every configuration of the
-sweeps and the checks on test) and `transfer` (when transfer runs are given with --transfer).
+sweeps and the checks on test) and `transfer` (when transfer runs are given with --transfer), and
+`trained_run`, the training they come from. Each training's provenance (commit, commands, teacher) is in
+`meta.trainings`; --into adds a training to a file of earlier trainings of the recipe, since a device session
+that trains the model again cannot reach the last one's weights.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -197,7 +202,21 @@ def start(args) -> Path:
     return write(args, "vitl16_flowers", t0, rows, f"grown from {small} (no training)", part="start")
 
 
+def teacher_of(params: dict) -> dict | None:
+    """The run that trained the model this one grew from and distilled from, when it is a run folder here."""
+    teacher = params["finetune"].get("teacher")
+    run_dir = Path(teacher).parents[1] if teacher else None
+    if not run_dir or not (run_dir / "manifest.json").exists():
+        return {"checkpoint": teacher} if teacher else None
+    man, train = runs.manifest(run_dir), runs.read_json(runs.path(run_dir, "train_metrics"))
+    selected = next(r for r in train["history"] if r["selected"])
+    return {"run": run_dir.name, "finetune_s": man["steps"]["finetune"]["seconds"], "valid_top1": selected["val_acc"],
+            "selected_epoch": selected["epoch"], "commands": [c["command"] for c in man.get("commands", [])]}
+
+
 def collect(args) -> Path:
+    """The trained run and its variants' runs as rows, each with `trained_run`; with --into, added to that
+    file's earlier trainings of the same recipe (a training collected again replaces its own rows)."""
     trained, given = Path(args.paths[0]), [Path(p) for p in args.paths[1:]]
     others = [p for p in given if runs.manifest(p)["steps"].get("evaluate", {}).get("status") == "ok"]
     missing = {p.name: runs.manifest(p).get("failed_step") or runs.manifest(p)["status"] for p in given if p not in others}
@@ -213,10 +232,17 @@ def collect(args) -> Path:
     weights = (f"grown from {grown} by vitlab.grow ({params['model']['grow_depth']}), then trained on Flowers-102's "
                "train split by params/flowers_vitl16.yaml" if grown else
                "trained from scratch on Flowers-102's train split by params/flowers_vitl16.yaml")
-    path = write(args, "vitl16_flowers", time.time(), [{"table": name, **row} for name, rows in named.items() for row in rows],
-                 weights,
-                 measured_on=man["device"], versions=man["versions"], params=params,
-                 training_commands=[c["command"] for c in man.get("commands", [])], not_evaluated=missing)
+    rows = [{"table": name, "trained_run": trained.name, **row} for name, rows in named.items() for row in rows]
+    training = {"weights": weights, "git": man["git"], "device": man["device"], "versions": man["versions"],
+                "params": params, "teacher": teacher_of(params),
+                "training_commands": [c["command"] for c in man.get("commands", [])], "not_evaluated": missing}
+    trainings = {trained.name: training}
+    if args.into:
+        earlier = json.loads(Path(args.into).read_text())
+        rows = [r for r in earlier["rows"] if r.get("trained_run") != trained.name] + rows
+        trainings = earlier["meta"].get("trainings", {}) | trainings
+    path = write(args, "vitl16_flowers", time.time(), rows, weights, measured_on=man["device"], versions=man["versions"],
+                 trainings=trainings)
     for row in named["variant"]:
         print(f"{row['variant']:>11}: top-1 {row['top1']:.4f} ({row['top1_delta_pt']:+.2f} pt "
               f"[{row['delta_lo_pt']:+.2f}, {row['delta_hi_pt']:+.2f}]) p50 bs256 {row.get('p50_ms_bs256', float('nan')):.2f} ms")
@@ -232,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variants: params for every run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--transfer", nargs="*", default=[], help="collect: the transfer runs' folders")
+    ap.add_argument("--into", help="collect: a result file of earlier trainings of the recipe to add this one to")
     ap.add_argument("--time-limit", type=float, help="variants: seconds for them all (each `vitlab run` gets what is left)")
     args = ap.parse_intermixed_args(argv)
     if args.what in ("variants", "all"):
