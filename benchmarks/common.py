@@ -92,6 +92,30 @@ def vitlab_run(params_file: str, variant: str, steps: str, sets: list[str], devi
     return runs.latest(variant, tuple(steps.split(",")))
 
 
+MIN_VARIANT_S = 120  # under --time-limit, no variant starts with less left than this
+
+
+class NotStarted(Exception):
+    """Too little of the time limit is left to start a run (MIN_VARIANT_S)."""
+
+
+def continued(variant: str, params_file: str, steps: str, sets: list[str], device: str, left: float | None) -> Path:
+    """The run `variant`: an earlier command's if it finished, continued (--resume) if it stopped, else a new
+    `vitlab run`. Raises CalledProcessError when the run fails or stops at the time limit (exit 3), NotStarted
+    when it has work to do and less than MIN_VARIANT_S is `left`."""
+    earlier = [r for r in runs.list_runs(runs.RUNS_DIR) if runs.load_params(r)["variant"] == variant]
+    if earlier and runs.manifest(earlier[-1])["status"] == "ok":
+        print(f"{variant}: done before -> {earlier[-1]}", flush=True)
+        return earlier[-1]
+    if left is not None and left < MIN_VARIANT_S:
+        raise NotStarted(f"{variant}: not started, {left:.0f} s left of the time limit")
+    if earlier:  # stopped by an earlier command's time limit: continued where it stopped
+        subprocess.run([sys.executable, "-m", "vitlab", "run", "--resume", str(earlier[-1]),
+                        *(["--time-limit", f"{left:.0f}"] if left else [])], check=True, cwd=runs.REPO_ROOT)
+        return earlier[-1]
+    return vitlab_run(params_file, variant, steps, sets, device, left)
+
+
 def by_table(result: dict) -> dict[str, Any]:
     """A result JSON's tables by name: meta, rows (the main table) and each other table's rows."""
     out: dict[str, Any] = {"meta": result["meta"], "rows": []}

@@ -1,28 +1,32 @@
 """Transfer on real photographs: pretrain on half of Flowers-102's classes, fine-tune on the other half.
 
-    python benchmarks/flowers_transfer.py pretrain --set data.root=DIR [--set finetune.epochs=N]
-    python benchmarks/flowers_transfer.py methods --set data.root=DIR      # one `vitlab run` per method, then collect
-    python benchmarks/flowers_transfer.py methods --only 3,4 ...           # some of them (indices into METHODS)
-    python benchmarks/flowers_transfer.py collect RUN_DIR ...              # -> results/flowers_transfer_<device>.json
+    python benchmarks/run.py flowers_transfer pretrain --set data.root=DIR [--scale vitl16] [--time-limit 540]
+    python benchmarks/run.py flowers_transfer methods --set data.root=DIR [--scale vitl16] [--time-limit 540]
+    python benchmarks/run.py flowers_transfer methods --only 3,4 ...        # some of them (indices into METHODS)
+    python benchmarks/run.py flowers_transfer collect RUN_DIR ...           # -> results/flowers_transfer_<device>.json
                                                    # (RUN_DIRs: the methods' runs and the pretraining run)
 
-`pretrain` is params/flowers_scratch.yaml on the train images of `data.classes: half_a` (51 classes,
-fixed by data.class_split_seed), copied to checkpoints/flowers_half_a. `methods` fine-tunes that
-checkpoint on the 51 other classes (params/flowers_transfer.yaml, a fresh head) with each of METHODS,
-through the real pipeline (finetune, quantize at 16 bits, evaluate on those classes' test images).
+`pretrain` trains on the train images of `data.classes: half_a` (51 classes, fixed by data.class_split_seed)
+and copies the model to checkpoints/: at --scale vits16, params/flowers_scratch.yaml's ViT-S/16; at vitl16,
+that ViT-S and then params/flowers_vitl16.yaml's ViT-L/16 grown from it and distilled from it, as the
+full-data ViT-L is made (nothing of half_b's classes is seen). `methods` fine-tunes that checkpoint on the 51
+other classes (params/flowers_transfer.yaml, a fresh head) with each of METHODS, through the real pipeline
+(finetune, quantize at 16 bits, evaluate on those classes' test images). Under --time-limit both go on where
+an earlier command stopped (each run keeps its state in runs/; a finished run of the same name is reused), so
+back-to-back device commands take them: the same command again continues.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from common import parser, vitlab_run, write
+from common import NotStarted, continued, parser, write
 
 from vitlab import runs
 
-CHECKPOINT = runs.REPO_ROOT / "checkpoints" / "flowers_half_a"
 # name -> params changes. Learning rates: a head alone takes a larger step, full fine-tuning a smaller one.
 METHODS = {
     "probe": ["finetune.method=probe", "finetune.lr=0.003"],
@@ -31,26 +35,57 @@ METHODS = {
     "lora (vitlab default: r=16, alpha=16)": ["finetune.method=lora"],
     "qlora (NF4 base + vitlab's LoRA)": ["finetune.method=qlora"],
     "full": ["finetune.method=full", "finetune.lr=0.0003"],
+    "lora (seeds: r=8, alpha=32, dropout 0.1, query and value)": [
+        "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.alpha=32", "finetune.lora.dropout=0.1",
+        "finetune.lora.target_modules=[q_proj,v_proj]"],
+}
+# What each scale pretrains (variant, params file) and keeps, and what its methods change: the ViT-L's
+# 300 M parameters take ~4x the ViT-S's time per epoch, and a model that starts trained needs fewer.
+SCALES = {
+    "vits16": {"pretrain": [("flowers_half_a", "params/flowers_scratch.yaml")],
+               "checkpoint": runs.REPO_ROOT / "checkpoints" / "flowers_half_a", "prefix": "transfer_", "methods": [],
+               "only": "0,1,2,3,4"},
+    "vitl16": {"pretrain": [("flowers_half_a", "params/flowers_scratch.yaml"),
+                            ("flowers_vitl16_half_a", "params/flowers_vitl16.yaml")],
+               "checkpoint": runs.REPO_ROOT / "checkpoints" / "flowers_vitl16_half_a", "prefix": "vitl16_transfer_",
+               "methods": ["finetune.epochs=10"], "only": "0,5,2,3,4"},  # the seeds' own LoRA (q/v), not every block linear
 }
 
 
-def pretrain(sets: list[str], device: str) -> Path:
-    run = vitlab_run("params/flowers_scratch.yaml", "flowers_half_a", "finetune", ["data.classes=half_a", *sets], device)
-    shutil.rmtree(CHECKPOINT, ignore_errors=True)
-    shutil.copytree(runs.path(run, "checkpoint"), CHECKPOINT)
-    print(f"pretrained on half_a: {run} -> {CHECKPOINT}", flush=True)
+def pretrain(sets: list[str], scale: str, device: str, left) -> Path:
+    """Each model of the scale's pretraining on half_a in turn, the next grown from and distilled from the last."""
+    grown_from: list[str] = []
+    for variant, params_file in SCALES[scale]["pretrain"]:
+        run = continued(variant, params_file, "finetune", ["data.classes=half_a", *grown_from, *sets], device, left())
+        small = runs.path(run, "checkpoint")
+        grown_from = [f"model.grow_from={small}", f"finetune.teacher={small}"]
+    checkpoint = SCALES[scale]["checkpoint"]
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.copytree(runs.path(run, "checkpoint"), checkpoint)
+    print(f"pretrained on half_a: {run} -> {checkpoint}", flush=True)
     return run
 
 
-def methods(sets: list[str], only: list[int], device: str) -> list[Path]:
-    return [vitlab_run("params/flowers_transfer.yaml", f"transfer_{i}", "finetune,quantize,evaluate", changes + sets, device)
-            for i, changes in enumerate(METHODS.values()) if i in only]
+def methods(sets: list[str], only: list[int], scale: str, device: str, left) -> list[Path]:
+    """The methods' runs, each continued or started while the time limit leaves room."""
+    folders, changes_of_scale = [], [f"model.id={SCALES[scale]['checkpoint']}", *SCALES[scale]["methods"]]
+    for i, changes in enumerate(METHODS.values()):
+        if i not in only:
+            continue
+        try:
+            folders.append(continued(f"{SCALES[scale]['prefix']}{i}", "params/flowers_transfer.yaml",
+                                     "finetune,quantize,evaluate", [*changes_of_scale, *changes, *sets], device, left()))
+        except NotStarted as e:
+            print(e, flush=True)
+        except subprocess.CalledProcessError as e:
+            print(f"{list(METHODS)[i]}: FAILED (exit {e.returncode})", flush=True)
+    return folders
 
 
 def row(run_dir: Path) -> dict:
     params, train = runs.load_params(run_dir), runs.read_json(runs.path(run_dir, "train_metrics"))
     acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
-    name = list(METHODS)[int(params["variant"].removeprefix("transfer_"))]
+    name = list(METHODS)[int(params["variant"].rsplit("_", 1)[1])]
     selected = next(r for r in train["history"] if r["selected"])
     return {"method": name, "test_top1": acc["top1"], "lo": acc["top1_lo"], "hi": acc["top1_hi"], "test_top5": acc["top5"],
             "test_images": acc["n"], "classes": len(train["class_names"]), "trainable_params": train["trainable_params"],
@@ -64,22 +99,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("what", choices=["pretrain", "methods", "collect"])
     ap.add_argument("paths", nargs="*", help="collect: the run folders of the methods (and of the pretraining)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params for every run")
-    ap.add_argument("--only", default=",".join(map(str, range(len(METHODS)))), help="methods: indices into METHODS")
+    ap.add_argument("--scale", choices=list(SCALES), default="vits16", help="the model pretrained and fine-tuned")
+    ap.add_argument("--only", help="methods: indices into METHODS (default: the scale's)")
+    ap.add_argument("--time-limit", type=float, help="pretrain, methods: seconds for this command's runs")
     args = ap.parse_intermixed_args(argv)  # run folders may follow the options
+    args.only = args.only or SCALES[args.scale]["only"]
     t0 = time.time()
+    deadline = t0 + args.time_limit if args.time_limit else None
+    left = lambda: deadline - time.time() if deadline else None  # noqa: E731
     if args.what == "pretrain":
-        pretrain(args.set, args.device)
+        try:
+            pretrain(args.set, args.scale, args.device, left)
+        except (NotStarted, subprocess.CalledProcessError) as e:
+            sys.exit(f"stopped ({e}): run the same command again to continue")
         return
     if args.what == "methods":
-        folders, half_a = methods(args.set, [int(i) for i in args.only.split(",")], args.device), runs.latest("flowers_half_a", ("finetune",))
+        folders = methods(args.set, [int(i) for i in args.only.split(",")], args.scale, args.device, left)
+        half_a = runs.latest(SCALES[args.scale]["pretrain"][-1][0], ("finetune",))
+        if len(folders) < len(args.only.split(",")):
+            sys.exit("not every method finished: run the same command again to continue")
     else:
         given = [Path(p) for p in args.paths]
-        folders = [f for f in given if runs.load_params(f)["variant"].startswith("transfer_")]
-        half_a = next((f for f in given if runs.load_params(f)["variant"] == "flowers_half_a"), None)
+        folders = [f for f in given if "transfer_" in runs.load_params(f)["variant"]]
+        half_a = next((f for f in given if runs.load_params(f)["variant"] == SCALES[args.scale]["pretrain"][-1][0]), None)
     rows = [row(f) for f in folders]
     man = runs.manifest(folders[0])
-    write(args, "flowers_transfer", t0, rows, f"pretrained from scratch on half_a: {rows[0]['pretrained']}",
-          measured_on=man["device"], context={"versions": man["versions"], "pretrain": runs.read_json(
+    write(args, "flowers_transfer", t0, rows, f"pretrained on half_a: {rows[0]['pretrained']}",
+          measured_on=man["device"], part="" if args.scale == "vits16" else args.scale,
+          context={"versions": man["versions"], "pretrain": runs.read_json(
               runs.path(half_a, "train_metrics"))["history"][-1] if half_a else None})
     for r in rows:
         print(f"{r['method']}: top-1 {r['test_top1']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}] · {r['trainable_params']:,} trainable "

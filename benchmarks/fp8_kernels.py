@@ -24,11 +24,9 @@ speed to compare, not a layer to use as is (rel_err says how far off it is).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch

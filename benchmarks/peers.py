@@ -15,7 +15,6 @@ GPU's dense bf16 and FP8 peaks, logits drift against stock, and the top kernels 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json

@@ -9,7 +9,6 @@ to profile.json. A kernel that cannot run is a row with its error.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path

@@ -9,7 +9,6 @@ largest batch size. Weights are random-init ViT-L/16 (224 px, 102 classes).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import tempfile
 import time
@@ -120,13 +119,13 @@ def main(argv: list[str] | None = None) -> None:
             torch._dynamo.reset()
             write(args, "speed_paths", t0, tables(rows=rows, kernels=kernels))
     acc = accuracy(Path(args.accuracy_run), names, device) if args.accuracy_run else []
-    write(args, "speed_paths", t0, tables(rows=rows, kernels=kernels, accuracy=acc))
+    path = write(args, "speed_paths", t0, tables(rows=rows, kernels=kernels, accuracy=acc))
     table = pd.DataFrame([r for r in rows if "p50_ms" in r])
     if not table.empty:
         stock = table[table["model"] == names[0]].set_index("batch_size")["throughput_img_s"]
         table["speedup_vs_first"] = table["throughput_img_s"] / table["batch_size"].map(stock)
         print(table.pivot_table(index="model", columns="batch_size", values=["p50_ms", "speedup_vs_first"], sort=False).round(3).to_string())
-    print(f"done in {time.time() - t0:.0f} s -> {out}")
+    print(f"done in {time.time() - t0:.0f} s -> {path}")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,19 @@ def _trainings(data: dict, first: dict) -> dict[str, str]:
     return {m["run"]: f"#{i} ({m['test_top1']:.1%})" for i, m in enumerate(done, start=1 + len(first["model"]))}
 
 
+def _vitl16_transfer(rows: list[dict]) -> list[str]:
+    """The transfer at ViT-L scale (benchmarks/flowers_transfer.py --scale vitl16), when it ran."""
+    if not rows:
+        return []
+    out = [{"method": r["method"], "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
+            "trainable": f"{r['trainable_params']:,}", "vram": fmt.mb(r["peak_vram_mb"]), "s": f"{r['s_per_epoch']:.1f}",
+            "epochs": r["epochs"]} for r in rows]
+    return [f"The transfer at ViT-L scale: a ViT-L/16 made as above from `half_a`'s classes only ({rows[0]['classes']} "
+            f"others in `half_b`; `{rows[0]['pretrained']}`), then each method on `half_b`'s training images:",
+            _table(out, {"method": "method", "test top-1 [95% CI]": "top1", "trainable parameters": "trainable",
+                         "peak VRAM": "vram", "s/epoch": "s", "epochs": "epochs"})]
+
+
 def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl16_flowers_h200_scratch.json",
                    first: str = "vitl16_flowers_h200_first.json") -> str:
     """The ViT-L/16 on Flowers-102: what each ingredient bought (from scratch, the ViT-S it grows from, the
@@ -275,8 +288,10 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
            "the same run's 16-bit model on the same test images (a device session cannot reach an earlier session's "
            "weights, so the variants of one table come from two trainings):",
            _variant_table(sorted(data["variant"], key=lambda r: r["trained_run"]), label),
-           f"On no training yet: {', '.join(missing) or 'every variant ran'}; the transfer at ViT-L scale; the widget "
-           f"in JupyterLab with the ViT-L NF4 model. {why}",
+           f"On no training yet: {', '.join(missing) or 'every variant ran'}; "
+           f"{'' if data.get('transfer') else 'the transfer at ViT-L scale; '}the widget in JupyterLab with the ViT-L "
+           f"NF4 model. {why}",
+           *_vitl16_transfer(data.get("transfer", [])),
            _ablation_paragraphs(data, f"training {label[data['ablation'][0]['trained_run']].split()[0]}"),
            f"### Training #1 of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
            f"The same recipe and teacher, trained in an earlier session (`benchmarks/results/{first}`); its weights did "

@@ -13,7 +13,6 @@ linked from DIR. Measured, each as one table of the output JSON:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import tempfile

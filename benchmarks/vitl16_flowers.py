@@ -5,6 +5,7 @@
     python benchmarks/run.py vitl16_flowers variants RUN --set data.root=DIR    # one `vitlab run` per variant
     python benchmarks/run.py vitl16_flowers collect RUN VARIANT_RUN ...         # -> results/vitl16_flowers_<device>.json
     python benchmarks/run.py vitl16_flowers collect RUN VARIANT_RUN ... --into results/vitl16_flowers_<device>.json
+    python benchmarks/run.py vitl16_flowers collect --transfer TRANSFER_RUN ... --into results/vitl16_flowers_<device>.json
     python benchmarks/run.py vitl16_flowers start SMALL_CHECKPOINT --set data.root=DIR   # what growing starts from
     python benchmarks/run.py vitl16_flowers all --set data.root=DIR --time-limit 540 [--teacher CHECKPOINT]
 
@@ -22,8 +23,8 @@ quantize and evaluate; ABLATION's variants also run the ablation (bitsandbytes' 
 vitlab's own on the fp8_fused run) and the NF4 run the demo. A variant that fails is reported and the
 others go on. `collect` turns the run folders into one `{meta, rows}` file whose rows carry `table`:
 `model` (the trained ViT-L/16), `history` (its epochs), `variant`, `ablation` (every configuration of the
-sweeps and the checks on test) and `transfer` (when transfer runs are given with --transfer), and
-`trained_run`, the training they come from. Each training's provenance (commit, commands, teacher) is in
+sweeps and the checks on test) and `transfer` (benchmarks/flowers_transfer.py --scale vitl16's runs, collected
+on their own with --transfer), and `trained_run`, the training they come from. Each training's provenance (commit, commands, teacher) is in
 `meta.trainings`; --into adds a training to a file of earlier trainings of the recipe, since a device session
 that trains the model again cannot reach the last one's weights.
 """
@@ -35,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import dense_peaks, parser, vitlab_run, write
+from common import NotStarted, continued, dense_peaks, parser, write
+from flowers_transfer import row as transfer_row
 
 from vitlab import runs
 
@@ -46,30 +48,6 @@ DEMO = "nf4_sdpa"
 FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu", "eval.batch_size=256",
            "eval.latency_batch_sizes=[1,32,256]", "eval.warmup=5", "eval.iters=20", "ablation.split=valid",
            "ablation.verify_split=test"]
-
-
-MIN_VARIANT_S = 120  # under --time-limit, no variant starts with less left than this
-
-
-class NotStarted(Exception):
-    """Too little of the time limit is left to start a run (MIN_VARIANT_S)."""
-
-
-def continued(variant: str, params_file: str, steps: str, sets: list[str], device: str, left: float | None) -> Path:
-    """The run `variant`: an earlier command's if it finished, continued (--resume) if it stopped, else a new
-    `vitlab run`. Raises CalledProcessError when the run fails or stops at the time limit (exit 3), NotStarted
-    when it has work to do and less than MIN_VARIANT_S is `left`."""
-    earlier = [r for r in runs.list_runs(runs.RUNS_DIR) if runs.load_params(r)["variant"] == variant]
-    if earlier and runs.manifest(earlier[-1])["status"] == "ok":
-        print(f"{variant}: done before -> {earlier[-1]}", flush=True)
-        return earlier[-1]
-    if left is not None and left < MIN_VARIANT_S:
-        raise NotStarted(f"{variant}: not started, {left:.0f} s left of the time limit")
-    if earlier:  # stopped by an earlier command's time limit: continued where it stopped
-        subprocess.run([sys.executable, "-m", "vitlab", "run", "--resume", str(earlier[-1]),
-                        *(["--time-limit", f"{left:.0f}"] if left else [])], check=True, cwd=runs.REPO_ROOT)
-        return earlier[-1]
-    return vitlab_run(params_file, variant, steps, sets, device, left)
 
 
 def run_variants(trained: Path, sets: list[str], variants: list[str], device: str, time_limit: float | None) -> list[Path]:
@@ -165,11 +143,9 @@ def ablation_rows(run_dir: Path) -> list[dict]:
 
 
 def transfer_rows(run_dir: Path) -> list[dict]:
-    params, train = runs.load_params(run_dir), runs.read_json(runs.path(run_dir, "train_metrics"))
-    acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
-    return [{"method": params["finetune"]["method"], "lora_r": params["finetune"]["lora"]["r"], "top1": acc["top1"],
-             "top1_lo": acc["top1_lo"], "top1_hi": acc["top1_hi"], "trainable_params": train["trainable_params"],
-             "peak_vram_mb": train["peak_vram_mb"], "s_per_epoch": train["s_per_epoch"], "run": run_dir.name}]
+    """A transfer method's run (benchmarks/flowers_transfer.py --scale vitl16) in the issue's names."""
+    r = transfer_row(run_dir)
+    return [{"method": r.pop("method"), "top1": r.pop("test_top1"), "top1_lo": r.pop("lo"), "top1_hi": r.pop("hi"), **r}]
 
 
 def start(args) -> Path:
@@ -221,8 +197,7 @@ def collect(args) -> Path:
     others = [p for p in given if runs.manifest(p)["steps"].get("evaluate", {}).get("status") == "ok"]
     missing = {p.name: runs.manifest(p).get("failed_step") or runs.manifest(p)["status"] for p in given if p not in others}
     named = {"model": model_rows(trained, others[0]),
-             "history": runs.read_json(runs.path(trained, "train_metrics"))["history"], "variant": [], "ablation": [],
-             "transfer": [r for p in args.transfer for r in transfer_rows(Path(p))]}
+             "history": runs.read_json(runs.path(trained, "train_metrics"))["history"], "variant": [], "ablation": []}
     for run_dir in others:
         named["variant"] += variant_rows(run_dir)
         if runs.manifest(run_dir)["steps"].get("ablation", {}).get("status") == "ok":
@@ -249,6 +224,21 @@ def collect(args) -> Path:
     return path
 
 
+def collect_transfer(args) -> Path:
+    """The transfer methods' runs (benchmarks/flowers_transfer.py --scale vitl16) as the `transfer` rows of the
+    --into file, in place of its earlier ones; each row names the half_a model it started from (`pretrained`)."""
+    if not args.into:
+        sys.exit("collect --transfer RUN ... (without a trained run) replaces the transfer rows of a file: give --into FILE")
+    earlier = json.loads(Path(args.into).read_text())
+    rows = [r for r in earlier["rows"] if r["table"] != "transfer"]
+    rows += [{"table": "transfer", **r} for p in args.transfer for r in transfer_rows(Path(p))]
+    man = runs.manifest(Path(args.transfer[0]))
+    transfer = {"runs": [Path(p).name for p in args.transfer], "git": man["git"], "versions": man["versions"],
+                "commands": [c["command"] for p in args.transfer for c in runs.manifest(Path(p)).get("commands", [])]}
+    return write(args, "vitl16_flowers", time.time(), rows, earlier["meta"]["weights"], measured_on=man["device"],
+                 versions=earlier["meta"]["versions"], trainings=earlier["meta"]["trainings"], transfer=transfer)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__, device="auto")
     ap.add_argument("what", choices=["variants", "collect", "start", "all"])
@@ -269,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                                                            args.device, args.time_limit)
         print("collect with: python benchmarks/run.py vitl16_flowers collect", trained, *folders)
         return
-    print(start(args) if args.what == "start" else collect(args))
+    print(start(args) if args.what == "start" else collect(args) if args.paths else collect_transfer(args))
 
 
 if __name__ == "__main__":
