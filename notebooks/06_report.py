@@ -37,7 +37,9 @@ report.status_table(data.status)
 # %% [markdown]
 # ## Accuracy on the test split
 # top-1 with its bootstrap 95% interval over the test images, top-5, macro F1; size on disk and in
-# memory. Two models whose intervals overlap widely are not told apart by this test split.
+# memory. Two models whose intervals overlap widely are not told apart by this test split; a quantized
+# model is judged by its paired difference to its run's own 16-bit model on the same images, whose
+# interval is far tighter.
 
 # %%
 if data.accuracy.empty:

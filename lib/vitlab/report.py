@@ -93,9 +93,15 @@ def status_table(status: pd.DataFrame) -> pd.DataFrame:
 
 
 def accuracy_table(accuracy: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: top-1 with its 95% interval, top-5, macro F1, size on disk and in memory."""
+    """One row per model: top-1 with its 95% interval, its paired difference to its run's 16-bit model on the
+    same images (the comparison a quantized model is judged by: far tighter than the two intervals), top-5,
+    macro F1, size on disk and in memory."""
+    delta = accuracy.get("top1_delta_pt", pd.Series(float("nan"), index=accuracy.index))
     return pd.DataFrame({
         "top-1 [95% CI]": [fmt.pct(r.top1, r.top1_lo, r.top1_hi) for r in accuracy.itertuples()],
+        "vs its run's 16-bit [95% CI]": [
+            "–" if pd.isna(d) else fmt.pt(d / 100, lo / 100, hi / 100)
+            for d, lo, hi in zip(delta, accuracy.get("delta_lo_pt", delta), accuracy.get("delta_hi_pt", delta))],
         "top-5": [fmt.pct(x) for x in accuracy["top5"]],
         "macro F1": [f"{x:.3f}" for x in accuracy["f1_macro"]],
         "disk": [fmt.mb(x) for x in accuracy["disk_mb"]],
