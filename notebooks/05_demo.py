@@ -20,9 +20,10 @@ run_dir = None  # the run to show first; None: every finished run under runs/
 # %%
 from pathlib import Path
 
-from IPython.display import HTML, display
+from IPython.display import HTML, Markdown, display
 
 from vitlab import demo, machine, runs
+from vitlab.errors import DataError
 
 runs_root = Path(run_dir).parent if run_dir else runs.RUNS_DIR
 device = machine.resolve_device(params["device"] if params else "auto")
@@ -35,9 +36,13 @@ ui
 
 # %%
 finished = demo.finished_runs(runs_root)
-if finished:
-    label, image = demo.test_images(finished[0], n=1)[0]
-    predictor = demo.Predictor(device)
+try:
+    samples = demo.test_images(finished[0], n=1) if finished else []
+except DataError as e:  # a run folder from another machine: its photos stayed there, the widget takes uploads
+    samples = []
+    display(Markdown(f"_{e}_"))
+predictor = demo.Predictor(device)
+for label, image in samples:
     for variant in demo.variants(finished[0]):
         top, ms = predictor.predict(finished[0], variant, image)
         display(HTML(demo.result_html(top, ms, variant, f"test image {label}")))

@@ -405,3 +405,27 @@ def test_a_run_killed_in_every_step_in_turn_resumes_each_time_and_finishes(tmp_p
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))  # continued from the kept epoch, none twice
     assert [{k: v for k, v in r.items() if k != "selected"} for r in history[:len(saved)]] == saved
     assert not runs.resume_folder(run_dir, "finetune").exists()  # removed once the step finished
+
+
+def test_a_run_folder_copied_without_its_checkpoint_or_images_demos_what_it_holds(smoke_run, digits_data, tmp_path):
+    """A run brought from a GPU machine without its 16-bit checkpoint and away from its images: the demo
+    shows the quantized model on an uploaded photo, and says why the test-image picker is empty."""
+    import shutil
+
+    import torch
+    import yaml
+    run_dir = tmp_path / "runs" / smoke_run.name
+    shutil.copytree(smoke_run, run_dir, ignore=shutil.ignore_patterns("ablation"))
+    shutil.rmtree(runs.path(run_dir, "checkpoint"))
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    params["data"] |= {"source": "imagefolder", "root": "/the/gpu/machine/flowers102"}
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    quantized = [label for label in demo.variants(smoke_run) if not label.startswith("16-bit")]
+    assert list(demo.variants(run_dir)) == quantized and demo.finished_runs(run_dir.parent) == [run_dir]
+    with pytest.raises(data.DataError, match="/the/gpu/machine/flowers102"):
+        demo.test_images(run_dir)
+    image, _ = digits_data.splits["test"][0]
+    top, ms = demo.Predictor(torch.device("cpu")).predict(run_dir, quantized[0], image)
+    assert len(top) == 5 and abs(sum(p for _, p in top) - 1) < 1 and ms > 0
+    hint = demo.app(run_dir.parent, torch.device("cpu")).children[2]
+    assert "no test images here" in hint.value and "upload a photo" in hint.value

@@ -40,13 +40,15 @@ def expects(run_dir: Path) -> str:
 
 
 def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
-    """Runs that hold every model the demo shows (the steps it needs finished), newest first."""
-    return [r for r in reversed(runs.list_runs(runs_dir)) if all(runs.done(r, s) for s in runs.STEPS["demo"].needs)]
+    """Runs whose steps the demo needs finished and that still hold a model's weights, newest first."""
+    return [r for r in reversed(runs.list_runs(runs_dir))
+            if all(runs.done(r, s) for s in runs.STEPS["demo"].needs) and variants(r)]
 
 
 def variants(run_dir: Path) -> dict[str, run_models.RunModel]:
-    """The models of a run by label, as evaluate names them."""
-    return {m.label: m for m in run_models.models_of(run_dir)}
+    """The models of a run by label, as evaluate names them, whose weights are here: a run folder copied
+    from a GPU machine without its 16-bit checkpoint (600 MB at ViT-L/16) still shows its quantized model."""
+    return {m.label: m for m in run_models.models_of(run_dir) if m.path.is_dir()}
 
 
 class Predictor:
@@ -82,9 +84,10 @@ class Predictor:
 
 
 def test_images(run_dir: Path, n: int = 12) -> list[tuple[str, Image.Image]]:
-    """The first n images of the run's test split with their true class names."""
+    """The first n images of the run's test split with their true class names. A DataError when the run's
+    data is not on this machine (its data.root is another machine's path)."""
     params = runs.load_params(run_dir)
-    processor = transformers.AutoImageProcessor.from_pretrained(runs.path(run_dir, "checkpoint"))
+    processor = transformers.AutoImageProcessor.from_pretrained(next(iter(variants(run_dir).values())).path)
     splits = data.load_splits(params["data"], params["seed"],
                               processor.size.get("height") or processor.size.get("shortest_edge"))
     return [(f"#{i}: {splits.class_names[splits.test[i][1]]}", splits.test[i][0]) for i in range(min(n, len(splits.test)))]
@@ -145,11 +148,15 @@ def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None
 
     def on_run(_=None) -> None:
         # ipywidgets 8 selects nothing when options are replaced: select the first ones, which shows a prediction.
-        hint.value = f"<i>{html.escape(expects(run_pick.value))}</i>"
+        try:
+            samples, missing = test_images(run_pick.value), ""
+        except data.DataError as e:  # a run folder from another machine: its photos stay there, uploads work
+            samples, missing = [], f" · no test images here ({e}): upload a photo"
+        hint.value = f"<i>{html.escape(expects(run_pick.value) + missing)}</i>"
         variant_pick.options = list(variants(run_pick.value))
         variant_pick.index = 0
-        sample_pick.options = [(label, img) for label, img in test_images(run_pick.value)]
-        sample_pick.index = 0
+        sample_pick.options = [(label, img) for label, img in samples]
+        sample_pick.index = 0 if samples else None
 
     def on_sample(change) -> None:
         if change["new"] is not None:
