@@ -2,7 +2,7 @@
 
     python benchmarks/fp8_kernels.py --out DIR     # -> DIR/fp8_kernels.json and a table
 
-For each layer shape of ViT-L/16 (qkv, attention output, fc1, fc2) at the rows of batch 256 and 1
+For each layer shape of ViT-L/16 (qkv, attention output, fc1, fc2) at the rows of batch 256, 32 and 1
 (x 197 tokens): the kernel with FP8 and with packed int4 weights, over a sweep of tile configurations
 (one tile per thread block, or persistent: one block per multiprocessor walking the tiles), against
 torch._scaled_mm (cuBLAS) on the same FP8 operands; for fc1, cuBLAS is followed by the GELU and FP8
@@ -13,7 +13,7 @@ graphed model launches it, so one image's ~5 us kernels are not timed as Python'
 the calls take turns over copies of the layer twice the L2 cache in size, so each reads its weights
 from memory as a model's next layer does, and a split K is timed with the kernel that adds up its
 partial sums (in the model that sum fuses into the next kernel, for about the same cost).
-TFLOP/s and % of the dense FP8 peak. At batch 256 only fc1 runs on vitlab's kernel in the model
+TFLOP/s and % of the dense FP8 peak. At batch 256 and 32 only fc1 runs on vitlab's kernel in the model
 (cuBLAS's main loop is faster on the others), so by default only fc1 is swept there.
 
 With --quack (the `quack-kernels` package: CuTe-DSL GEMMs on CUTLASS's Python DSL), its Hopper GEMM runs
@@ -126,7 +126,7 @@ def timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
-    ap.add_argument("--rows", default="50432,197")
+    ap.add_argument("--rows", default="50432,6304,197", help="GEMM rows: batch 256, 32 and 1 x 197 tokens")
     ap.add_argument("--large-layers", default="fc1", help="layers swept above kernels.SMALL_M rows")
     ap.add_argument("--quack", action="store_true", help="also time quack-kernels' GEMM (FP8 weights only)")
     args = ap.parse_args(argv)
