@@ -227,21 +227,9 @@ def _vitl16_transfer(rows: list[dict]) -> list[str]:
                          "peak VRAM": "vram", "s/epoch": "s", "epochs": "epochs"})]
 
 
-def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl16_flowers_h200_scratch.json",
-                   first: str = "vitl16_flowers_h200_first.json") -> str:
-    """The ViT-L/16 on Flowers-102: what each ingredient bought (from scratch, the ViT-S it grows from, the
-    grown model before and after training, each training of the recipe), its variants against their 16-bit
-    selves and its per-layer sweep at 24 layers; then the first training of the same recipe and the
-    from-scratch model, as history. figures/vitl16_flowers_*.png."""
-    data, old, earlier = load(name), load(scratch), load(first)
-    o, start, trainings = old["model"][0], {r["model"]: r for r in data["start"]}, data["meta"]["trainings"]
-    label = _trainings(data, earlier)
-    models = sorted(data["model"], key=lambda m: m["run"])
-    latest = models[-1]
-    plots.save(plots.training_curves([r for r in data["history"] if r["trained_run"] == latest["run"]]),
-               FIGURES / "vitl16_flowers_training.png")
-    plots.save(plots.training_curves(old["history"]), FIGURES / "vitl16_flowers_scratch_training.png")
-    grown_from = trainings[data["start"][0]["trained_run"]]["teacher"]  # the ViT-S that `start` scored
+def _vitl16_steps(o: dict, start: dict, grown_from: dict, models: list[dict], trainings: dict, label: dict) -> list[dict]:
+    """What each ingredient bought: from scratch (`o`), the ViT-S grown from, the grown models untrained
+    (`start`), then each training of the recipe."""
     steps = [{"what": f"from scratch, {o['epochs']} epochs (params/flowers_vitl16.yaml before growing)", "layers": 24,
               "valid": f"{o['valid_top1']:.1%}", "test": fmt.pct(o["test_top1"], o["test_top1_lo"], o["test_top1_hi"]),
               "s": f"{o['train_seconds']:.0f} s"},
@@ -263,6 +251,25 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
                               f"{m['selected_epoch']}): training {label[m['run']].split()[0]}{own}", "layers": 24,
                       "valid": f"{m['valid_top1']:.1%}", "test": f"**{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}**",
                       "s": f"{m['train_seconds']:.0f} s"})
+    return steps
+
+
+def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl16_flowers_h200_scratch.json",
+                   first: str = "vitl16_flowers_h200_first.json") -> str:
+    """The ViT-L/16 on Flowers-102: what each ingredient bought (from scratch, the ViT-S it grows from, the
+    grown model before and after training, each training of the recipe), its variants against their 16-bit
+    selves and its per-layer sweep at 24 layers; then the first training of the same recipe and the
+    from-scratch model, as history. figures/vitl16_flowers_*.png."""
+    data, old, earlier = load(name), load(scratch), load(first)
+    o, start, trainings = old["model"][0], {r["model"]: r for r in data["start"]}, data["meta"]["trainings"]
+    label = _trainings(data, earlier)
+    models = sorted(data["model"], key=lambda m: m["run"])
+    latest = models[-1]
+    plots.save(plots.training_curves([r for r in data["history"] if r["trained_run"] == latest["run"]]),
+               FIGURES / "vitl16_flowers_training.png")
+    plots.save(plots.training_curves(old["history"]), FIGURES / "vitl16_flowers_scratch_training.png")
+    grown_from = trainings[data["start"][0]["trained_run"]]["teacher"]  # the ViT-S that `start` scored
+    steps = _vitl16_steps(o, start, grown_from, models, trainings, label)
     missing = [f"`{v}`" for v in VARIANTS if v not in {r["variant"] for r in data["variant"]}]
     why = " ".join(f"Training {label[run].split()[0]}: {t['not_run']}." for run, t in trainings.items() if t.get("not_run"))
     out = [f"A ViT-L/16 ({latest['parameters'] / 1e6:.1f} M parameters, {latest['num_hidden_layers']} layers of "

@@ -24,9 +24,9 @@ vitlab's own on the fp8_fused run) and the NF4 run the demo. A variant that fail
 others go on. `collect` turns the run folders into one `{meta, rows}` file whose rows carry `table`:
 `model` (the trained ViT-L/16), `history` (its epochs), `variant`, `ablation` (every configuration of the
 sweeps and the checks on test) and `transfer` (benchmarks/flowers_transfer.py --scale vitl16's runs, collected
-on their own with --transfer), and `trained_run`, the training they come from. Each training's provenance (commit, commands, teacher) is in
-`meta.trainings`; --into adds a training to a file of earlier trainings of the recipe, since a device session
-that trains the model again cannot reach the last one's weights.
+on their own with --transfer), and `trained_run`, the training they come from. Each training's provenance
+(commit, commands, teacher) is in `meta.trainings`; --into adds a training to a file of earlier trainings of
+the recipe, since a device session that trains the model again cannot reach the last one's weights.
 """
 from __future__ import annotations
 
@@ -211,13 +211,14 @@ def collect(args) -> Path:
     training = {"weights": weights, "git": man["git"], "device": man["device"], "versions": man["versions"],
                 "params": params, "teacher": teacher_of(params),
                 "training_commands": [c["command"] for c in man.get("commands", [])], "not_evaluated": missing}
-    trainings = {trained.name: training}
+    trainings, kept = {trained.name: training}, {}
     if args.into:
         earlier = json.loads(Path(args.into).read_text())
         rows = [r for r in earlier["rows"] if r.get("trained_run") != trained.name] + rows
         trainings = earlier["meta"].get("trainings", {}) | trainings
+        kept = {k: earlier["meta"][k] for k in ("transfer",) if k in earlier["meta"]}
     path = write(args, "vitl16_flowers", time.time(), rows, weights, measured_on=man["device"], versions=man["versions"],
-                 trainings=trainings)
+                 trainings=trainings, **kept)
     for row in named["variant"]:
         print(f"{row['variant']:>11}: top-1 {row['top1']:.4f} ({row['top1_delta_pt']:+.2f} pt "
               f"[{row['delta_lo_pt']:+.2f}, {row['delta_hi_pt']:+.2f}]) p50 bs256 {row.get('p50_ms_bs256', float('nan')):.2f} ms")
