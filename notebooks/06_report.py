@@ -28,7 +28,7 @@ from vitlab import ablation, mixed, plots, report, runs
 sources = [Path(r) for r in run_dirs] if run_dirs else runs.list_runs(runs_root)
 data = report.collect(sources)
 keep = lambda fig, name: plots.save(fig, Path(report.FIGURES) / name)
-display(Markdown(f"**{len(data.status)} runs** under `{runs_root}` · every number below also in "
+display(Markdown(f"**{len(data.status)} run{'' if len(data.status) == 1 else 's'}** under `{runs_root}` · every number below also in "
                  f"`report.csv` (raw, one row per model and batch size)"))
 if not data.accuracy.empty:
     report.combined_csv(data, Path("report.csv"))
