@@ -99,11 +99,32 @@ class NotStarted(Exception):
     """Too little of the time limit is left to start a run (MIN_VARIANT_S)."""
 
 
+def _flat(params: dict, prefix: str = "") -> dict[str, Any]:
+    return {k: v for key, value in params.items()
+            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
+
+def changed(run_dir: Path, params_file: str, steps: str, sets: list[str], device: str) -> dict[str, tuple]:
+    """What `vitlab run params_file --steps steps --set ...` would run with that the run `run_dir` did not:
+    {key: (the run's value, this command's)}."""
+    wanted = config.resolve(runs.REPO_ROOT / params_file, [f"variant={runs.load_params(run_dir)['variant']}",
+                                                          f"device={device}", *sets])
+    wanted["steps"] = steps.split(",")
+    had, want = _flat(runs.load_params(run_dir)), _flat(wanted)
+    return {k: (had.get(k), want.get(k)) for k in sorted(set(had) | set(want)) if had.get(k) != want.get(k)}
+
+
 def continued(variant: str, params_file: str, steps: str, sets: list[str], device: str, left: float | None) -> Path:
     """The run `variant`: an earlier command's if it finished, continued (--resume) if it stopped, else a new
-    `vitlab run`. Raises CalledProcessError when the run fails or stops at the time limit (exit 3), NotStarted
-    when it has work to do and less than MIN_VARIANT_S is `left`."""
+    `vitlab run`; a new one too when the earlier run's params differ from this command's (it says which).
+    Raises CalledProcessError when the run fails or stops at the time limit (exit 3), NotStarted when it has
+    work to do and less than MIN_VARIANT_S is `left`."""
     earlier = [r for r in runs.list_runs(runs.RUNS_DIR) if runs.load_params(r)["variant"] == variant]
+    differs = changed(earlier[-1], params_file, steps, sets, device) if earlier else {}
+    if differs:
+        print(f"{variant}: {earlier[-1].name} ran with other params ("
+              + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differs.items()) + "): a new run", flush=True)
+        earlier = []
     if earlier and runs.manifest(earlier[-1])["status"] == "ok":
         print(f"{variant}: done before -> {earlier[-1]}", flush=True)
         return earlier[-1]

@@ -52,3 +52,13 @@ def test_device_tag_is_the_model_number():
 def test_docs_results_is_what_summarize_makes_of_the_results():
     committed = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
     assert summarize.results_md() == committed, "docs/results.md drifted: run `python benchmarks/run.py summarize`"
+
+
+def test_a_study_continues_a_run_only_if_it_ran_with_this_commands_params(smoke_run):
+    """benchmarks' `continued` reuses or resumes an earlier run of the same name only when nothing of its
+    params differs from what this command would run; otherwise the changed keys are named."""
+    ran = common.runs.load_params(smoke_run)
+    steps = ",".join(ran["steps"])
+    assert common.changed(smoke_run, "params/smoke.yaml", steps, [], "auto") == {}
+    assert common.changed(smoke_run, "params/smoke.yaml", steps, ["finetune.lr=0.5", "eval.iters=7"], "auto") == {
+        "eval.iters": (ran["eval"]["iters"], 7), "finetune.lr": (ran["finetune"]["lr"], 0.5)}
