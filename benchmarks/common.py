@@ -99,9 +99,15 @@ class NotStarted(Exception):
     """Too little of the time limit is left to start a run (MIN_VARIANT_S)."""
 
 
-def _flat(params: dict, prefix: str = "") -> dict[str, Any]:
-    return {k: v for key, value in params.items()
-            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+def flat(tree: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Nested params as {"finetune.lr": 0.001, ...}; the sections named in `whole` stay one value."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in whole:
+            out |= flat(value, f"{prefix}{key}.", whole)
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def changed(run_dir: Path, params_file: str, steps: str, sets: list[str], device: str) -> dict[str, tuple]:
@@ -110,7 +116,7 @@ def changed(run_dir: Path, params_file: str, steps: str, sets: list[str], device
     wanted = config.resolve(runs.REPO_ROOT / params_file, [f"variant={runs.load_params(run_dir)['variant']}",
                                                           f"device={device}", *sets])
     wanted["steps"] = steps.split(",")
-    had, want = _flat(runs.load_params(run_dir)), _flat(wanted)
+    had, want = flat(runs.load_params(run_dir)), flat(wanted)
     return {k: (had.get(k), want.get(k)) for k in sorted(set(had) | set(want)) if had.get(k) != want.get(k)}
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import by_table, parser, tables, write
+from common import by_table, flat, parser, tables, write
 
 from vitlab import config, data, evaluate, finetune, machine, models, runs, training
 
@@ -149,16 +149,6 @@ def throughput(recipe: dict, device: torch.device, epochs: int, paths: list = PA
     return rows
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "config":
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _run_row(run_dir: Path, recipe: dict | None) -> dict:
     """One trained run as a row of the ingredient table, named by how its params differ from the recipe's."""
     params = runs.load_params(run_dir)
@@ -166,7 +156,8 @@ def _run_row(run_dir: Path, recipe: dict | None) -> dict:
     acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
     selected = next(r for r in train["history"] if r["selected"])
     # A run made before a setting existed ran with what is its default now.
-    mine, theirs = _flat(config.merge(config.defaults(), params)), _flat(recipe or params)
+    mine = flat(config.merge(config.defaults(), params), whole=("config",))
+    theirs = flat(recipe or params, whole=("config",))
     changed = [f"{k}={mine[k]}" for k in sorted(mine) if k not in ("variant", "steps", "data.root") and mine[k] != theirs.get(k)]
     return {"ingredients": "the recipe" + (" with " + ", ".join(changed) if changed else ""), "run": run_dir.name,
             "epochs": params["finetune"]["epochs"], "valid_top1": selected["val_acc"], "test_top1": acc["top1"],

@@ -209,9 +209,9 @@ def _variant_table(variants: list[dict], trained: dict[str, str] | None = None) 
 
 
 def _trainings(data: dict, first: dict) -> dict[str, str]:
-    """Each training of the recipe in the result (run -> label), numbered after the first one's own file."""
+    """Each training of the recipe in the result (run -> "#2"), numbered after the first one's own file."""
     done = sorted(data["model"], key=lambda m: m["run"])
-    return {m["run"]: f"#{i} ({m['test_top1']:.1%})" for i, m in enumerate(done, start=1 + len(first["model"]))}
+    return {m["run"]: f"#{i}" for i, m in enumerate(done, start=1 + len(first["model"]))}
 
 
 def _vitl16_transfer(rows: list[dict]) -> list[str]:
@@ -227,7 +227,7 @@ def _vitl16_transfer(rows: list[dict]) -> list[str]:
                          "peak VRAM": "vram", "s/epoch": "s", "epochs": "epochs"})]
 
 
-def _vitl16_steps(o: dict, start: dict, grown_from: dict, models: list[dict], trainings: dict, label: dict) -> list[dict]:
+def _vitl16_steps(o: dict, start: dict, grown_from: dict, models: list[dict], trainings: dict, number: dict) -> list[dict]:
     """What each ingredient bought: from scratch (`o`), the ViT-S grown from, the grown models untrained
     (`start`), then each training of the recipe."""
     steps = [{"what": f"from scratch, {o['epochs']} epochs (params/flowers_vitl16.yaml before growing)", "layers": 24,
@@ -248,7 +248,7 @@ def _vitl16_steps(o: dict, start: dict, grown_from: dict, models: list[dict], tr
             f", from a ViT-S trained again the same way (valid {teacher['valid_top1']:.1%}, {teacher['finetune_s']:.0f} s; "
             "its test top-1 not measured)")
         steps.append({"what": f"halved copies, then {m['epochs']} epochs distilled from the ViT-S (selected: epoch "
-                              f"{m['selected_epoch']}): training {label[m['run']].split()[0]}{own}", "layers": 24,
+                              f"{m['selected_epoch']}): training {number[m['run']]}{own}", "layers": 24,
                       "valid": f"{m['valid_top1']:.1%}", "test": f"**{fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])}**",
                       "s": f"{m['train_seconds']:.0f} s"})
     return steps
@@ -262,16 +262,16 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
     from-scratch model, as history. figures/vitl16_flowers_*.png."""
     data, old, earlier = load(name), load(scratch), load(first)
     o, start, trainings = old["model"][0], {r["model"]: r for r in data["start"]}, data["meta"]["trainings"]
-    label = _trainings(data, earlier)
+    number = _trainings(data, earlier)
     models = sorted(data["model"], key=lambda m: m["run"])
     latest = models[-1]
     plots.save(plots.training_curves([r for r in data["history"] if r["trained_run"] == latest["run"]]),
                FIGURES / "vitl16_flowers_training.png")
     plots.save(plots.training_curves(old["history"]), FIGURES / "vitl16_flowers_scratch_training.png")
     grown_from = trainings[data["start"][0]["trained_run"]]["teacher"]  # the ViT-S that `start` scored
-    steps = _vitl16_steps(o, start, grown_from, models, trainings, label)
+    steps = _vitl16_steps(o, start, grown_from, models, trainings, number)
     missing = [f"`{v}`" for v in VARIANTS if v not in {r["variant"] for r in data["variant"]}]
-    why = " ".join(f"Training {label[run].split()[0]}: {t['not_run']}." for run, t in trainings.items() if t.get("not_run"))
+    why = " ".join(f"Training {number[run]}: {t['not_run']}." for run, t in trainings.items() if t.get("not_run"))
     out = [f"A ViT-L/16 ({latest['parameters'] / 1e6:.1f} M parameters, {latest['num_hidden_layers']} layers of "
            f"{latest['hidden_size']}) by `params/flowers_vitl16.yaml` on {_device(data['meta'])}: vitlab's own ViT-S/16 "
            "recipe model, trained on the same split, grown to ViT-L's width and depth (`vitlab.grow`: the width "
@@ -294,12 +294,13 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
            "Each variant by `vitlab run` from the checkpoint of the training named; the difference is paired against "
            "the same run's 16-bit model on the same test images (a device session cannot reach an earlier session's "
            "weights, so the variants of one table come from two trainings):",
-           _variant_table(sorted(data["variant"], key=lambda r: r["trained_run"]), label),
+           _variant_table(sorted(data["variant"], key=lambda r: r["trained_run"]),
+                          {m["run"]: f"{number[m['run']]} ({m['test_top1']:.1%})" for m in models}),
            f"On no training yet: {', '.join(missing) or 'every variant ran'}; "
            f"{'' if data.get('transfer') else 'the transfer at ViT-L scale; '}the widget in JupyterLab with the ViT-L "
            f"NF4 model. {why}",
            *_vitl16_transfer(data.get("transfer", [])),
-           _ablation_paragraphs(data, f"training {label[data['ablation'][0]['trained_run']].split()[0]}"),
+           _ablation_paragraphs(data, f"training {number[data['ablation'][0]['trained_run']]}"),
            f"### Training #1 of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
            f"The same recipe and teacher, trained in an earlier session (`benchmarks/results/{first}`); its weights did "
            "not outlive that session's machine, so its variants stand beside, not inside, the table above:",
