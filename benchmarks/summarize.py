@@ -187,6 +187,35 @@ def train_speed_table() -> str:
                            "training": "img_s", "TFLOP/s": "tflops", "peak VRAM": "vram"}))
 
 
+def train_step_table(name: str = "train_step_h200.json", today: str = "vitl16_cost_h100.json") -> str:
+    """benchmarks/train_step.py: each (method, path)'s img/s against the H100's LoRA and QLoRA of the issue
+    (vitl16_cost's, the 'today' of #25), and where a step's device time goes."""
+    data, before = load(name), {r["method"]: r for r in load(today)["training"]}
+    out = [{"method": r["method"], "path": f"`{r['path']}`",
+            "img_s": fmt.rate(r["img_s"]) if "img_s" in r else f"refused ({r['refused'].split(':')[0]})",
+            "x": f"{r['img_s'] / before[r['method']]['train_img_per_s']:.2f}x" if "img_s" in r and r["method"] in before else "-",
+            "tflops": f"{r['model_tflops']:.0f} ({r['pct_bf16_dense_peak']:.0f}%)" if "img_s" in r else "-",
+            "vram": fmt.mb(r.get("peak_vram_mb"))} for r in data["rows"]]
+    groups = sorted({k["group"] for k in data["kernels"]})
+    steps: dict[str, dict] = {}
+    for k in data["kernels"]:
+        steps.setdefault(f"{k['method']} `{k['path']}`", {})[k["group"]] = f"{k['ms_per_step']:.1f}"
+    steps_rows = [{"case": case, **ms} for case, ms in steps.items()]
+    a = data["meta"]["args"]
+    return "\n\n".join([
+        f"One training step of a random-init ViT-L/16 at 224 px, batch {a['batch']}, by vitlab's own loop (`training.train`, "
+        f"as `vitlab run` trains) on batches already on the GPU; img/s of the second epoch of {a['steps']} steps "
+        f"({_device(data['meta'])}, `benchmarks/results/{name}`, `{data['meta']['command'].split(' --out')[0]}`). "
+        f"`x today`: against the same method on the H100 in `benchmarks/results/{today}` (LoRA "
+        f"{before['lora']['train_img_per_s']:.0f} img/s, QLoRA {before['qlora']['train_img_per_s']:.0f}), the issue's baseline; "
+        "TFLOP/s counts the matmuls, x3 the forward for full fine-tuning, x2 for (Q)LoRA's frozen base:",
+        _table(out, {"method": "method", "path": "path", "training": "img_s", "x today": "x", "TFLOP/s (% dense bf16)": "tflops",
+                     "peak VRAM": "vram"}),
+        "Where a step's device time goes (ms per step, the profiled third epoch; `other` is elementwise work, casts "
+        "and copies):",
+        _table(steps_rows, {"case": "case", **{g: g for g in groups}})])
+
+
 def _ablation_frame(rows: list[dict]) -> pd.DataFrame:
     """The result's ablation rows in the shape plots.sensitivity takes (quant, layer, config, kind, kl, ...)."""
     frame = pd.DataFrame(rows).rename(columns={"quant_type": "quant"})
@@ -214,17 +243,35 @@ def _trainings(data: dict, first: dict) -> dict[str, str]:
     return {m["run"]: f"#{i}" for i, m in enumerate(done, start=1 + len(first["model"]))}
 
 
-def _vitl16_transfer(rows: list[dict]) -> list[str]:
-    """The transfer at ViT-L scale (benchmarks/flowers_transfer.py --scale vitl16), when it ran."""
+def _vitl16_transfer(rows: list[dict], meta: dict) -> list[str]:
+    """The transfer at ViT-L scale (benchmarks/flowers_transfer.py --scale vitl16), when it ran: how half_a's
+    models were made, each method on half_b, what did not run and why."""
     if not rows:
         return []
+    made = "; ".join(f"`{p['variant']}` ({p['total_params'] / 1e6:.1f} M parameters) {p['epochs']} epochs in "
+                     f"{p['finetune_s']:.0f} s, valid {p['valid_top1']:.1%} on its {p['classes']} classes (epoch "
+                     f"{p['selected_epoch']})" for p in meta.get("pretrain", []))
     out = [{"method": r["method"], "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
             "trainable": f"{r['trainable_params']:,}", "vram": fmt.mb(r["peak_vram_mb"]), "s": f"{r['s_per_epoch']:.1f}",
             "epochs": r["epochs"]} for r in rows]
-    return [f"The transfer at ViT-L scale: a ViT-L/16 made as above from `half_a`'s classes only ({rows[0]['classes']} "
-            f"others in `half_b`; `{rows[0]['pretrained']}`), then each method on `half_b`'s training images:",
+    missing = meta.get("not_run") or []
+    by = {r["method"].split(" ")[0]: r for r in rows}
+    memory = []
+    if {"lora", "qlora"} <= set(by):
+        lora, qlora = by["lora"], by["qlora"]
+        saved = lora["peak_vram_mb"] - qlora["peak_vram_mb"]
+        memory = [f"(Q)LoRA's memory case: QLoRA's peak is {fmt.mb(qlora['peak_vram_mb'])} against LoRA's "
+                  f"{fmt.mb(lora['peak_vram_mb'])}, at {qlora['s_per_epoch'] / lora['s_per_epoch']:.2f}x LoRA's time per "
+                  f"epoch; the 16-bit base's weights are {lora['total_params'] * 2 / 1e9:.1f} GB. "
+                  + (f"The NF4 base saves {saved:,.0f} MB." if saved > 0 else
+                     f"At this batch the NF4 base does not save memory: the peak is {-saved:,.0f} MB higher.")]
+    return [f"### The transfer at ViT-L scale\n\nA ViT-L/16 made as above from `half_a`'s classes only ({made}), then each "
+            f"method on the {rows[0]['classes']} classes of `half_b` it has never seen, a fresh head, {rows[0]['epochs']} "
+            f"epochs, eager bf16 at batch 64 ({rows[0]['test_images']} test images; "
+            "`python benchmarks/run.py flowers_transfer pretrain --scale vitl16`, then `methods --scale vitl16`):",
             _table(out, {"method": "method", "test top-1 [95% CI]": "top1", "trainable parameters": "trainable",
-                         "peak VRAM": "vram", "s/epoch": "s", "epochs": "epochs"})]
+                         "peak VRAM": "vram", "s/epoch": "s", "epochs": "epochs"}),
+            *memory, *([f"Not run: {', '.join(missing)}: {meta['why_not_run']}."] if missing else [])]
 
 
 def _vitl16_steps(o: dict, start: dict, grown_from: dict, models: list[dict], trainings: dict, number: dict) -> list[dict]:
@@ -299,8 +346,8 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
            f"On no training yet: {', '.join(missing) or 'every variant ran'}; "
            f"{'' if data.get('transfer') else 'the transfer at ViT-L scale; '}the widget in JupyterLab with the ViT-L "
            f"NF4 model. {why}",
-           *_vitl16_transfer(data.get("transfer", [])),
            _ablation_paragraphs(data, f"training {number[data['ablation'][0]['trained_run']]}"),
+           *_vitl16_transfer(data.get("transfer", []), data["meta"].get("transfer", {})),
            f"### Training #1 of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
            f"The same recipe and teacher, trained in an earlier session (`benchmarks/results/{first}`); its weights did "
            "not outlive that session's machine, so its variants stand beside, not inside, the table above:",
@@ -441,10 +488,10 @@ def results_md() -> str:
         peers_headline("peers_h100.json"),
         "## ViT-L/16 trained on Oxford Flowers-102 (the seeds' depth)", vitl16_section(),
         "## Oxford Flowers-102, ViT-S/16", flowers_headline(),
-        "## Transfer to unseen classes", transfer_table(),
+        "## Transfer to unseen classes, ViT-S/16", transfer_table(),
         "## Quantization-aware training against post-training quantization", qat_section(),
         "## Formats per layer under a latency or accuracy budget", mixed_section(),
-        "## Training speed", train_speed_table(),
+        "## Training speed", train_speed_table(), train_step_table(),
         "## More tables", "- [figures/h100_matrix.md](../figures/h100_matrix.md): every precision x attention kernel, "
         "ViT-B/16 and ViT-L/16, p50/p95/p99, sizes\n- [figures/h100_speed_paths.md](../figures/h100_speed_paths.md): "
         "the speed paths one by one\n- [refusals.md](refusals.md): every bad input and fault tried, with vitlab's "

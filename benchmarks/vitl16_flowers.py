@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from common import NotStarted, continued, dense_peaks, parser, write
+from flowers_transfer import METHODS, SCALES
 from flowers_transfer import row as transfer_row
 
 from vitlab import runs
@@ -142,6 +143,15 @@ def ablation_rows(run_dir: Path) -> list[dict]:
     return out
 
 
+def pretrain_row(run_dir: Path) -> dict:
+    """A pretraining run on half_a (the ViT-S, then the ViT-L grown from it): its selected epoch and time."""
+    train = runs.read_json(runs.path(run_dir, "train_metrics"))
+    selected = next(h for h in train["history"] if h["selected"])
+    return {"variant": runs.load_params(run_dir)["variant"], "run": run_dir.name, "epochs": len(train["history"]),
+            "selected_epoch": selected["epoch"], "valid_top1": selected["val_acc"], "classes": len(train["class_names"]),
+            "finetune_s": runs.manifest(run_dir)["steps"]["finetune"]["seconds"], "total_params": train["total_params"]}
+
+
 def transfer_rows(run_dir: Path) -> list[dict]:
     """A transfer method's run (benchmarks/flowers_transfer.py --scale vitl16) in the issue's names."""
     r = transfer_row(run_dir)
@@ -231,11 +241,17 @@ def collect_transfer(args) -> Path:
     if not args.into:
         sys.exit("collect --transfer RUN ... (without a trained run) replaces the transfer rows of a file: give --into FILE")
     earlier = json.loads(Path(args.into).read_text())
+    given = [Path(p) for p in args.transfer]
+    pretraining = [v for v, _ in SCALES["vitl16"]["pretrain"]]
+    folders = [f for f in given if runs.load_params(f)["variant"] not in pretraining]
     rows = [r for r in earlier["rows"] if r["table"] != "transfer"]
-    rows += [{"table": "transfer", **r} for p in args.transfer for r in transfer_rows(Path(p))]
-    man = runs.manifest(Path(args.transfer[0]))
-    transfer = {"runs": [Path(p).name for p in args.transfer], "git": man["git"], "versions": man["versions"],
-                "commands": [c["command"] for p in args.transfer for c in runs.manifest(Path(p)).get("commands", [])]}
+    rows += [{"table": "transfer", **r} for f in folders for r in transfer_rows(f)]
+    done = {r["method"] for r in rows if r["table"] == "transfer"}
+    man = runs.manifest(folders[0])
+    transfer = {"runs": [f.name for f in folders], "git": man["git"], "versions": man["versions"],
+                "commands": [c["command"] for f in given for c in runs.manifest(f).get("commands", [])],
+                "pretrain": [pretrain_row(f) for f in given if f not in folders],
+                "not_run": [m for i, m in enumerate(METHODS) if str(i) in SCALES["vitl16"]["only"].split(",") and m not in done]}
     return write(args, "vitl16_flowers", time.time(), rows, earlier["meta"]["weights"], measured_on=man["device"],
                  versions=earlier["meta"]["versions"], trainings=earlier["meta"]["trainings"], transfer=transfer)
 
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher", help="all: the ViT-S checkpoint to grow from and distil from (default: train it)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variants: params for every run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--transfer", nargs="*", default=[], help="collect: the transfer runs' folders")
+    ap.add_argument("--transfer", nargs="*", default=[], help="collect: the transfer runs' folders and the pretraining runs on half_a")
     ap.add_argument("--into", help="collect: a result file of earlier trainings of the recipe to add this one to")
     ap.add_argument("--time-limit", type=float, help="variants: seconds for them all (each `vitlab run` gets what is left)")
     args = ap.parse_intermixed_args(argv)
