@@ -192,7 +192,8 @@ def train_step_table(name: str = "train_step_h200.json", today: str = "vitl16_co
     (vitl16_cost's, the 'today' of #25), and where a step's device time goes."""
     data, before = load(name), {r["method"]: r for r in load(today)["training"]}
     out = [{"method": r["method"], "path": f"`{r['path']}`",
-            "img_s": fmt.rate(r["img_s"]) if "img_s" in r else f"refused ({r['refused'].split(':')[0]})",
+            "img_s": fmt.rate(r["img_s"]) if "img_s" in r else
+            f"refused ({r['refused'].split(':')[0]})" if "refused" in r else f"failed ({r['error']})",
             "x": f"{r['img_s'] / before[r['method']]['train_img_per_s']:.2f}x" if "img_s" in r and r["method"] in before else "-",
             "tflops": f"{r['model_tflops']:.0f} ({r['pct_bf16_dense_peak']:.0f}%)" if "img_s" in r else "-",
             "vram": fmt.mb(r.get("peak_vram_mb"))} for r in data["rows"]]

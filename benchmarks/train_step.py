@@ -4,6 +4,9 @@ with where a step's time goes.
     python benchmarks/run.py train_step                                   # ViT-L/16, batch 32, every path
     python benchmarks/run.py train_step --arch tiny --device cpu --steps 3 --paths eager   # the code path, on a CPU
 
+Paths: `eager`; `compile` (torch.compile of the whole model); `cuda_graph` (the step replayed as one CUDA graph);
+`blocks` (each encoder block compiled in place: finetune.compile: blocks); `blocks_graph` (both).
+
 Each row is one (method, path) trained by vitlab's own loop (`training.train`, as `vitlab run` trains)
 on batches already on the device (random pixels and labels: a step's cost does not depend on them,
 and the data pipeline is measured elsewhere): images/s of the second epoch (the first compiles,
@@ -12,7 +15,7 @@ per image for the forward and x3 for a step that computes weight gradients (full
 does not (LoRA's and QLoRA's frozen base: only the input gradients and the adapters'), against the dense
 bf16 peak. Then a third, profiled epoch of the same step: the `kernels` table groups its CUDA time
 into GEMMs, attention, optimizer, norms and the rest (elementwise, casts, copies). A combination
-vitlab refuses (QLoRA under a CUDA graph) is a row that says so.
+vitlab refuses (QLoRA under a CUDA graph) is a row that says so, and so is one that fails (its error).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from common import ARCHS, dense_peaks, parser, random_checkpoint, tables, write
 from vitlab import config, finetune, models, training
 from vitlab.errors import ParamsError
 
-PATHS = {"eager": {}, "compile": {"compile": True}, "cuda_graph": {"cuda_graph": True}}
+PATHS = {"eager": {}, "compile": {"compile": True}, "cuda_graph": {"cuda_graph": True}, "blocks": {"compile": "blocks"},
+         "blocks_graph": {"compile": "blocks", "cuda_graph": True}}
 KERNELS = [("gemm", r"gemm|cutlass|sm90_|sm80_|cublas|matmul|nvjet"), ("attention", r"flash|fmha|attention|sdpa|cudnn"),
            ("optimizer", r"adam|foreach|multi_tensor"), ("norm", r"layer_norm|layernorm|rms")]
 
@@ -89,7 +93,7 @@ def measure(checkpoint: Path, method: str, path: str, batch: int, steps: int, de
     with torch.profiler.profile(activities=activities) as prof:
         training.train(model, batches, batches[:1], {**ft, "epochs": 1}, device, num_classes=102)
     kernels = [{"path": path, "method": method, **k} for k in _kernels(prof, steps)] if device.type == "cuda" else []
-    print(f"{method:6s} {path:10s} {img_s:8.1f} img/s  {tflops:6.1f} TFLOP/s  peak {history[-1]['peak_vram_mb']} MB", flush=True)
+    print(f"{method:6s} {path:12s} {img_s:8.1f} img/s  {tflops:6.1f} TFLOP/s  peak {history[-1]['peak_vram_mb']} MB", flush=True)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -110,7 +114,15 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = random_checkpoint(args.arch, Path(tmp), 224 if args.arch != "tiny" else 32)
         for method in args.methods.split(","):
             for path in args.paths.split(","):
-                row, groups = measure(checkpoint, method, path, args.batch, args.steps, device)
+                try:
+                    row, groups = measure(checkpoint, method, path, args.batch, args.steps, device)
+                except Exception as e:  # noqa: BLE001 (a path that fails is a row saying how, the others still run)
+                    row, groups = {"path": path, "method": method, "model": args.arch, "batch_size": args.batch,
+                                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}, []
+                    print(f"{method:6s} {path:12s} FAILED {row['error']}", flush=True)
+                    torch._dynamo.reset()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 rows.append(row)
                 kernels += groups
                 out = write(args, "train_step", t0, tables(rows=rows, kernels=kernels), weights="random init (seed 0)")

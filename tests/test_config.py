@@ -35,6 +35,11 @@ def test_every_shipped_variant_is_valid():
 def test_cuda_graph_training_is_checked_before_any_work():
     with pytest.raises(ParamsError, match="does not combine"):
         config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "finetune.mixed_precision=fp16"])
+    with pytest.raises(ParamsError, match="compile: blocks it does"):  # a whole-model compile is not captured
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "finetune.compile=true"])
+    config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "finetune.compile=blocks"])
+    with pytest.raises(ParamsError, match="finetune.compile"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.compile=block"])
     with pytest.raises(ParamsError, match="needs a CUDA GPU"):
         _on_this_machine(config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "device=cpu"]))
     # Steps that do not train do not care.

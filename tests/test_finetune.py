@@ -161,6 +161,28 @@ def test_progressive_resizing_trains_small_then_full_size_through_compile(smoke_
     assert len(ds.batches("train", 32, CPU)) == len(ds.splits.train) // 32  # every training step one shape
 
 
+@pytest.mark.slow  # Inductor compiles one block's forward and backward on the CPU: about half a minute
+def test_lora_through_compiled_blocks_trains_the_same_adapters_as_eager(smoke_params, digits_data, f32):
+    """finetune.compile: blocks compiles each encoder block in place (what may be captured in a CUDA graph
+    on a GPU): the same steps from the same weights give the eager loop's adapters, and the blocks run
+    Inductor's code."""
+    ft = {**smoke_params["finetune"], "method": "lora", "epochs": 1, "lr": 3e-3, "warmup_ratio": 0.0,
+          "lora": {**smoke_params["finetune"]["lora"], "dropout": 0.0}}
+    batches = list(digits_data.batches("train", 32, CPU))[:3]
+    trained = {}
+    for how in (False, "blocks"):
+        torch.manual_seed(0)
+        model = finetune.build(f32, {**ft, "compile": how}, digits_data.class_names, CPU)
+        training.train(model, batches, batches[:1], {**ft, "compile": how}, CPU)
+        trained[how] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        blocks = models.encoder_layers(model).blocks
+        assert all((b._compiled_call_impl is not None) == (how == "blocks") for b in blocks)
+    assert trained[False].keys() == trained["blocks"].keys() and any("lora_A" in n for n in trained[False])
+    assert all(float(p.abs().sum()) > 0 for n, p in trained["blocks"].items() if "lora_B" in n)  # B starts at 0: it trained
+    for name, eager in trained[False].items():
+        torch.testing.assert_close(trained["blocks"][name], eager, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_stochastic_depth_skips_whole_layers_per_sample_only_in_training(checkpoint, f32):
     model = models.load_checkpoint(checkpoint, f32, CPU)  # dropout 0: a layer is a deterministic function
     _, layers = models.encoder_layers(model)
@@ -196,7 +218,8 @@ def test_training_validates_every_n_epochs_and_removes_its_stochastic_depth(para
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph training step needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_cuda_graph_training_steps_match_eager_ones(params, checkpoint, digits_data, method):
+@pytest.mark.parametrize("compiled", [False, "blocks"])  # the graph captures Inductor's blocks too
+def test_cuda_graph_training_steps_match_eager_ones(params, checkpoint, digits_data, method, compiled):
     cuda = torch.device("cuda")
     p, settings = _cfg(params, checkpoint, method)
     p["finetune"].update(epochs=3, ema_decay=0.9, mixed_precision="no", warmup_ratio=0.3)
@@ -207,7 +230,8 @@ def test_cuda_graph_training_steps_match_eager_ones(params, checkpoint, digits_d
     for graphed in (False, True):
         transformers.set_seed(0)
         model = finetune.build(settings, p["finetune"], digits_data.class_names, cuda)
-        history = training.train(model, batches, batches[:1], p["finetune"] | {"cuda_graph": graphed}, cuda)
+        history = training.train(model, batches, batches[:1],
+                                 p["finetune"] | ({"cuda_graph": True, "compile": compiled} if graphed else {}), cuda)
         trained[graphed] = ({n: t.detach().cpu() for n, t in model.state_dict().items()}, history)
     (eager, h_eager), (graph, h_graph) = trained[False], trained[True]
     for name in eager:

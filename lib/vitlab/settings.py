@@ -182,7 +182,7 @@ class Finetune(Section):
     ema_decay: float = rule(lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.999 is usual)")
     select: Literal["last", "best_valid"]
     valid_every: int = rule(*AT_LEAST_1)
-    compile: bool
+    compile: Union[bool, Literal["blocks"]]  # true: the whole model; blocks: each encoder block (regional)
     cuda_graph: bool
     accumulate: int = rule(*AT_LEAST_1)
     processes: int = rule(*AT_LEAST_1)
@@ -195,9 +195,10 @@ class Finetune(Section):
     lora: Lora
 
     def __post_init__(self) -> None:
-        if self.cuda_graph and (self.compile or self.mixed_precision == "fp16" or self.method == "qlora"):
-            raise ParamsError("finetune.cuda_graph captures the eager bf16 training step: it does not combine with "
-                              "finetune.compile, mixed_precision fp16 (loss scaling syncs with the host) or method qlora")
+        if self.cuda_graph and (self.compile is True or self.mixed_precision == "fp16" or self.method == "qlora"):
+            raise ParamsError("finetune.cuda_graph captures the bf16 training step: it does not combine with "
+                              "finetune.compile: true (compile: blocks it does), mixed_precision fp16 (loss scaling syncs "
+                              "with the host) or method qlora")
         if self.batch_size % (self.processes * self.accumulate):
             raise ParamsError(f"finetune.batch_size {self.batch_size} is the whole step's batch: it must split evenly "
                               f"into finetune.processes ({self.processes}) x finetune.accumulate ({self.accumulate}) "

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from . import models, runs
+from . import models, runs, speed
 from .errors import RunError, TimeLimitReached
 from .settings import Finetune, local_model
 
@@ -264,9 +264,13 @@ def _setup(model: nn.Module, ft: Finetune, steps: int, device: torch.device, num
     amp = _autocast_dtype(ft.mixed_precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     ema = Ema(model, ft.ema_decay) if ft.ema_decay else None
+    if ft.compile == "blocks":
+        # In place, so validation and the saved weights see the same module: blocks of one structure share one
+        # compile, and attention inside a block gets no mask (a whole-model trace hands SDPA one: no flash kernel).
+        speed.compiled(model, scope="blocks")
     stepped = accelerator.prepare_model(model) if accelerator is not None else model  # DDP: gradients averaged
     # Validation runs the plain module: one compiled graph per training shape is enough.
-    stepped = torch.compile(stepped) if ft.compile else stepped
+    stepped = torch.compile(stepped) if ft.compile is True else stepped
     step = (CudaGraphStep if ft.cuda_graph else TrainStep)(stepped, optimizer, scheduler, ft, amp, scaler, ema, device)
     step.teacher = teacher(ft, num_classes, device) if ft.teacher else None
     return _Setup(step, stepped, ema.module if ema is not None else model,
