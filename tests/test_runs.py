@@ -192,3 +192,18 @@ def test_a_kept_intermediate_result_is_computed_once_and_read_back(tmp_path):
     assert runs.kept(tmp_path, "ablation", "sweep.json", compute) == {"rows": [1, 2]}
     assert runs.kept(tmp_path, "ablation", "sweep.json", compute) == {"rows": [1, 2]} and calls == [1]
     assert (runs.resume_folder(tmp_path, "ablation") / "sweep.json").is_file()
+
+
+def test_report_says_how_each_run_trained(smoke_run, tmp_path):
+    """Runs of one study are named by number (transfer_0, transfer_2): the status table says what each trained."""
+    import yaml
+    ft = runs.load_params(smoke_run)["finetune"]
+    (trained,) = report.collect([smoke_run]).status["trained"]
+    assert trained == f"{ft['method']}, {ft['epochs']} epochs"
+    params = yaml.safe_load((smoke_run / "params.yaml").read_text())
+    params["model"]["id"] = "google/vit-base-patch16-224"  # LoRA starts from a trained model
+    params["finetune"].update(method="lora", lora={**ft["lora"], "r": 8, "alpha": 32, "target_modules": ["query", "value"]})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert report._trained(tmp_path) == f"lora r=8 alpha=32 on query,value, {ft['epochs']} epochs"
+    (tmp_path / "params.yaml").write_text("finetune: {method: lorra}\n")
+    assert report._trained(tmp_path).startswith("unreadable params")

@@ -53,6 +53,22 @@ def _labels(mans: dict[Path, dict | str]) -> dict[Path, str]:
     return {r: v if counts[v] == 1 else f"{v}@{r.name.split('_')[1]}" for r, v in variants.items()}
 
 
+def _trained(run_dir: Path) -> str:
+    """How a run trained, in a few words (runs of one study differ in it and are named only by number)."""
+    try:
+        params = runs.load_params(run_dir)
+    except (OSError, ValueError, runs.RunError) as e:
+        return f"unreadable params ({type(e).__name__}: {str(e)[:120]})"
+    ft = params["finetune"]
+    if "finetune" not in params["steps"] or ft["method"] == "none":
+        return "–"
+    lora = ft["lora"]
+    how = (f"{ft['method']} r={lora['r']} alpha={lora['alpha']}"
+           + (f" on {','.join(lora['target_modules'])}" if isinstance(lora["target_modules"], list) else "")
+           if ft["method"] in ("lora", "qlora") else ft["method"])
+    return f"{how}, {ft['epochs']} epochs"
+
+
 def collect(run_dirs: list[Path]) -> Collected:
     """Status of every run (failed and unreadable ones included) and the results of the steps that finished."""
     mans = _manifests(run_dirs)
@@ -63,6 +79,7 @@ def collect(run_dirs: list[Path]) -> Collected:
             status.append({"run": r.name, "label": labels[r], "status": man})
             continue
         status.append({"run": r.name, "label": labels[r], "status": runner.status(r),
+                       "trained": _trained(r),
                        **{s: v["status"] for s, v in man["steps"].items()},
                        "failed": man.get("failed_step"), "device": man["device"]["name"],
                        "commit": (man["git"]["commit"] or "")[:8]})
