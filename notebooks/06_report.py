@@ -58,11 +58,16 @@ for label, figure in report.figures(data, "training_curves"):
 
 # %% [markdown]
 # ## Which classes each model confuses
-# The confusion matrix of the test split per run (its every cell is in the run's `evaluate/confusion.csv`).
+# Each model's most frequent mistakes on the test split, then the confusion matrix of each run that can
+# name its classes on the axes (up to 40); a larger one is the run's `evaluate/confusion.png`, and every
+# cell is in its `evaluate/confusion.csv`.
 
 # %%
+pairs = report.confused_pairs_table(data)
+display(pairs if not pairs.empty else Markdown("No evaluated run has a mistake on its test split."))
 for label, figure in report.figures(data, "confusion_figure"):
-    display(Markdown(f"**{label}**"), Image(filename=str(figure)))
+    if pd.read_csv(runs.path(data.dirs[label], "confusion"))["true"].nunique() <= 40:
+        display(Markdown(f"**{label}**"), Image(filename=str(figure)))
 
 # %% [markdown]
 # ## Accuracy against latency, per batch size

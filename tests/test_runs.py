@@ -194,12 +194,17 @@ def test_a_kept_intermediate_result_is_computed_once_and_read_back(tmp_path):
     assert (runs.resume_folder(tmp_path, "ablation") / "sweep.json").is_file()
 
 
-def test_report_says_how_each_run_trained(smoke_run, tmp_path):
+def test_report_says_how_each_run_trained_and_what_it_confuses(smoke_run, tmp_path):
     """Runs of one study are named by number (transfer_0, transfer_2): the status table says what each trained."""
     import yaml
     ft = runs.load_params(smoke_run)["finetune"]
-    (trained,) = report.collect([smoke_run]).status["trained"]
+    data = report.collect([smoke_run])
+    (trained,) = data.status["trained"]
     assert trained == f"{ft['method']}, {ft['epochs']} epochs"
+    pairs = report.confused_pairs_table(data).reset_index()  # the mistakes by class name, as evaluate counted them
+    confusions = json.loads(runs.path(smoke_run, "results").read_text())["confusions"]
+    assert len(pairs) == sum(map(len, confusions.values())) > 0
+    assert set(zip(pairs["true"], pairs["predicted as"])) == {(c["true"], c["predicted"]) for v in confusions.values() for c in v}
     params = yaml.safe_load((smoke_run / "params.yaml").read_text())
     params["model"]["id"] = "google/vit-base-patch16-224"  # LoRA starts from a trained model
     params["finetune"].update(method="lora", lora={**ft["lora"], "r": 8, "alpha": 32, "target_modules": ["query", "value"]})

@@ -139,6 +139,15 @@ def latency_table(latency: pd.DataFrame) -> pd.DataFrame:
     return table.fillna("–")
 
 
+def confused_pairs_table(data: Collected) -> pd.DataFrame:
+    """Each evaluated model's most frequent mistakes on test (evaluate's `confusions`), by class name: what a
+    matrix of a hundred classes cannot label."""
+    rows = [{"model": f"{label} · {model}", "true": pair["true"], "predicted as": pair["predicted"], "images": pair["count"]}
+            for label, r in data.dirs.items() if runs.done(r, "evaluate")
+            for model, pairs in runs.read_json(runs.path(r, "results")).get("confusions", {}).items() for pair in pairs]
+    return pd.DataFrame(rows).set_index(["model", "true"]) if rows else pd.DataFrame()
+
+
 def figures(data: Collected, product: str) -> list[tuple[str, Path]]:
     """(run label, file) of a figure product (runs.STEPS) for each run that has it, as its step drew it."""
     return [(label, runs.path(r, product)) for label, r in data.dirs.items() if runs.path(r, product).is_file()]
