@@ -244,6 +244,8 @@ def collect_transfer(args) -> Path:
     given = [Path(p) for p in args.transfer]
     pretraining = [v for v, _ in SCALES["vitl16"]["pretrain"]]
     folders = [f for f in given if runs.load_params(f)["variant"] not in pretraining]
+    if not folders:
+        sys.exit("collect --transfer: none of these folders is a method's run (vitl16_transfer_N); give them with the pretraining runs")
     rows = [r for r in earlier["rows"] if r["table"] != "transfer"]
     rows += [{"table": "transfer", **r} for f in folders for r in transfer_rows(f)]
     done = {r["method"] for r in rows if r["table"] == "transfer"}
