@@ -240,6 +240,8 @@ def collect_transfer(args) -> Path:
     --into file, in place of its earlier ones; each row names the half_a model it started from (`pretrained`)."""
     if not args.into:
         sys.exit("collect --transfer RUN ... (without a trained run) replaces the transfer rows of a file: give --into FILE")
+    if not Path(args.into).is_file():
+        sys.exit(f"collect --transfer: --into {args.into} is not a result file (it adds to one of a training's)")
     earlier = json.loads(Path(args.into).read_text())
     given = [Path(p) for p in args.transfer]
     pretraining = [v for v, _ in SCALES["vitl16"]["pretrain"]]
@@ -254,6 +256,8 @@ def collect_transfer(args) -> Path:
                 "commands": [c["command"] for f in given for c in runs.manifest(f).get("commands", [])],
                 "pretrain": [pretrain_row(f) for f in given if f not in folders],
                 "not_run": [m for i, m in enumerate(METHODS) if str(i) in SCALES["vitl16"]["only"].split(",") and m not in done]}
+    if transfer["not_run"]:
+        transfer["why_not_run"] = args.why_not_run or "not given (collect --why-not-run TEXT)"
     return write(args, "vitl16_flowers", time.time(), rows, earlier["meta"]["weights"], measured_on=man["device"],
                  versions=earlier["meta"]["versions"], trainings=earlier["meta"]["trainings"], transfer=transfer)
 
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="variants: params for every run")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--transfer", nargs="*", default=[], help="collect: the transfer runs' folders and the pretraining runs on half_a")
+    ap.add_argument("--why-not-run", help="collect --transfer: why the methods it lacks did not run (for the results)")
     ap.add_argument("--into", help="collect: a result file of earlier trainings of the recipe to add this one to")
     ap.add_argument("--time-limit", type=float, help="variants: seconds for them all (each `vitlab run` gets what is left)")
     args = ap.parse_intermixed_args(argv)
