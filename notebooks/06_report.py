@@ -65,9 +65,8 @@ for label, figure in report.figures(data, "training_curves"):
 # %%
 pairs = report.confused_pairs_table(data)
 display(pairs if not pairs.empty else Markdown("No evaluated run has a mistake on its test split."))
-for label, figure in report.figures(data, "confusion_figure"):
-    if pd.read_csv(runs.path(data.dirs[label], "confusion"))["true"].nunique() <= 40:
-        display(Markdown(f"**{label}**"), Image(filename=str(figure)))
+for label, figure in report.labelled_confusion_figures(data):
+    display(Markdown(f"**{label}**"), Image(filename=str(figure)))
 
 # %% [markdown]
 # ## Accuracy against latency, per batch size

@@ -204,6 +204,7 @@ def test_report_says_how_each_run_trained_and_what_it_confuses(smoke_run, tmp_pa
     pairs = report.confused_pairs_table(data).reset_index()  # the mistakes by class name, as evaluate counted them
     confusions = json.loads(runs.path(smoke_run, "results").read_text())["confusions"]
     assert len(pairs) == sum(map(len, confusions.values())) > 0
+    assert [label for label, _ in report.labelled_confusion_figures(data)] == list(data.dirs)  # 10 digits fit the axes
     assert set(zip(pairs["true"], pairs["predicted as"])) == {(c["true"], c["predicted"]) for v in confusions.values() for c in v}
     params = yaml.safe_load((smoke_run / "params.yaml").read_text())
     params["model"]["id"] = "google/vit-base-patch16-224"  # LoRA starts from a trained model

@@ -132,15 +132,18 @@ def component_breakdown(rows: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+LABELLED_CLASSES = 40  # the most classes whose names fit on a confusion matrix's axes
+
+
 @_styled
 def confusion(matrix: pd.DataFrame, title: str) -> plt.Figure:
     """A confusion matrix (rows: true, columns: predicted) as a heatmap of row shares; class names on
-    the axes while they fit (up to 40 classes)."""
+    the axes while they fit (up to LABELLED_CLASSES)."""
     shares = matrix.div(matrix.sum(axis=1).clip(lower=1), axis=0)
     n = len(matrix)
     fig, ax = plt.subplots(figsize=(min(4 + 0.22 * n, 16), min(3.5 + 0.2 * n, 15)))
     sns.heatmap(shares, ax=ax, cmap="rocket_r", vmin=0, vmax=1, square=True, cbar_kws={"label": "share of the true class"},
-                xticklabels=n <= 40, yticklabels=n <= 40)
+                xticklabels=n <= LABELLED_CLASSES, yticklabels=n <= LABELLED_CLASSES)
     ax.set(title=title, xlabel="predicted", ylabel="true")
     fig.tight_layout()
     return fig

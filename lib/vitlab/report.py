@@ -148,6 +148,13 @@ def confused_pairs_table(data: Collected) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["model", "true"]) if rows else pd.DataFrame()
 
 
+def labelled_confusion_figures(data: Collected) -> list[tuple[str, Path]]:
+    """The confusion matrices that can name their classes on the axes (a larger one stays in its run)."""
+    from .plots import LABELLED_CLASSES  # matplotlib: not for the end-of-run summary, which imports this module
+    return [(label, figure) for label, figure in figures(data, "confusion_figure")
+            if pd.read_csv(runs.path(data.dirs[label], "confusion"))["true"].nunique() <= LABELLED_CLASSES]
+
+
 def figures(data: Collected, product: str) -> list[tuple[str, Path]]:
     """(run label, file) of a figure product (runs.STEPS) for each run that has it, as its step drew it."""
     return [(label, runs.path(r, product)) for label, r in data.dirs.items() if runs.path(r, product).is_file()]
