@@ -191,7 +191,8 @@ def train_step_table(name: str = "train_step_h200.json", today: str = "vitl16_co
     """benchmarks/train_step.py: each (method, path)'s img/s against the H100's LoRA and QLoRA of the issue
     (vitl16_cost's, the 'today' of #25), and where a step's device time goes."""
     data, before = load(name), {r["method"]: r for r in load(today)["training"]}
-    out = [{"method": r["method"], "path": f"`{r['path']}`",
+    case = lambda r: f"`{r['path']}`" + (f" ({r['set']})" if r.get("set") else "")  # noqa: E731
+    out = [{"method": r["method"], "path": case(r),
             "img_s": fmt.rate(r["img_s"]) if "img_s" in r else
             f"refused ({r['refused'].split(':')[0]})" if "refused" in r else f"failed ({r['error']})",
             "x": f"{r['img_s'] / before[r['method']]['train_img_per_s']:.2f}x" if "img_s" in r and r["method"] in before else "-",
@@ -200,7 +201,7 @@ def train_step_table(name: str = "train_step_h200.json", today: str = "vitl16_co
     groups = sorted({k["group"] for k in data["kernels"]})
     steps: dict[str, dict] = {}
     for k in data["kernels"]:
-        steps.setdefault(f"{k['method']} `{k['path']}`", {})[k["group"]] = f"{k['ms_per_step']:.1f}"
+        steps.setdefault(f"{k['method']} {case(k)}", {})[k["group"]] = f"{k['ms_per_step']:.1f}"
     steps_rows = [{"case": case, **ms} for case, ms in steps.items()]
     a = data["meta"]["args"]
     return "\n\n".join([

@@ -3,6 +3,7 @@ with where a step's time goes.
 
     python benchmarks/run.py train_step                                   # ViT-L/16, batch 32, every path
     python benchmarks/run.py train_step --arch tiny --device cpu --steps 3 --paths eager   # the code path, on a CPU
+    python benchmarks/run.py train_step --methods lora --case "" --case finetune.lora.dropout=0   # the defaults, then one changed
 
 Paths: `eager`; `compile` (torch.compile of the whole model); `cuda_graph` (the step replayed as one CUDA graph);
 `blocks` (each encoder block compiled in place: finetune.compile: blocks); `blocks_graph` (both).
@@ -14,7 +15,8 @@ captures and warms up), peak memory, and the model FLOP rate, counted as 2 x mat
 per image for the forward and x3 for a step that computes weight gradients (full) or x2 for one that
 does not (LoRA's and QLoRA's frozen base: only the input gradients and the adapters'), against the dense
 bf16 peak. Then a third, profiled epoch of the same step: the `kernels` table groups its CUDA time
-into GEMMs, attention, optimizer, norms and the rest (elementwise, casts, copies). A combination
+into GEMMs, attention, optimizer, norms and the rest (elementwise, casts, copies), and `top_kernels` names
+the kernels that take most of it. A combination
 vitlab refuses (QLoRA under a CUDA graph) is a row that says so, and so is one that fails (its error).
 """
 from __future__ import annotations
@@ -65,17 +67,28 @@ def _kernels(prof, steps: int) -> list[dict]:
     return [{"group": g, "ms_per_step": ms / steps, "share": ms / whole} for g, ms in sorted(totals.items())]
 
 
-def measure(checkpoint: Path, method: str, path: str, batch: int, steps: int, device: torch.device) -> tuple[dict, list]:
-    """One (method, path) of the random-init `checkpoint`: its row and its kernel groups."""
-    row = {"path": path, "method": method, "model": checkpoint.name, "batch_size": batch}
-    ft = {**config.defaults()["finetune"], "method": method, "epochs": 2, "batch_size": batch, "warmup_ratio": 0.0,
-          **PATHS[path]}
+def _top_kernels(prof, steps: int, n: int = 12) -> list[dict]:
+    """The n CUDA kernels with the most device time per step, each with its group."""
+    kernels = [(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3, e.key, e.count)
+               for e in prof.key_averages() if not e.key.startswith(("ProfilerStep", "aten::", "cuda"))]
+    return [{"kernel": key[:160], "group": next((g for g, pattern in KERNELS if re.search(pattern, key, re.IGNORECASE)), "other"),
+             "ms_per_step": ms / steps, "calls_per_step": count / steps}
+            for ms, key, count in sorted(kernels, reverse=True)[:n] if ms > 0]
+
+
+def measure(checkpoint: Path, method: str, path: str, batch: int, steps: int, device: torch.device,
+            sets: list[str] = ()) -> tuple[dict, list, list]:
+    """One (method, path) of the random-init `checkpoint`, with the finetune settings `sets` changed:
+    its row, its kernel groups and its top kernels."""
+    row = {"path": path, "method": method, "model": checkpoint.name, "batch_size": batch, "set": " ".join(sets)}
+    ft = {**config.merge(config.defaults(), config.parse_set(list(sets)))["finetune"], "method": method, "epochs": 2,
+          "batch_size": batch, "warmup_ratio": 0.0, **PATHS[path]}
     try:
         training.Finetune.of(ft)
     except ParamsError as e:
-        return {**row, "refused": str(e)}, []
+        return {**row, "refused": str(e)}, [], []
     if ft["cuda_graph"] and device.type != "cuda":
-        return {**row, "refused": "a CUDA graph needs a CUDA GPU"}, []
+        return {**row, "refused": "a CUDA graph needs a CUDA GPU"}, [], []
     settings = models.ModelSettings(id=str(checkpoint), dtype=torch.bfloat16, attention="sdpa")
     torch.manual_seed(0)
     model = finetune.build(settings, ft, [str(i) for i in range(102)], device)
@@ -92,12 +105,14 @@ def measure(checkpoint: Path, method: str, path: str, batch: int, steps: int, de
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         training.train(model, batches, batches[:1], {**ft, "epochs": 1}, device, num_classes=102)
-    kernels = [{"path": path, "method": method, **k} for k in _kernels(prof, steps)] if device.type == "cuda" else []
-    print(f"{method:6s} {path:12s} {img_s:8.1f} img/s  {tflops:6.1f} TFLOP/s  peak {history[-1]['peak_vram_mb']} MB", flush=True)
+    named = {"path": path, "method": method, "set": row["set"]}
+    kernels = [{**named, **k} for k in _kernels(prof, steps)] if device.type == "cuda" else []
+    top = [{**named, **k} for k in _top_kernels(prof, steps)] if device.type == "cuda" else []
+    print(f"{method:6s} {path:12s} {row['set']} {img_s:8.1f} img/s  {tflops:6.1f} TFLOP/s  peak {history[-1]['peak_vram_mb']} MB", flush=True)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row, kernels
+    return row, kernels, top
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,25 +122,39 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20, help="training steps per epoch")
     ap.add_argument("--methods", default="lora,qlora,full")
     ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--case", action="append", metavar="finetune.KEY=VALUE[,...]",
+                    help="finetune settings changed for a set of rows (every method and path), recorded in each "
+                         "row's `set`; repeat it to measure several in one process (\"\": the defaults; default: that alone)")
     args = ap.parse_args(argv)
+    cases = [[s for s in case.split(",") if s] for case in (args.case or [""])]
+    outside = [s for case in cases for s in case if not s.startswith("finetune.")]
+    if outside:
+        ap.error(f"--case takes finetune settings only: {outside}")
+    try:  # an unknown key is refused before any model is built
+        for case in cases:
+            config.merge(config.defaults(), config.parse_set(case))
+    except ParamsError as e:
+        ap.error(str(e))
     device, t0 = torch.device(args.device), time.time()
-    rows, kernels = [], []
+    rows, kernels, top = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = random_checkpoint(args.arch, Path(tmp), 224 if args.arch != "tiny" else 32)
-        for method in args.methods.split(","):
-            for path in args.paths.split(","):
-                try:
-                    row, groups = measure(checkpoint, method, path, args.batch, args.steps, device)
-                except Exception as e:  # noqa: BLE001 (a path that fails is a row saying how, the others still run)
-                    row, groups = {"path": path, "method": method, "model": args.arch, "batch_size": args.batch,
-                                   "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}, []
-                    print(f"{method:6s} {path:12s} FAILED {row['error']}", flush=True)
-                    torch._dynamo.reset()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append(row)
-                kernels += groups
-                out = write(args, "train_step", t0, tables(rows=rows, kernels=kernels), weights="random init (seed 0)")
+        for method, case, path in ((m, c, p) for m in args.methods.split(",") for c in cases for p in args.paths.split(",")):
+            try:
+                row, groups, names = measure(checkpoint, method, path, args.batch, args.steps, device, case)
+            except Exception as e:  # noqa: BLE001 (a path that fails is a row saying how, the others still run)
+                row, groups, names = {"path": path, "method": method, "model": args.arch, "batch_size": args.batch,
+                                      "set": " ".join(case),
+                                      "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}, [], []
+                print(f"{method:6s} {path:12s} FAILED {row['error']}", flush=True)
+                torch._dynamo.reset()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            kernels += groups
+            top += names
+            out = write(args, "train_step", t0, tables(rows=rows, kernels=kernels, top_kernels=top),
+                        weights="random init (seed 0)")
     print(f"wrote {out}")
 
 
