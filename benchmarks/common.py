@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -163,7 +164,7 @@ def write(args: Any, bench: str, t0: float, rows: list[dict], weights: str = WEI
         measured_on = {"type": "cpu", "name": "cpu", "count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     env["device"] = measured_on or env["device"]
     name = "_".join(filter(None, [bench, device_tag(env["device"]), part, args.tag]))
-    meta = {"command": "python " + " ".join(sys.argv), "args": vars(args), "seconds": round(time.time() - t0, 1),
+    meta = {"command": "python " + shlex.join(sys.argv), "args": vars(args), "seconds": round(time.time() - t0, 1),
             "weights": weights, "tf32": torch.backends.cuda.matmul.allow_tf32, **env, **meta}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

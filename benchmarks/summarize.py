@@ -187,35 +187,50 @@ def train_speed_table() -> str:
                            "training": "img_s", "TFLOP/s": "tflops", "peak VRAM": "vram"}))
 
 
-def train_step_table(name: str = "train_step_h200.json", today: str = "vitl16_cost_h100.json") -> str:
-    """benchmarks/train_step.py: each (method, path)'s img/s against the H100's LoRA and QLoRA of the issue
-    (vitl16_cost's, the 'today' of #25), and where a step's device time goes."""
-    data, before = load(name), {r["method"]: r for r in load(today)["training"]}
+def train_step_table(names: tuple[str, ...] = ("train_step_h200.json", "train_step_h200_blocks.json"),
+                     today: str = "vitl16_cost_h100.json") -> str:
+    """benchmarks/train_step.py's commands, one table each: each (method, path, settings)'s img/s against
+    the H100's LoRA and QLoRA of the issue (vitl16_cost's, the 'today' of #25), and where a step's device
+    time goes, against the step's measured time."""
+    before = {r["method"]: r for r in load(today)["training"]}
     case = lambda r: f"`{r['path']}`" + (f" ({r['set']})" if r.get("set") else "")  # noqa: E731
-    out = [{"method": r["method"], "path": case(r),
-            "img_s": fmt.rate(r["img_s"]) if "img_s" in r else
-            f"refused ({r['refused'].split(':')[0]})" if "refused" in r else f"failed ({r['error']})",
-            "x": f"{r['img_s'] / before[r['method']]['train_img_per_s']:.2f}x" if "img_s" in r and r["method"] in before else "-",
-            "tflops": f"{r['model_tflops']:.0f} ({r['pct_bf16_dense_peak']:.0f}%)" if "img_s" in r else "-",
-            "vram": fmt.mb(r.get("peak_vram_mb"))} for r in data["rows"]]
-    groups = sorted({k["group"] for k in data["kernels"]})
-    steps: dict[str, dict] = {}
-    for k in data["kernels"]:
-        steps.setdefault(f"{k['method']} {case(k)}", {})[k["group"]] = f"{k['ms_per_step']:.1f}"
-    steps_rows = [{"case": case, **ms} for case, ms in steps.items()]
-    a = data["meta"]["args"]
-    return "\n\n".join([
-        f"One training step of a random-init ViT-L/16 at 224 px, batch {a['batch']}, by vitlab's own loop (`training.train`, "
-        f"as `vitlab run` trains) on batches already on the GPU; img/s of the second epoch of {a['steps']} steps "
-        f"({_device(data['meta'])}, `benchmarks/results/{name}`, `{data['meta']['command'].split(' --out')[0]}`). "
-        f"`x today`: against the same method on the H100 in `benchmarks/results/{today}` (LoRA "
-        f"{before['lora']['train_img_per_s']:.0f} img/s, QLoRA {before['qlora']['train_img_per_s']:.0f}), the issue's baseline; "
-        "TFLOP/s counts the matmuls, x3 the forward for full fine-tuning, x2 for (Q)LoRA's frozen base:",
-        _table(out, {"method": "method", "path": "path", "training": "img_s", "x today": "x", "TFLOP/s (% dense bf16)": "tflops",
-                     "peak VRAM": "vram"}),
-        "Where a step's device time goes (ms per step, the profiled third epoch; `other` is elementwise work, casts "
-        "and copies):",
-        _table(steps_rows, {"case": "case", **{g: g for g in groups}})])
+    out = [f"One training step of a random-init ViT-L/16 at 224 px by vitlab's own loop (`training.train`, as `vitlab run` "
+           "trains) on batches already on the GPU; img/s of the second epoch (the first compiles and captures). "
+           f"`x today`: against the same method on the H100 in `benchmarks/results/{today}` (LoRA "
+           f"{before['lora']['train_img_per_s']:.0f} img/s, QLoRA {before['qlora']['train_img_per_s']:.0f}), the issue's "
+           "baseline; TFLOP/s counts the matmuls, x3 the forward for full fine-tuning, x2 for (Q)LoRA's frozen base. "
+           "Each table is one process; LoRA is vitlab's default (r=16, alpha=16, dropout 0.1, every block linear) "
+           "unless its row says otherwise."]
+    for name in names:
+        data = load(name)
+        a, ms_per_step = data["meta"]["args"], {}
+        rows = []
+        for r in data["rows"]:
+            if "img_s" in r:
+                ms_per_step[f"{r['method']} {case(r)}"] = 1e3 * r["batch_size"] / r["img_s"]
+            rows.append({"method": r["method"], "path": case(r),
+                         "img_s": fmt.rate(r["img_s"]) if "img_s" in r else
+                         f"refused ({r['refused'].split(':')[0]})" if "refused" in r else f"failed ({r['error']})",
+                         "x": f"{r['img_s'] / before[r['method']]['train_img_per_s']:.2f}x"
+                              if "img_s" in r and r["method"] in before else "-",
+                         "tflops": f"{r['model_tflops']:.0f} ({r['pct_bf16_dense_peak']:.0f}%)" if "img_s" in r else "-",
+                         "vram": fmt.mb(r.get("peak_vram_mb"))})
+        groups = sorted({k["group"] for k in data["kernels"]})
+        steps: dict[str, dict] = {}
+        for k in data["kernels"]:
+            steps.setdefault(f"{k['method']} {case(k)}", {})[k["group"]] = k["ms_per_step"]
+        steps_rows = [{"case": c, **{g: f"{v:.1f}" for g, v in ms.items()}, "sum": f"{sum(ms.values()):.1f}",
+                       "step": f"{ms_per_step[c]:.1f}" if c in ms_per_step else "-"} for c, ms in steps.items()]
+        note = data["meta"].get("kernels_note")
+        out += [f"`{data['meta']['command'].split(' --out')[0]}` (batch {a['batch']}, {a['steps']} steps per epoch; "
+                f"{_device(data['meta'])}, `benchmarks/results/{name}`):",
+                _table(rows, {"method": "method", "path": "path", "training": "img_s", "x today": "x",
+                              "TFLOP/s (% dense bf16)": "tflops", "peak VRAM": "vram"}),
+                "Where a step's device time goes (ms per step, the profiled third epoch; `other` is elementwise work, "
+                "casts and copies; `step` is the second epoch's measured time per step)"
+                + (f". Caution, {note}:" if note else ":"),
+                _table(steps_rows, {"case": "case", **{g: g for g in groups}, "sum": "sum", "step": "step"})]
+    return "\n\n".join(out)
 
 
 def _ablation_frame(rows: list[dict]) -> pd.DataFrame:
@@ -342,12 +357,16 @@ def vitl16_section(name: str = "vitl16_flowers_h200.json", scratch: str = "vitl1
            "Not isolated: distillation against none in the fine-tune, identities against copies after it.",
            "Each variant by `vitlab run` from the checkpoint of the training named; the difference is paired against "
            "the same run's 16-bit model on the same test images (a device session cannot reach an earlier session's "
-           "weights, so the variants of one table come from two trainings):",
+           f"weights, so the variants of one table come from {len({r['trained_run'] for r in data['variant']})} trainings):",
            _variant_table(sorted(data["variant"], key=lambda r: r["trained_run"]),
                           {m["run"]: f"{number[m['run']]} ({m['test_top1']:.1%})" for m in models}),
-           f"On no training yet: {', '.join(missing) or 'every variant ran'}; "
-           f"{'' if data.get('transfer') else 'the transfer at ViT-L scale; '}the widget in JupyterLab with the ViT-L "
-           f"NF4 model. {why}",
+           (f"Not run on any training yet: {', '.join(missing)}. " if missing else
+            "Every variant ran end to end on one of the trainings; what each training did not run: ") + why,
+           *([f"The widget (notebooks/05_demo.py) in JupyterLab with training {number[demo['trained_run']]}'s NF4 model "
+              f"(`{demo['run']}`: its `quantize` folder brought from the GPU machine, the 16-bit checkpoint left there) "
+              f"on {demo['device']}, the photograph {demo['photo']} uploaded through its button: {demo['shown']} "
+              f"(bitsandbytes' NF4 on a CPU takes seconds).\n\n![The demo widget in JupyterLab](../{demo['figure']})"]
+             if (demo := data["meta"].get("demo")) else []),
            _ablation_paragraphs(data, f"training {number[data['ablation'][0]['trained_run']]}"),
            *_vitl16_transfer(data.get("transfer", []), data["meta"].get("transfer", {})),
            f"### Training #1 of the same recipe ({fmt.pct(earlier['model'][0]['test_top1'], earlier['model'][0]['test_top1_lo'], earlier['model'][0]['test_top1_hi'])})",
@@ -509,7 +528,7 @@ def vitl16_headline(name: str = "vitl16_flowers_h200.json", first: str = "vitl16
     others = ", ".join(f"{r['test_top1']:.1%}" for r in [*load(first)["model"], *data["model"]] if r is not m)
     return (f"The seeds' depth: a ViT-L/16 grown from vitlab's ViT-S/16 recipe model and trained on, distilled from it, "
             f"reaches {fmt.pct(m['test_top1'], m['test_top1_lo'], m['test_top1_hi'])} test top-1 in its latest training "
-            f"({others} before; the teacher of those two: {small['test_top1']:.1%}; from scratch in one session: 57.5%); against "
+            f"({others} before; the teacher of the first two: {small['test_top1']:.1%}; from scratch in one session: 57.5%); against "
             f"their 16-bit selves {variants} (`benchmarks/results/{name}`, {_device(data['meta'])}).")
 
 

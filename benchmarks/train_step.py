@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from common import ARCHS, dense_peaks, parser, random_checkpoint, tables, write
 
 from vitlab import config, finetune, models, training
@@ -34,7 +35,8 @@ from vitlab.errors import ParamsError
 
 PATHS = {"eager": {}, "compile": {"compile": True}, "cuda_graph": {"cuda_graph": True}, "blocks": {"compile": "blocks"},
          "blocks_graph": {"compile": "blocks", "cuda_graph": True}}
-KERNELS = [("gemm", r"gemm|cutlass|sm90_|sm80_|cublas|matmul|nvjet"), ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+# First match wins: cuDNN's attention kernels are named sdpa_sm90_..., which the GEMM pattern would take.
+KERNELS = [("attention", r"flash|fmha|attention|sdpa"), ("gemm", r"gemm|cutlass|sm90_|sm80_|cublas|matmul|nvjet"),
            ("optimizer", r"adam|foreach|multi_tensor"), ("norm", r"layer_norm|layernorm|rms")]
 
 
@@ -55,25 +57,30 @@ def _flops_per_image(config) -> float:
     return layers * per_layer + 2 * patches * 3 * config.patch_size ** 2 * h
 
 
+def _device_kernels(prof) -> list[tuple[float, str, int]]:
+    """(ms, name, calls) of each GPU kernel and copy: only the device's own events, since a CPU-side event
+    (an autograd node, a compiled region, an aten op) carries the device time of the kernels under it,
+    and summing both counts that time twice."""
+    return sorted(((e.device_time_total / 1e3, e.key, e.count) for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA and e.device_time_total > 0), reverse=True)
+
+
+def _group(kernel: str) -> str:
+    return next((g for g, pattern in KERNELS if re.search(pattern, kernel, re.IGNORECASE)), "other")
+
+
 def _kernels(prof, steps: int) -> list[dict]:
     totals: dict[str, float] = {}
-    for e in prof.key_averages():
-        ms = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3
-        if ms <= 0 or e.key.startswith(("ProfilerStep", "aten::", "cuda")):
-            continue
-        group = next((g for g, pattern in KERNELS if re.search(pattern, e.key, re.IGNORECASE)), "other")
-        totals[group] = totals.get(group, 0.0) + ms
+    for ms, key, _ in _device_kernels(prof):
+        totals[_group(key)] = totals.get(_group(key), 0.0) + ms
     whole = sum(totals.values()) or 1.0
     return [{"group": g, "ms_per_step": ms / steps, "share": ms / whole} for g, ms in sorted(totals.items())]
 
 
 def _top_kernels(prof, steps: int, n: int = 12) -> list[dict]:
-    """The n CUDA kernels with the most device time per step, each with its group."""
-    kernels = [(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1e3, e.key, e.count)
-               for e in prof.key_averages() if not e.key.startswith(("ProfilerStep", "aten::", "cuda"))]
-    return [{"kernel": key[:160], "group": next((g for g, pattern in KERNELS if re.search(pattern, key, re.IGNORECASE)), "other"),
-             "ms_per_step": ms / steps, "calls_per_step": count / steps}
-            for ms, key, count in sorted(kernels, reverse=True)[:n] if ms > 0]
+    """The n GPU kernels with the most device time per step, each with its group."""
+    return [{"kernel": key[:160], "group": _group(key), "ms_per_step": ms / steps, "calls_per_step": count / steps}
+            for ms, key, count in _device_kernels(prof)[:n]]
 
 
 def measure(checkpoint: Path, method: str, path: str, batch: int, steps: int, device: torch.device,

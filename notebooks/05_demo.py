@@ -45,4 +45,4 @@ predictor = demo.Predictor(device)
 for label, image in samples:
     for variant in demo.variants(finished[0]):
         top, ms = predictor.predict(finished[0], variant, image)
-        display(HTML(demo.result_html(top, ms, variant, f"test image {label}")))
+        display(HTML(demo.result_html(top, ms, variant, f"test image {label}", predictor.where)))

@@ -132,7 +132,7 @@ def test_upload_shows_the_top5_classes_with_latency(page, smoke_run, tmp_path):
     result.locator(".vitlab-source", has_text="uploaded digit.png").wait_for()
     names = result.locator(".vitlab-class").all_inner_texts()
     assert len(names) == 5 and set(names) <= {str(d) for d in range(10)}, names
-    assert "latency" in result.inner_text() and "ms (batch 1)" in result.inner_text()
+    assert "latency" in result.inner_text() and "ms (batch 1, cpu)" in result.inner_text()
     if os.environ.get("VITLAB_DEMO_SCREENSHOT"):
         page.locator(".jp-OutputArea-output:has(.vitlab-demo-result)").screenshot(
             path=os.environ["VITLAB_DEMO_SCREENSHOT"])

@@ -48,7 +48,7 @@ def finished_runs(runs_dir: str | Path = runs.RUNS_DIR) -> list[Path]:
 def variants(run_dir: Path) -> dict[str, run_models.RunModel]:
     """The models of a run by label, as evaluate names them, whose weights are here: a run folder copied
     from a GPU machine without its 16-bit checkpoint (600 MB at ViT-L/16) still shows its quantized model."""
-    return {m.label: m for m in run_models.models_of(run_dir) if m.path.is_dir()}
+    return {m.label: m for m in run_models.models_of(run_dir) if (m.path / "model.safetensors").is_file()}
 
 
 class Predictor:
@@ -56,6 +56,7 @@ class Predictor:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type  # a latency's device
         self._models: dict[tuple[Path, str], tuple] = {}
 
     def _load(self, run_dir: Path, variant: str) -> tuple:
@@ -93,8 +94,9 @@ def test_images(run_dir: Path, n: int = 12) -> list[tuple[str, Image.Image]]:
     return [(f"#{i}: {splits.class_names[splits.test[i][1]]}", splits.test[i][0]) for i in range(min(n, len(splits.test)))]
 
 
-def result_html(top: list[tuple[str, float]], ms: float, variant: str, source: str = "") -> str:
-    """Top-k classes of one image (named by `source`) as labelled probability bars, and the latency."""
+def result_html(top: list[tuple[str, float]], ms: float, variant: str, source: str = "", where: str = "") -> str:
+    """Top-k classes of one image (named by `source`) as labelled probability bars, and the latency (on
+    `where`, the device: a 4-bit ViT-L/16 takes seconds on a laptop's CPU and milliseconds on a GPU)."""
     bars = "".join(
         f'<div class="vitlab-row" style="display:flex;align-items:center;margin:3px 0">'
         f'<span class="vitlab-class" style="width:180px;font-family:sans-serif">{html.escape(name)}</span>'
@@ -102,7 +104,8 @@ def result_html(top: list[tuple[str, float]], ms: float, variant: str, source: s
         f'<span style="margin-left:6px;font-family:monospace">{p:.1%}</span></div>'
         for name, p in top)
     about = f'<span class="vitlab-source">{html.escape(source)}</span> · ' if source else ""
-    return (f'<div class="vitlab-result">{about}<b>{html.escape(variant)}</b> · latency {ms:.2f} ms (batch 1)'
+    on = f", {html.escape(where)}" if where else ""
+    return (f'<div class="vitlab-result">{about}<b>{html.escape(variant)}</b> · latency {ms:.2f} ms (batch 1{on})'
             f"{bars}</div>")
 
 
@@ -144,7 +147,8 @@ def app(runs_dir: str | Path = runs.RUNS_DIR, device: torch.device | None = None
             picture.value = _thumbnail(image)
         if state["image"] is not None:
             top, ms = predictor.predict(run_pick.value, variant_pick.value, state["image"])
-            result.value = result_html(top, ms, f"{run_pick.value.name} · {variant_pick.value}", state["source"])
+            result.value = result_html(top, ms, f"{run_pick.value.name} · {variant_pick.value}", state["source"],
+                                       predictor.where)
 
     def on_run(_=None) -> None:
         # ipywidgets 8 selects nothing when options are replaced: select the first ones, which shows a prediction.
