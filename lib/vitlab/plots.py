@@ -62,8 +62,10 @@ def validation_curves(histories: dict[str, list[dict]], legend_title: str | None
 @_styled
 def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int, front: bool = False) -> plt.Figure:
     """top-1 (with its bootstrap 95% interval) against p50 latency at one batch size; one point per model.
-    The latency axis starts at 0, so distances read as ratios. `front`: a grey step line through the
-    Pareto front (no other point is both faster and more accurate)."""
+    The latency axis starts at 0, so distances read as ratios; when the slowest model is over 20x the
+    fastest (bitsandbytes int8 at batch 1 beside a CUDA graph), it is logarithmic instead, where equal
+    ratios are equal distances and the fast models do not sit on top of each other at 0. `front`: a grey
+    step line through the Pareto front (no other point is both faster and more accurate)."""
     d = rows[rows["batch_size"] == batch_size]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if front:
@@ -73,8 +75,12 @@ def accuracy_vs_latency(rows: pd.DataFrame, batch_size: int, front: bool = False
     for (i, (_, r)), color in zip(enumerate(d.iterrows()), sns.color_palette(n_colors=len(d))):
         ax.errorbar(r["p50_ms"], r["top1"], yerr=[[r["top1"] - r["top1_lo"]], [r["top1_hi"] - r["top1"]]],
                     fmt=markers[i % len(markers)], ms=9, capsize=3, color=color, label=r["model"])
-    ax.set_xlim(left=0, right=d["p50_ms"].max() * 1.15)
-    ax.set(xlabel=f"p50 latency at batch {batch_size} (ms)", ylabel="top-1 (test, bootstrap 95%)",
+    wide = d["p50_ms"].max() > 20 * d["p50_ms"].min()
+    if wide:
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0, right=d["p50_ms"].max() * 1.15)
+    ax.set(xlabel=f"p50 latency at batch {batch_size} (ms{', log scale' if wide else ''})", ylabel="top-1 (test, bootstrap 95%)",
            title=f"accuracy vs latency, batch {batch_size}")
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")  # outside: it hid points and error bars
     fig.tight_layout()
