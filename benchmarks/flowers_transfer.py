@@ -23,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 from common import NotStarted, continued, parser, write
 
-from vitlab import runs
+from vitlab import metrics, runs
 
 # name -> params changes. Learning rates: a head alone takes a larger step, full fine-tuning a smaller one.
 METHODS = {
@@ -38,7 +39,13 @@ METHODS = {
     "lora (seeds: r=8, alpha=32, dropout 0.1, query and value)": [
         "finetune.method=lora", "finetune.lora.r=8", "finetune.lora.alpha=32", "finetune.lora.dropout=0.1",
         "finetune.lora.target_modules=[q_proj,v_proj]"],
+    "lora (vitlab default), compiled blocks + CUDA graph": [
+        "finetune.method=lora", "finetune.compile=blocks", "finetune.cuda_graph=true"],
+    "lora (r=16, alpha=16, dropout 0), compiled blocks + CUDA graph": [
+        "finetune.method=lora", "finetune.lora.dropout=0", "finetune.compile=blocks", "finetune.cuda_graph=true"],
 }
+# The fast paths' runs, each against the eager run it must match in accuracy (paired on the same test images).
+PAIRED = {6: 2, 7: 2}
 # What each scale pretrains (variant, params file) and keeps, and what its methods change: the ViT-L's
 # 300 M parameters take ~4x the ViT-S's time per epoch, and a model that starts trained needs fewer.
 SCALES = {
@@ -48,7 +55,7 @@ SCALES = {
     "vitl16": {"pretrain": [("flowers_half_a", "params/flowers_scratch.yaml"),
                             ("flowers_vitl16_half_a", "params/flowers_vitl16.yaml")],
                "checkpoint": runs.REPO_ROOT / "checkpoints" / "flowers_vitl16_half_a", "prefix": "vitl16_transfer_",
-               "methods": ["finetune.epochs=10"], "only": "0,5,2,3,4"},  # the seeds' own LoRA (q/v), not every block linear
+               "methods": ["finetune.epochs=10"], "only": "0,5,2,3,4,6,7"},  # the seeds' own LoRA (q/v), not every block linear
 }
 
 
@@ -85,13 +92,32 @@ def methods(sets: list[str], only: list[int], scale: str, device: str, left) -> 
 def row(run_dir: Path) -> dict:
     params, train = runs.load_params(run_dir), runs.read_json(runs.path(run_dir, "train_metrics"))
     acc = runs.read_json(runs.path(run_dir, "results"))["accuracy"][0]
-    name = list(METHODS)[int(params["variant"].rsplit("_", 1)[1])]
+    name = list(METHODS)[method_index(run_dir)]
     selected = next(r for r in train["history"] if r["selected"])
-    return {"method": name, "test_top1": acc["top1"], "lo": acc["top1_lo"], "hi": acc["top1_hi"], "test_top5": acc["top5"],
+    later = sorted(r["train_img_s"] for r in train["history"][1:])  # the first epoch compiles and captures
+    return {"method": name, "train_img_s": later[len(later) // 2] if later else None, "test_top1": acc["top1"], "lo": acc["top1_lo"], "hi": acc["top1_hi"], "test_top5": acc["top5"],
             "test_images": acc["n"], "classes": len(train["class_names"]), "trainable_params": train["trainable_params"],
             "total_params": train["total_params"], "peak_vram_mb": train["peak_vram_mb"], "s_per_epoch": train["s_per_epoch"],
             "epochs": params["finetune"]["epochs"], "selected_epoch": selected["epoch"], "valid_top1": selected["val_acc"],
             "lr": params["finetune"]["lr"], "pretrained": params["model"]["id"], "run": run_dir.name}
+
+
+def method_index(run_dir: Path) -> int:
+    """Which of METHODS a method's run (variant <prefix>N) trained."""
+    return int(runs.load_params(run_dir)["variant"].rsplit("_", 1)[1])
+
+
+def paired(run_dir: Path, ref_dir: Path, seed: int = 0) -> dict:
+    """Top-1 of run_dir's model minus ref_dir's on the same test images, with its paired bootstrap 95% interval
+    (each run's evaluate/predictions.csv, its first model: the fine-tuned 16-bit one)."""
+    a, b = (pd.read_csv(runs.path(r, "predictions")) for r in (run_dir, ref_dir))
+    a, b = (p[p["model"] == p["model"].iloc[0]] for p in (a, b))
+    if a["true"].tolist() != b["true"].tolist():
+        raise ValueError(f"{run_dir.name} and {ref_dir.name} were not tested on the same images in the same order")
+    d, lo, hi = metrics.paired_bootstrap_diff((a["true"] == a["predicted"]).to_numpy(),
+                                              (b["true"] == b["predicted"]).to_numpy(), seed=seed)
+    return {"vs": list(METHODS)[method_index(ref_dir)], "vs_run": ref_dir.name,
+            "top1_vs_pt": 100 * d, "top1_vs_lo_pt": 100 * lo, "top1_vs_hi_pt": 100 * hi}
 
 
 def main(argv: list[str] | None = None) -> None:

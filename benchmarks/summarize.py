@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 from common import by_table
+from flowers_transfer import METHODS
 from vitl16_flowers import VARIANTS
 
 from vitlab import fmt, plots
@@ -270,12 +271,15 @@ def _vitl16_transfer(rows: list[dict], meta: dict) -> list[str]:
                      f"{p['selected_epoch']})" for p in meta.get("pretrain", []))
     out = [{"method": r["method"], "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
             "trainable": f"{r['trainable_params']:,}", "vram": fmt.mb(r["peak_vram_mb"]), "s": f"{r['s_per_epoch']:.1f}",
-            "epochs": r["epochs"]} for r in rows]
+            "epochs": r["epochs"], "img_s": fmt.rate(r.get("train_img_s")),
+            "vs": fmt.pt(r["top1_vs_pt"] / 100, r["top1_vs_lo_pt"] / 100, r["top1_vs_hi_pt"] / 100) if "vs" in r else ""}
+           for r in rows]
     missing = meta.get("not_run") or []
-    by = {r["method"].split(" ")[0]: r for r in rows}
+    by = {r["method"]: r for r in rows}
+    lora_name, qlora_name = list(METHODS)[2], list(METHODS)[3]
     memory = []
-    if {"lora", "qlora"} <= set(by):
-        lora, qlora = by["lora"], by["qlora"]
+    if {lora_name, qlora_name} <= set(by):
+        lora, qlora = by[lora_name], by[qlora_name]
         saved = lora["peak_vram_mb"] - qlora["peak_vram_mb"]
         memory = [f"(Q)LoRA's memory case: QLoRA's peak is {fmt.mb(qlora['peak_vram_mb'])} against LoRA's "
                   f"{fmt.mb(lora['peak_vram_mb'])}, at {qlora['s_per_epoch'] / lora['s_per_epoch']:.2f}x LoRA's time per "
@@ -284,10 +288,12 @@ def _vitl16_transfer(rows: list[dict], meta: dict) -> list[str]:
                      f"At this batch the NF4 base does not save memory: the peak is {-saved:,.0f} MB higher.")]
     return [f"### The transfer at ViT-L scale\n\nA ViT-L/16 made as above from `half_a`'s classes only ({made}), then each "
             f"method on the {rows[0]['classes']} classes of `half_b` it has never seen, a fresh head, {rows[0]['epochs']} "
-            f"epochs, eager bf16 at batch 64 ({rows[0]['test_images']} test images; "
-            "`python benchmarks/run.py flowers_transfer pretrain --scale vitl16`, then `methods --scale vitl16`):",
+            f"epochs, bf16 at batch 64, eager unless the method says otherwise ({rows[0]['test_images']} test images; "
+            "`python benchmarks/run.py flowers_transfer pretrain --scale vitl16`, then `methods --scale vitl16`; a fast "
+            "path's top-1 is paired against the eager run of the same recipe on the same images):",
             _table(out, {"method": "method", "test top-1 [95% CI]": "top1", "trainable parameters": "trainable",
-                         "peak VRAM": "vram", "s/epoch": "s", "epochs": "epochs"}),
+                         "peak VRAM": "vram", "s/epoch": "s", "training (epochs 2+)": "img_s", "epochs": "epochs",
+                         **({"vs the eager run of its recipe (paired) [95% CI]": "vs"} if any(o["vs"] for o in out) else {})}),
             *memory, *([f"Not run: {', '.join(missing)}: {meta['why_not_run']}."] if missing else [])]
 
 

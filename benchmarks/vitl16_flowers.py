@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from common import NotStarted, continued, dense_peaks, parser, write
-from flowers_transfer import METHODS, SCALES
+from flowers_transfer import METHODS, PAIRED, SCALES, method_index, paired
 from flowers_transfer import row as transfer_row
 
 from vitlab import runs
@@ -249,7 +249,9 @@ def collect_transfer(args) -> Path:
     if not folders:
         sys.exit("collect --transfer: none of these folders is a method's run (vitl16_transfer_N); give them with the pretraining runs")
     rows = [r for r in earlier["rows"] if r["table"] != "transfer"]
-    rows += [{"table": "transfer", **r} for f in folders for r in transfer_rows(f)]
+    by_index = {method_index(f): f for f in folders}
+    rows += [{"table": "transfer", **r, **(paired(f, by_index[PAIRED[i]]) if PAIRED.get(i) in by_index else {})}
+             for i, f in by_index.items() for r in transfer_rows(f)]
     done = {r["method"] for r in rows if r["table"] == "transfer"}
     man = runs.manifest(folders[0])
     transfer = {"runs": [f.name for f in folders], "git": man["git"], "versions": man["versions"],

@@ -62,3 +62,31 @@ def test_a_study_continues_a_run_only_if_it_ran_with_this_commands_params(smoke_
     assert common.changed(smoke_run, "params/smoke.yaml", steps, [], "auto") == {}
     assert common.changed(smoke_run, "params/smoke.yaml", steps, ["finetune.lr=0.5", "eval.iters=7"], "auto") == {
         "eval.iters": (ran["eval"]["iters"], 7), "finetune.lr": (ran["finetune"]["lr"], 0.5)}
+
+
+def test_a_fast_transfer_run_is_paired_with_its_eager_one_on_the_same_images(tmp_path):
+    """flowers_transfer.paired: the difference of two methods' runs image by image, and a refusal when
+    the runs were not tested on the same images."""
+    import flowers_transfer
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    def run(name: str, index: int, true: list[int], predicted: list[int]) -> Path:
+        folder = tmp_path / name
+        (folder / "evaluate").mkdir(parents=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump({"variant": f"vitl16_transfer_{index}"}))
+        pd.DataFrame({"model": "16-bit (bfloat16)", "image": np.arange(len(true)), "true": true,
+                      "predicted": predicted}).to_csv(folder / "evaluate" / "predictions.csv", index=False)
+        return folder
+
+    true = [0, 1, 2, 3] * 25
+    eager = run("eager", 2, true, true)  # every image right
+    fast = run("fast", 6, true, [t if i % 10 else (t + 1) % 4 for i, t in enumerate(true)])  # every tenth wrong
+    row = flowers_transfer.paired(fast, eager)
+    assert row["vs"] == list(flowers_transfer.METHODS)[2] and row["vs_run"] == "eager"
+    assert row["top1_vs_pt"] == pytest.approx(-10.0)
+    assert row["top1_vs_lo_pt"] < -10.0 < row["top1_vs_hi_pt"] < 0
+    other = run("other", 2, true[::-1], true[::-1])
+    with pytest.raises(ValueError, match="not tested on the same images"):
+        flowers_transfer.paired(fast, other)

@@ -89,6 +89,19 @@ def test_the_models_of_a_run_are_labelled_once(smoke_run):
     assert [a["model"] for a in res["accuracy"]] == list(demo.variants(smoke_run))  # evaluate and the demo agree
 
 
+def test_predictions_are_each_test_image_of_each_model_and_give_its_top1(smoke_run):
+    """evaluate/predictions.csv: what pairs two runs' models on the same test images."""
+    import pandas as pd
+    pred = pd.read_csv(runs.path(smoke_run, "predictions"))
+    accuracy = {a["model"]: a for a in json.loads(runs.path(smoke_run, "results").read_text())["accuracy"]}
+    assert set(pred["model"]) == set(accuracy)
+    for model, rows in pred.groupby("model"):
+        assert list(rows["image"]) == list(range(accuracy[model]["n"]))
+        assert (rows["true"] == rows["predicted"]).mean() == pytest.approx(accuracy[model]["top1"])
+    by_model = [rows["true"].tolist() for _, rows in pred.groupby("model")]
+    assert all(t == by_model[0] for t in by_model)  # the same images in the same order for every model
+
+
 def test_report_renders_every_run_and_is_not_a_run(smoke_run, tmp_path):
     runs_dir = smoke_run.parent
     proc = vitlab("report", "--runs-dir", str(runs_dir))

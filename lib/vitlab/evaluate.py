@@ -68,12 +68,14 @@ class Evaluation:
     kernels: dict[str, pd.DataFrame] = field(default_factory=dict)
     confusions: dict[str, list[dict]] = field(default_factory=dict)  # the most confused pairs per model
     matrices: dict[str, pd.DataFrame] = field(default_factory=dict)  # the full confusion matrix per model
+    predictions: pd.DataFrame = field(default_factory=pd.DataFrame)  # model, image (test index), true, predicted
 
     def save(self, run_dir: Path, meta: dict[str, Any]) -> None:
         """The run's `results` (every table, JSON) and `results_table` (latency rows joined with accuracy, CSV)."""
         self.latency.merge(self.accuracy, on="model").to_csv(runs.path(run_dir, "results_table"), index=False)
         cells = [m.stack().rename("count").reset_index().assign(model=label) for label, m in self.matrices.items()]
         pd.concat(cells)[["model", "true", "predicted", "count"]].to_csv(runs.path(run_dir, "confusion"), index=False)
+        self.predictions.to_csv(runs.path(run_dir, "predictions"), index=False)
         runs.write_json(runs.path(run_dir, "results"), {
             **meta, "accuracy": self.accuracy.to_dict("records"), "confusions": self.confusions,
             "latency": self.latency.to_dict("records"), "profile": self.profile.to_dict("records"),
@@ -86,7 +88,7 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], ds, device: torch.device
     compiled or graph-replayed ones, whose insides module hooks cannot see)."""
     ev, settings = params["eval"], ModelSettings.from_params(params["model"])
     batches = ds.loader("test", ev["batch_size"])
-    accuracy, latency, profiles, kernels, confusions, matrices = [], [], [], {}, {}, {}
+    accuracy, latency, profiles, kernels, confusions, matrices, predicted = [], [], [], {}, {}, {}, []
     ref = None
     for entry in run_models.models_of(run_dir, params):
         model = run_models.load(entry, settings, device, lambda: ds.loader("valid", ev["batch_size"]))
@@ -101,6 +103,8 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], ds, device: torch.device
               flush=True)
         matrices[entry.label] = metrics.confusion_table(labels, logits.argmax(1), ds.class_names)
         confusions[entry.label] = metrics.confused_pairs(matrices[entry.label])
+        predicted.append(pd.DataFrame({"model": entry.label, "image": np.arange(len(labels)), "true": labels,
+                                       "predicted": logits.argmax(1)}))
         for bs in ev["latency_batch_sizes"]:
             latency.append({"model": entry.label, **bench.latency(model, bs, ds.image_size, device, ev["warmup"],
                                                                   ev["iters"])})
@@ -120,7 +124,8 @@ def evaluate_run(run_dir: Path, params: dict[str, Any], ds, device: torch.device
     profile = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
     if not profile.empty:
         profile.attrs["clock"] = profile["clock"].iloc[0]
-    return Evaluation(pd.DataFrame(accuracy), pd.DataFrame(latency), profile, kernels, confusions, matrices)
+    return Evaluation(pd.DataFrame(accuracy), pd.DataFrame(latency), profile, kernels, confusions, matrices,
+                      pd.concat(predicted, ignore_index=True))
 
 
 def _predict_worker(entry, settings, data_cfg: dict[str, Any], seed: int, split: str, batch_size: int, out: str) -> None:

@@ -72,6 +72,7 @@ STEPS: dict[str, Step] = {
         "results": "evaluate/results.json",
         "results_table": "evaluate/results.csv",
         "confusion": "evaluate/confusion.csv",  # every cell of every model's confusion matrix
+        "predictions": "evaluate/predictions.csv",  # each test image's class and each model's top-1: pairs runs
         "confusion_figure": "evaluate/confusion.png"},
         EVERY + ("quant", "speed", "eval")),
     "ablation": Step("04_ablation.py", ("finetune",), {
