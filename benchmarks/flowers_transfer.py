@@ -95,7 +95,8 @@ def row(run_dir: Path) -> dict:
     name = list(METHODS)[method_index(run_dir)]
     selected = next(r for r in train["history"] if r["selected"])
     later = sorted(r["train_img_s"] for r in train["history"][1:])  # the first epoch compiles and captures
-    return {"method": name, "train_img_s": later[len(later) // 2] if later else None, "test_top1": acc["top1"], "lo": acc["top1_lo"], "hi": acc["top1_hi"], "test_top5": acc["top5"],
+    return {"method": name, "train_img_s": later[len(later) // 2] if later else None,
+            "test_top1": acc["top1"], "lo": acc["top1_lo"], "hi": acc["top1_hi"], "test_top5": acc["top5"],
             "test_images": acc["n"], "classes": len(train["class_names"]), "trainable_params": train["trainable_params"],
             "total_params": train["total_params"], "peak_vram_mb": train["peak_vram_mb"], "s_per_epoch": train["s_per_epoch"],
             "epochs": params["finetune"]["epochs"], "selected_epoch": selected["epoch"], "valid_top1": selected["val_acc"],
