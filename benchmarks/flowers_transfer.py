@@ -74,11 +74,11 @@ def pretrain(sets: list[str], scale: str, device: str, left) -> Path:
 
 
 def methods(sets: list[str], only: list[int], scale: str, device: str, left) -> list[Path]:
-    """The methods' runs, each continued or started while the time limit leaves room."""
+    """The methods' runs in the order `only` names them (so the missing ones can go first), each continued or
+    started while the time limit leaves room."""
     folders, changes_of_scale = [], [f"model.id={SCALES[scale]['checkpoint']}", *SCALES[scale]["methods"]]
-    for i, changes in enumerate(METHODS.values()):
-        if i not in only:
-            continue
+    for i in only:
+        changes = list(METHODS.values())[i]
         try:
             folders.append(continued(f"{SCALES[scale]['prefix']}{i}", "params/flowers_transfer.yaml",
                                      "finetune,quantize,evaluate", [*changes_of_scale, *changes, *sets], device, left()))

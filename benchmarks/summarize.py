@@ -266,10 +266,14 @@ def _vitl16_transfer(rows: list[dict], meta: dict) -> list[str]:
     models were made, each method on half_b, what did not run and why."""
     if not rows:
         return []
+    rows = sorted(rows, key=lambda r: list(METHODS).index(r["method"]))
+    # Rows kept from an earlier collect may start from another pretraining: then each row says which.
+    pretrainings = {r.get("pretrain_run") for r in rows}
     made = "; ".join(f"`{p['variant']}` ({p['total_params'] / 1e6:.1f} M parameters) {p['epochs']} epochs in "
                      f"{p['finetune_s']:.0f} s, valid {p['valid_top1']:.1%} on its {p['classes']} classes (epoch "
-                     f"{p['selected_epoch']})" for p in meta.get("pretrain", []))
-    out = [{"method": r["method"], "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]),
+                     f"{p['selected_epoch']}" + (f", run {p['run']})" if len(pretrainings) > 1 else ")")
+                     for p in meta.get("pretrain", []) + meta.get("earlier", {}).get("pretrain", []))
+    out = [{"method": r["method"], "top1": fmt.pct(r["top1"], r["top1_lo"], r["top1_hi"]), "from": r.get("pretrain_run") or "",
             "trainable": f"{r['trainable_params']:,}", "vram": fmt.mb(r["peak_vram_mb"]), "s": f"{r['s_per_epoch']:.1f}",
             "epochs": r["epochs"], "img_s": fmt.rate(r.get("train_img_s")),
             "vs": fmt.pt(r["top1_vs_pt"] / 100, r["top1_vs_lo_pt"] / 100, r["top1_vs_hi_pt"] / 100) if "vs" in r else ""}
@@ -286,6 +290,12 @@ def _vitl16_transfer(rows: list[dict], meta: dict) -> list[str]:
                   f"epoch; the 16-bit base's weights are {lora['total_params'] * 2 / 1e9:.1f} GB. "
                   + (f"The NF4 base saves {saved:,.0f} MB." if saved > 0 else
                      f"At this batch the NF4 base does not save memory: the peak is {-saved:,.0f} MB higher.")]
+        if (full := by.get("full")) and full.get("train_img_s") and lora.get("train_img_s"):
+            memory.append(f"Full fine-tuning (every weight and its AdamW state) peaks at {fmt.mb(full['peak_vram_mb'])}, "
+                          f"{'below' if full['peak_vram_mb'] < lora['peak_vram_mb'] else 'above'} eager LoRA's, and trains "
+                          f"at {fmt.rate(full['train_img_s'])} against eager LoRA's {fmt.rate(lora['train_img_s'])} "
+                          f"({lora['train_img_s'] / full['train_img_s']:.2f}x): at batch 64 a ViT-L's activations, not its "
+                          "weights or optimizer states, set the peak.")
     return [f"### The transfer at ViT-L scale\n\nA ViT-L/16 made as above from `half_a`'s classes only ({made}), then each "
             f"method on the {rows[0]['classes']} classes of `half_b` it has never seen, a fresh head, {rows[0]['epochs']} "
             f"epochs, bf16 at batch 64, eager unless the method says otherwise ({rows[0]['test_images']} test images; "
@@ -293,7 +303,8 @@ def _vitl16_transfer(rows: list[dict], meta: dict) -> list[str]:
             "path's top-1 is paired against the eager run of the same recipe on the same images):",
             _table(out, {"method": "method", "test top-1 [95% CI]": "top1", "trainable parameters": "trainable",
                          "peak VRAM": "vram", "s/epoch": "s", "training (epochs 2+)": "img_s", "epochs": "epochs",
-                         **({"vs the eager run of its recipe (paired) [95% CI]": "vs"} if any(o["vs"] for o in out) else {})}),
+                         **({"vs the eager run of its recipe (paired) [95% CI]": "vs"} if any(o["vs"] for o in out) else {}),
+                         **({"half_a model (run)": "from"} if len(pretrainings) > 1 else {})}),
             *memory, *([f"Not run: {', '.join(missing)}: {meta['why_not_run']}."] if missing else [])]
 
 

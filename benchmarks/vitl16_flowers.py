@@ -152,6 +152,11 @@ def pretrain_row(run_dir: Path) -> dict:
             "finetune_s": runs.manifest(run_dir)["steps"]["finetune"]["seconds"], "total_params": train["total_params"]}
 
 
+# What a collect into a file keeps of its meta that it does not write itself: the transfer's provenance (written by
+# collect --transfer) and the demo's (the widget seen in JupyterLab, recorded by hand with its screenshot).
+KEPT_META = ("transfer", "demo")
+
+
 def transfer_rows(run_dir: Path) -> list[dict]:
     """A transfer method's run (benchmarks/flowers_transfer.py --scale vitl16) in the issue's names."""
     r = transfer_row(run_dir)
@@ -226,7 +231,7 @@ def collect(args) -> Path:
         earlier = json.loads(Path(args.into).read_text())
         rows = [r for r in earlier["rows"] if r.get("trained_run") != trained.name] + rows
         trainings = earlier["meta"].get("trainings", {}) | trainings
-        kept = {k: earlier["meta"][k] for k in ("transfer",) if k in earlier["meta"]}
+        kept = {k: earlier["meta"][k] for k in KEPT_META if k in earlier["meta"]}
     path = write(args, "vitl16_flowers", time.time(), rows, weights, measured_on=man["device"], versions=man["versions"],
                  trainings=trainings, **kept)
     for row in named["variant"]:
@@ -237,7 +242,9 @@ def collect(args) -> Path:
 
 def collect_transfer(args) -> Path:
     """The transfer methods' runs (benchmarks/flowers_transfer.py --scale vitl16) as the `transfer` rows of the
-    --into file, in place of its earlier ones; each row names the half_a model it started from (`pretrained`)."""
+    --into file: a method given replaces its earlier row, an earlier row of a method not given stays. Each row
+    names the half_a pretraining it started from (`pretrain_run`): rows of different pretrainings differ by more
+    than the methods do, so a table that mixes them must say so."""
     if not args.into:
         sys.exit("collect --transfer RUN ... (without a trained run) replaces the transfer rows of a file: give --into FILE")
     if not Path(args.into).is_file():
@@ -248,20 +255,35 @@ def collect_transfer(args) -> Path:
     folders = [f for f in given if runs.load_params(f)["variant"] not in pretraining]
     if not folders:
         sys.exit("collect --transfer: none of these folders is a method's run (vitl16_transfer_N); give them with the pretraining runs")
-    rows = [r for r in earlier["rows"] if r["table"] != "transfer"]
     by_index = {method_index(f): f for f in folders}
-    rows += [{"table": "transfer", **r, **(paired(f, by_index[PAIRED[i]]) if PAIRED.get(i) in by_index else {})}
-             for i, f in by_index.items() for r in transfer_rows(f)]
-    done = {r["method"] for r in rows if r["table"] == "transfer"}
+    # `pretrained` is the checkpoint's path, the same for every pretraining: the run that made it is the last
+    # ViT-L pretraining that started before the method's run (run folders are named by their start time).
+    old = earlier["meta"].get("transfer", {})
+    made = sorted([f.name for f in given if runs.load_params(f)["variant"] == pretraining[-1]]
+                  + [p["run"] for p in old.get("pretrain", []) if p["variant"] == pretraining[-1]])
+    made_before = lambda run: max((m for m in made if m < run), default=None)  # noqa: E731
+    new = [{"table": "transfer", **r, "pretrain_run": made_before(f.name),
+            **(paired(f, by_index[PAIRED[i]]) if PAIRED.get(i) in by_index else {})}
+           for i, f in by_index.items() for r in transfer_rows(f)]
+    kept = [{**r, "pretrain_run": r.get("pretrain_run") or made_before(r["run"])} for r in earlier["rows"]
+            if r["table"] == "transfer" and r["method"] not in {n["method"] for n in new}]
+    rows = [r for r in earlier["rows"] if r["table"] != "transfer"] + new + kept
+    done = {r["method"] for r in new + kept}
     man = runs.manifest(folders[0])
     transfer = {"runs": [f.name for f in folders], "git": man["git"], "versions": man["versions"],
                 "commands": [c["command"] for f in given for c in runs.manifest(f).get("commands", [])],
                 "pretrain": [pretrain_row(f) for f in given if f not in folders],
                 "not_run": [m for i, m in enumerate(METHODS) if str(i) in SCALES["vitl16"]["only"].split(",") and m not in done]}
+    if kept:  # where the rows kept from the earlier file came from, as that file said
+        pretrains = {r["pretrain_run"] for r in kept}
+        transfer["earlier"] = {"runs": [r["run"] for r in kept], "git": old.get("git"), "commands": old.get("commands", []),
+                               "pretrain": [p for p in old.get("pretrain", []) if p["run"] in pretrains
+                                            or p["variant"] != pretraining[-1]]}
     if transfer["not_run"]:
         transfer["why_not_run"] = args.why_not_run or "not given (collect --why-not-run TEXT)"
+    kept_meta = {k: earlier["meta"][k] for k in KEPT_META if k in earlier["meta"] and k != "transfer"}
     return write(args, "vitl16_flowers", time.time(), rows, earlier["meta"]["weights"], measured_on=man["device"],
-                 versions=earlier["meta"]["versions"], trainings=earlier["meta"]["trainings"], transfer=transfer)
+                 versions=earlier["meta"]["versions"], trainings=earlier["meta"]["trainings"], transfer=transfer, **kept_meta)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,3 +90,55 @@ def test_a_fast_transfer_run_is_paired_with_its_eager_one_on_the_same_images(tmp
     other = run("other", 2, true[::-1], true[::-1])
     with pytest.raises(ValueError, match="not tested on the same images"):
         flowers_transfer.paired(fast, other)
+
+
+def test_collect_transfer_replaces_the_methods_given_keeps_the_others_and_names_each_rows_pretraining(tmp_path):
+    """vitl16_flowers collect --transfer into a file of an earlier session: a method given replaces its row, a
+    method not given keeps its earlier row, and every row names the half_a pretraining it started from (the
+    checkpoint's path is the same for every pretraining); meta the collect does not write (the demo) stays."""
+    import vitl16_flowers
+    import yaml
+
+    device = {"type": "cuda", "name": "NVIDIA H200"}
+
+    def run(name: str, variant: str, top1: float = 0.0) -> Path:
+        folder = tmp_path / name
+        (folder / "finetune").mkdir(parents=True)
+        (folder / "evaluate").mkdir()
+        (folder / "params.yaml").write_text(yaml.safe_dump({"variant": variant}))
+        (folder / "manifest.json").write_text(json.dumps({"device": device, "git": {"commit": "abc"}, "versions": {},
+                                                          "commands": [], "steps": {"finetune": {"seconds": 9.0}}}))
+        (folder / "finetune" / "metrics.json").write_text(json.dumps({
+            "history": [{"epoch": 1, "val_acc": 0.5, "train_img_s": 100.0, "selected": True}], "class_names": ["a", "b"],
+            "trainable_params": 10, "total_params": 100, "peak_vram_mb": 1.0, "s_per_epoch": 2.0}))
+        (folder / "evaluate" / "results.json").write_text(json.dumps({"accuracy": [
+            {"top1": top1, "top1_lo": top1 - 0.1, "top1_hi": top1 + 0.1, "top5": 1.0, "n": 10}]}))
+        return folder
+
+    old_pretrain, old_probe, old_lora = ("2026-01-01_000000_flowers_vitl16_half_a", "2026-01-01_000100_vitl16_transfer_0",
+                                         "2026-01-01_000200_vitl16_transfer_2")
+    into = tmp_path / "vitl16_flowers_h200.json"
+    into.write_text(json.dumps({"meta": {
+        "weights": "w", "versions": {}, "trainings": {}, "demo": {"run": "the demo"},
+        "transfer": {"git": {"commit": "old"}, "commands": ["old command"], "pretrain": [
+            {"variant": "flowers_vitl16_half_a", "run": old_pretrain}]}}, "rows": [
+        {"table": "model", "run": "trained"},
+        {"table": "transfer", "method": "probe", "top1": 0.7, "run": old_probe},
+        {"table": "transfer", "method": list(vitl16_flowers.METHODS)[2], "top1": 0.6, "run": old_lora}]}))
+    pretrain = run("2026-02-01_000000_flowers_vitl16_half_a", "flowers_vitl16_half_a")
+    lora = run("2026-02-01_000100_vitl16_transfer_2", "vitl16_transfer_2", top1=0.8)
+    args = argparse.Namespace(into=str(into), transfer=[str(pretrain), str(lora)], why_not_run="ran out", out=str(tmp_path),
+                              device="auto", tag="")
+    assert vitl16_flowers.collect_transfer(args) == into
+    result = json.loads(into.read_text())
+    transfer = {r["method"]: r for r in result["rows"] if r["table"] == "transfer"}
+    assert set(transfer) == {"probe", list(vitl16_flowers.METHODS)[2]}
+    new = transfer[list(vitl16_flowers.METHODS)[2]]
+    assert (new["top1"], new["run"], new["pretrain_run"]) == (0.8, lora.name, pretrain.name)
+    assert (transfer["probe"]["top1"], transfer["probe"]["pretrain_run"]) == (0.7, old_pretrain)
+    assert [r["table"] for r in result["rows"]].count("model") == 1
+    meta = result["meta"]
+    assert meta["demo"] == {"run": "the demo"}
+    assert meta["transfer"]["earlier"]["runs"] == [old_probe] and meta["transfer"]["earlier"]["commands"] == ["old command"]
+    assert [p["run"] for p in meta["transfer"]["pretrain"]] == [pretrain.name]
+    assert "probe" not in meta["transfer"]["not_run"] and meta["transfer"]["why_not_run"] == "ran out"
