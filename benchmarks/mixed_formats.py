@@ -3,18 +3,21 @@
     python -m vitlab run params/flowers_mixed.yaml --set model.id=RUN/finetune/model --set data.root=DIR \
         --time-limit 9m                                   # then --resume MIXED_RUN --time-limit 9m until it exits 0
     python benchmarks/run.py mixed_formats MIXED_RUN --model vit_s16    # -> results/mixed_formats_<device>.json
+    python benchmarks/run.py mixed_formats MIXED_RUN --model vit_l16 --into results/mixed_formats_<device>.json
 
 Turns the ablation step's mixed choice (ablation/mixed_formats.json of a `vitlab run` of
 params/flowers_mixed.yaml) into flat rows: every configuration checked on test, at every batch size,
 with its formats per layer, p50 latency and top-1 with the paired difference against 16-bit; the
-candidates measured on valid follow as `table: candidate`.
+candidates measured on valid follow as `table: candidate`. --into adds the model to a file of other models'
+studies (a model collected again replaces its own rows); `meta.runs` names each model's run.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from common import parser, write
+from common import device_tag, parser, write
 
 from vitlab import runs
 
@@ -35,11 +38,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
     ap.add_argument("run", type=Path, help="a run of params/flowers_mixed.yaml (its ablation step finished)")
     ap.add_argument("--model", default="vit_s16", help="the model's name in the rows")
+    ap.add_argument("--into", type=Path, help="a result file of other models' studies to add this model to")
     args = ap.parse_args(argv)
-    t0 = time.time()
-    rows = collect(args.run, args.model)
-    path = write(args, "mixed_formats", t0, rows, weights=f"trained: {args.run.name}",
-                 measured_on=runs.manifest(args.run)["device"], run=args.run.name)
+    t0, device = time.time(), runs.manifest(args.run)["device"]
+    rows, studied = collect(args.run, args.model), {args.model: args.run.name}
+    if args.into:  # written where write() puts it: refuse a file of another name rather than leave it stale
+        if not args.into.is_file():
+            raise SystemExit(f"--into {args.into}: no such result file (collect a first model without --into)")
+        name = "_".join(filter(None, ["mixed_formats", device_tag(device), args.tag])) + ".json"
+        if args.into.resolve() != (Path(args.out) / name).resolve():
+            raise SystemExit(f"--into {args.into}: this collect writes {Path(args.out) / name} (--out, --tag)")
+        earlier = json.loads(args.into.read_text())
+        rows = [r for r in earlier["rows"] if r["model"] != args.model] + rows
+        studied = earlier["meta"].get("runs", {}) | studied
+    path = write(args, "mixed_formats", t0, rows, weights="trained: " + ", ".join(f"{m} {r}" for m, r in studied.items()),
+                 measured_on=device, runs=studied)
     print(f"wrote {path}")
 
 

@@ -8,6 +8,8 @@
     python benchmarks/run.py vitl16_flowers collect --transfer TRANSFER_RUN ... --into results/vitl16_flowers_<device>.json
     python benchmarks/run.py vitl16_flowers start SMALL_CHECKPOINT --set data.root=DIR   # what growing starts from
     python benchmarks/run.py vitl16_flowers all --set data.root=DIR --time-limit 540 [--teacher CHECKPOINT]
+    python benchmarks/run.py vitl16_flowers all --variants mixed --set data.root=DIR --time-limit 540
+    python benchmarks/run.py mixed_formats MIXED_RUN --model vit_l16 --into results/mixed_formats_<device>.json
 
 `all` is the study in one command, repeated until it says it is done: the ViT-S recipe model (or --teacher,
 one trained earlier), the ViT-L/16 grown from it and distilled from it, then the variants; each command
@@ -17,6 +19,9 @@ as back-to-back commands.
 `start` scores the ViT-S checkpoint that params/flowers_vitl16.yaml grows from, and the ViT-L/16 grown
 from it both ways (model.grow_depth copies and identity) before any training, on valid and test: what
 growing gives before fine-tuning adds anything.
+
+`--variants mixed` (not among the defaults) is issue 24's per-layer formats under a budget on this model
+(params/flowers_mixed.yaml's ablation step), collected by benchmarks/mixed_formats.py, not by `collect`.
 
 `variants` runs each of VARIANTS from the trained run's checkpoint (finetune.method none) through
 quantize and evaluate; ABLATION's variants also run the ablation (bitsandbytes' formats on the NF4 run,
@@ -51,15 +56,24 @@ FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu
            "ablation.verify_split=test"]
 
 
+def plan(variant: str) -> tuple[str, str, list[str]]:
+    """The params file, the steps and the changes of one variant's `vitlab run` from the trained checkpoint.
+    `mixed` is issue 24's per-layer formats under a budget (params/flowers_mixed.yaml): it compiles each distinct
+    block once for the whole study, since a whole-model compile of a ViT-L per candidate would take the session."""
+    if variant == "mixed":
+        return "params/flowers_mixed.yaml", "finetune,ablation", ["speed.compile=blocks"]
+    steps = "finetune,quantize,evaluate" + (",ablation" if variant in ABLATION else "") + (",demo" if variant == DEMO else "")
+    return f"params/{variant}.yaml", steps, [f"ablation.quant_types={ABLATION[variant]}"] if variant in ABLATION else []
+
+
 def run_variants(trained: Path, sets: list[str], variants: list[str], device: str, time_limit: float | None) -> list[Path]:
     checkpoint = runs.path(trained, "checkpoint")
     folders, deadline = [], time.time() + time_limit if time_limit else None
     for variant in variants:
-        steps = "finetune,quantize,evaluate" + (",ablation" if variant in ABLATION else "") + (",demo" if variant == DEMO else "")
-        extra = [f"ablation.quant_types={ABLATION[variant]}"] if variant in ABLATION else []
+        params_file, steps, extra = plan(variant)
         t0, left = time.time(), deadline - time.time() if deadline else None
         try:
-            folders.append(continued(f"vitl16_{variant}", f"params/{variant}.yaml", steps,
+            folders.append(continued(f"vitl16_{variant}", params_file, steps,
                                      [f"model.id={checkpoint}", *FLOWERS, *extra, *sets], device, left))
         except NotStarted as e:
             print(e, flush=True)
@@ -209,6 +223,9 @@ def collect(args) -> Path:
     """The trained run and its variants' runs as rows, each with `trained_run`; with --into, added to that
     file's earlier trainings of the same recipe (a training collected again replaces its own rows)."""
     trained, given = Path(args.paths[0]), [Path(p) for p in args.paths[1:]]
+    if mixed := [p for p in given if runs.load_params(p)["variant"] == "vitl16_mixed"]:
+        sys.exit(f"collect: {', '.join(p.name for p in mixed)} is the mixed-format study: collect it with "
+                 "python benchmarks/run.py mixed_formats RUN --model vit_l16 --into results/mixed_formats_<device>.json")
     others = [p for p in given if runs.manifest(p)["steps"].get("evaluate", {}).get("status") == "ok"]
     missing = {p.name: runs.manifest(p).get("failed_step") or runs.manifest(p)["status"] for p in given if p not in others}
     named = {"model": model_rows(trained, others[0]),
@@ -299,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--into", help="collect: a result file of earlier trainings of the recipe to add this one to")
     ap.add_argument("--time-limit", type=float, help="variants: seconds for them all (each `vitlab run` gets what is left)")
     args = ap.parse_intermixed_args(argv)
+    if unknown := [v for v in args.variants.split(",") if v not in [*VARIANTS, "mixed"]]:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join([*VARIANTS, 'mixed'])}")
     if args.what in ("variants", "all"):
         if args.what == "all":
             trained, *folders = run_all(args)

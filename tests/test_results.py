@@ -142,3 +142,53 @@ def test_collect_transfer_replaces_the_methods_given_keeps_the_others_and_names_
     assert meta["transfer"]["earlier"]["runs"] == [old_probe] and meta["transfer"]["earlier"]["commands"] == ["old command"]
     assert [p["run"] for p in meta["transfer"]["pretrain"]] == [pretrain.name]
     assert "probe" not in meta["transfer"]["not_run"] and meta["transfer"]["why_not_run"] == "ran out"
+
+
+def test_mixed_formats_into_adds_a_model_to_the_other_models_studies(tmp_path, capsys):
+    """mixed_formats --into: the ViT-L's study joins the ViT-S's in one file, a model collected again replaces
+    its own rows, and a file this collect would not write is refused before anything is written."""
+    import mixed_formats
+    import yaml
+
+    def run(name: str, top1: float) -> Path:
+        folder = tmp_path / name
+        (folder / "ablation").mkdir(parents=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump({"variant": name}))
+        (folder / "manifest.json").write_text(json.dumps({"device": {"type": "cuda", "name": "NVIDIA H200"}}))
+        check = {"choice": "uniform_fp8", "formats": ["fp8"] * 2, "batch_size": 256, "p50_ms": 1.0, "top1": top1,
+                 "top1_lo": top1, "top1_hi": top1, "top1_delta_pt": 0.0, "delta_lo_pt": 0.0, "delta_hi_pt": 0.0,
+                 "vs_choice_pt": 0.0, "vs_choice_lo_pt": 0.0, "vs_choice_hi_pt": 0.0, "kl": 0.0, "n": 10}
+        (folder / "ablation" / "mixed_formats.json").write_text(json.dumps(
+            {"verify_split": "test", "checks": [check], "candidates": [{**check, "choice": "candidate_0"}]}))
+        return folder
+
+    out = ["--out", str(tmp_path)]
+    mixed_formats.main([str(run("small", 0.5)), "--model", "vit_s16", *out])
+    into = tmp_path / "mixed_formats_h200.json"
+    mixed_formats.main([str(run("large", 0.6)), "--model", "vit_l16", "--into", str(into), *out])
+    mixed_formats.main([str(run("large_again", 0.7)), "--model", "vit_l16", "--into", str(into), *out])
+    result = json.loads(into.read_text())
+    assert sorted((r["model"], r.get("table", "check"), r["top1"]) for r in result["rows"]) == [
+        ("vit_l16", "candidate", 0.7), ("vit_l16", "check", 0.7), ("vit_s16", "candidate", 0.5), ("vit_s16", "check", 0.5)]
+    assert result["meta"]["runs"] == {"vit_s16": "small", "vit_l16": "large_again"}
+    with pytest.raises(SystemExit, match="this collect writes"):
+        mixed_formats.main([str(run("other", 0.1)), "--model", "vit_l16", "--into", str(into), "--tag", "x", *out])
+    assert not (tmp_path / "mixed_formats_h200_x.json").exists()
+
+
+def test_every_vitl16_variant_and_the_mixed_study_resolve_to_valid_params_before_any_device_time():
+    """What `vitl16_flowers variants`/`all` would hand each `vitlab run` (its params file, the flowers changes and
+    its own) is accepted by vitlab's settings, and its steps are vitlab's: a typo here would cost a device session."""
+    import vitl16_flowers
+
+    from vitlab import config, runs
+
+    for variant in [*vitl16_flowers.VARIANTS, "mixed"]:
+        params_file, steps, extra = vitl16_flowers.plan(variant)
+        params = config.resolve(runs.REPO_ROOT / params_file, ["model.id=runs/x/finetune/model", *vitl16_flowers.FLOWERS, *extra])
+        assert set(steps.split(",")) <= set(runs.STEPS), variant
+        assert params["finetune"]["method"] == "none", variant
+    mixed = config.resolve(runs.REPO_ROOT / vitl16_flowers.plan("mixed")[0], vitl16_flowers.plan("mixed")[2])
+    assert mixed["speed"]["compile"] == "blocks" and mixed["ablation"]["formats"]
+    with pytest.raises(config.ParamsError):
+        config.resolve(runs.REPO_ROOT / "params/flowers_mixed.yaml", ["speed.compile=blockz"])
