@@ -43,9 +43,11 @@ METHODS = {
         "finetune.method=lora", "finetune.compile=blocks", "finetune.cuda_graph=true"],
     "lora (r=16, alpha=16, dropout 0), compiled blocks + CUDA graph": [
         "finetune.method=lora", "finetune.lora.dropout=0", "finetune.compile=blocks", "finetune.cuda_graph=true"],
+    "qlora on torchao's NF4 base, compiled blocks + CUDA graph": [
+        "finetune.method=qlora", "finetune.qlora_base=torchao", "finetune.compile=blocks", "finetune.cuda_graph=true"],
 }
 # The fast paths' runs, each against the eager run it must match in accuracy (paired on the same test images).
-PAIRED = {6: 2, 7: 2}
+PAIRED = {6: 2, 7: 2, 8: 3}
 # What each scale pretrains (variant, params file) and keeps, and what its methods change: the ViT-L's
 # 300 M parameters take ~4x the ViT-S's time per epoch, and a model that starts trained needs fewer.
 SCALES = {
@@ -55,7 +57,7 @@ SCALES = {
     "vitl16": {"pretrain": [("flowers_half_a", "params/flowers_scratch.yaml"),
                             ("flowers_vitl16_half_a", "params/flowers_vitl16.yaml")],
                "checkpoint": runs.REPO_ROOT / "checkpoints" / "flowers_vitl16_half_a", "prefix": "vitl16_transfer_",
-               "methods": ["finetune.epochs=10"], "only": "0,5,2,3,4,6,7"},  # the seeds' own LoRA (q/v), not every block linear
+               "methods": ["finetune.epochs=10"], "only": "0,5,2,3,4,6,7,8"},  # the seeds' own LoRA (q/v), not every block linear
 }
 
 

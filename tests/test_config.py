@@ -38,6 +38,12 @@ def test_cuda_graph_training_is_checked_before_any_work():
     with pytest.raises(ParamsError, match="compile: blocks it does"):  # a whole-model compile is not captured
         config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "finetune.compile=true"])
     config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "finetune.compile=blocks"])
+    with pytest.raises(ParamsError, match="qlora_base: torchao it does"):  # bitsandbytes' 4-bit base is a library call
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.cuda_graph=true", "finetune.method=qlora", "model.id=x/vit"])
+    config.resolve(config.PARAMS_DIR / "smoke.yaml",
+                   ["finetune.cuda_graph=true", "finetune.method=qlora", "finetune.qlora_base=torchao", "model.id=x/vit"])
+    with pytest.raises(ParamsError, match="method full has none"):
+        config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.qlora_base=torchao"])
     with pytest.raises(ParamsError, match="finetune.compile"):
         config.resolve(config.PARAMS_DIR / "smoke.yaml", ["finetune.compile=block"])
     with pytest.raises(ParamsError, match="needs a CUDA GPU"):

@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 import os
 import time
 
@@ -8,8 +9,10 @@ import torch
 import transformers
 from peft import PeftModel
 
-from vitlab import data, finetune, models, training
-from vitlab.errors import RunError
+from torch import nn
+
+from vitlab import data, finetune, models, quant, training
+from vitlab.errors import QuantError, RunError
 
 CPU = torch.device("cpu")
 
@@ -337,3 +340,114 @@ def test_a_teacher_named_relative_to_the_repo_root_is_found_from_any_folder(para
     relative = os.path.relpath(checkpoint, REPO_ROOT)
     teacher = training.teacher(training.Finetune.of(p["finetune"] | {"teacher": relative}), 10, CPU)
     assert teacher.config.num_labels == 10
+
+
+# Wide enough that each block linear holds whole NF4 blocks of 64 x 256 weights (torchao's layout).
+WIDE = {"image_size": 16, "patch_size": 4, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 512}
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="torchao is not installed (pip install -e '.[fast]')")
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory, digits_data) -> str:
+    """QLoRA starts from a trained model: a WIDE one saved as a user's checkpoint."""
+    torch.manual_seed(0)
+    wide, path = models.ModelSettings(id=None, dtype=torch.float32, attention="sdpa", config=dict(WIDE)), tmp_path_factory.mktemp("wide")
+    models.build(wide, digits_data.class_names).save_pretrained(str(path))
+    models.load_processor(wide).save_pretrained(str(path))
+    return str(path)
+
+
+@needs_torchao
+def test_torchao_nf4_base_is_bitsandbytes_nf4_in_torch_ops(digits_data):
+    """finetune.qlora_base: torchao quantizes the same linears bitsandbytes' QLoRA base does, to the same NF4
+    codes (double-quantized scales differ in their last bits), and freezes them; the classifier stays."""
+    import bitsandbytes.functional as bnbf
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    torch.manual_seed(0)
+    settings = models.ModelSettings(id=None, dtype=torch.float32, attention="sdpa", config=dict(WIDE))
+    model = models.build(settings, digits_data.class_names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    quant.torchao_nf4_base(model)
+    linears = models.block_linears(model)
+    assert len(linears) == 6 * WIDE["num_hidden_layers"]
+    for name in linears:
+        weight, w = model.get_submodule(name).weight, before[f"{name}.weight"]
+        assert isinstance(weight, NF4Tensor) and not weight.requires_grad
+        mine = weight.get_original_weight().float()
+        codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        theirs = bnbf.dequantize_4bit(codes, state).float()
+        absmax = w.abs().view(-1, 64).amax(1, keepdim=True).expand(-1, 64).reshape(w.shape)
+        flipped = ((mine - theirs).abs() / absmax > 0.03).float().mean().item()  # a code apart is >= 0.08 absmax
+        assert flipped < 1e-3, name
+        assert (mine - theirs).abs().mean() < 0.05 * (mine - w).abs().mean(), name
+    assert torch.equal(model.classifier.weight, before["classifier.weight"]) and type(model.classifier.weight) is nn.Parameter
+
+
+@needs_torchao
+def test_torchao_nf4_base_refuses_weights_that_are_not_whole_blocks(checkpoint, f32):
+    model = models.load_checkpoint(checkpoint, f32, CPU)  # hidden 32: 1,024 weights in q_proj
+    with pytest.raises(QuantError, match=r"blocks of 64 x 256 = 16384; .*q_proj has 1,024 weights"):
+        quant.torchao_nf4_base(model)
+
+
+@needs_torchao
+@pytest.mark.slow  # Inductor compiles a block's forward and backward with the NF4 dequantization on the CPU
+def test_qlora_on_torchao_nf4_trains_and_compiled_blocks_give_the_eager_adapters(smoke_params, digits_data,
+                                                                                 wide_checkpoint, tmp_path):
+    """QLoRA on torchao's NF4 base: LoRA trains (float32 adapters, the loss falls), finetune.compile: blocks
+    gives the eager loop's adapters (what a CUDA graph captures on a GPU), and the saved 16-bit model
+    predicts like the adapters on the 4-bit base."""
+    settings = models.ModelSettings(id=wide_checkpoint, dtype=torch.float32, attention="sdpa")
+    ft = {**smoke_params["finetune"], "method": "qlora", "qlora_base": "torchao", "epochs": 3, "lr": 5e-3,
+          "warmup_ratio": 0.0, "lora": {**smoke_params["finetune"]["lora"], "dropout": 0.0}}
+    batches = list(digits_data.batches("train", 32, CPU))[:2]
+    trained, histories = {}, {}
+    for how in (False, "blocks"):
+        torch.manual_seed(0)
+        model = finetune.build(settings, {**ft, "compile": how}, digits_data.class_names, CPU)
+        histories[how] = training.train(model, batches, batches, {**ft, "compile": how}, CPU)
+        trained[how] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert histories[False][-1]["train_loss"] < histories[False][0]["train_loss"]
+    assert any("lora_B" in n for n in trained[False]) and all(p.dtype == torch.float32 for p in trained[False].values())
+    # The same steps up to float32 rounding, which Adam's first steps magnify on the adapters that start at zero.
+    assert [r["train_loss"] for r in histories["blocks"]] == pytest.approx([r["train_loss"] for r in histories[False]], rel=1e-4)
+    for name, eager in trained[False].items():
+        apart = (trained["blocks"][name] - eager).abs()
+        assert apart.mean() <= 1e-4 * eager.abs().mean() and apart.max() <= 1e-2 * eager.abs().max(), name
+    torch.manual_seed(0)
+    model = finetune.build(settings, ft, digits_data.class_names, CPU)
+    training.train(model, batches, batches, ft, CPU)
+    merged = finetune.save(model, models.load_processor(settings), settings, digits_data.class_names, "qlora",
+                           tmp_path / "out")
+    x = batches[0][0]
+    model.eval()
+    with torch.no_grad():
+        a, b = model(pixel_values=x).logits, merged(pixel_values=x).logits
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.8
+
+
+@needs_torchao
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph training step needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, "blocks"])
+def test_qlora_on_torchao_nf4_in_a_cuda_graph_matches_eager(smoke_params, digits_data, wide_checkpoint, compiled):
+    """What bitsandbytes' base cannot do: QLoRA's training step on torchao's NF4 replayed as a CUDA graph
+    (with its blocks compiled or not) trains the eager step's adapters."""
+    cuda = torch.device("cuda")
+    settings = models.ModelSettings(id=wide_checkpoint, dtype=torch.float32, attention="sdpa")
+    ft = {**smoke_params["finetune"], "method": "qlora", "qlora_base": "torchao", "epochs": 3, "lr": 5e-3,
+          "warmup_ratio": 0.3, "mixed_precision": "no", "lora": {**smoke_params["finetune"]["lora"], "dropout": 0.0}}
+    x, y = next(iter(digits_data.loader("test", 64)))
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])] * 3  # 6 steps an epoch: 3 warm-up steps, a capture, replays
+    trained = {}
+    for graphed in (False, True):
+        transformers.set_seed(0)
+        model = finetune.build(settings, ft, digits_data.class_names, cuda)
+        history = training.train(model, batches, batches[:1], ft | ({"cuda_graph": True, "compile": compiled} if graphed else {}), cuda)
+        trained[graphed] = ({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, history)
+    (eager, h_eager), (graph, h_graph) = trained[False], trained[True]
+    for name in eager:
+        torch.testing.assert_close(graph[name], eager[name], atol=2e-4, rtol=2e-3, msg=name)
+    assert [r["train_loss"] for r in h_graph] == pytest.approx([r["train_loss"] for r in h_eager], rel=1e-3)

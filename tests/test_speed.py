@@ -49,11 +49,23 @@ def test_bad_requests_say_what_is_wrong(checkpoint, f32, test_batch):
         speed.torchao_quantize(model, "int3")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed here")
-def test_torchao_missing_names_the_install(checkpoint, f32):
+def test_torchao_missing_names_the_install_before_any_work(checkpoint, f32, smoke_params, monkeypatch):
+    """Where torchao is not installed (the dev extra brings it: this machine is made to lack it), the speed
+    path and QLoRA's torchao base name the install, the latter before any run folder."""
+    from vitlab import config, machine, quant
+    from vitlab.errors import ParamsError, QuantError
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else found(name, *a))
     model = models.load_checkpoint(checkpoint, f32, CPU)
     with pytest.raises(speed.SpeedPathError, match="pip install torchao"):
         speed.torchao_quantize(model, "int8dyn")
+    with pytest.raises(QuantError, match="pip install torchao"):
+        quant.torchao_nf4_base(model)
+    params = config.validate(config.resolve(config.PARAMS_DIR / "smoke.yaml", [
+        "finetune.method=qlora", "finetune.qlora_base=torchao", f"model.id={checkpoint}", "device=cpu"]))
+    with pytest.raises(ParamsError, match="pip install torchao"):
+        machine.check(params)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph replay needs a CUDA GPU")

@@ -46,7 +46,9 @@ def build(settings: ModelSettings, ft_cfg: dict[str, Any], class_names: list[str
             raise ValueError(f"finetune.method none keeps {settings.id} as it is, but its classifier's labels "
                              f"({len(labels or [])}: {(labels or [])[:3]}...) are not the data's ({len(class_names)}: "
                              f"{list(class_names)[:3]}...); fine-tune it (probe, lora, full) or use the data it was trained on")
-    if method == "qlora":
+    if method == "qlora" and ft_cfg["qlora_base"] == "torchao":
+        model = quant.torchao_nf4_base(models.build(settings, class_names, dtype=torch.float32, device=device))
+    elif method == "qlora":
         # QLoRA's base: NF4 with double quantization, computing in the model's 16-bit dtype.
         q = quant.bnb_config(quant.QuantSettings(bits=4, type="nf4", double_quant=True, compute_dtype=settings.dtype), [])
         model = models.build(settings, class_names, dtype=torch.float32, quantization_config=q, device=device)

@@ -112,6 +112,10 @@ def check(p: Params) -> None:
         raise ParamsError("attention 'flash_attention_2' needs the flash-attn package, which is not installed: "
                           "`pip install flash-attn --no-build-isolation` (or `pip install -e '.[flash]'`), "
                           "or use 'sdpa_flash' (PyTorch's built-in FlashAttention-2 kernel)")
+    if (p.finetune.method == "qlora" and p.finetune.qlora_base == "torchao" and "finetune" in p.steps
+            and importlib.util.find_spec("torchao") is None):
+        raise ParamsError("finetune.qlora_base: torchao needs the torchao package, which is not installed: "
+                          "`pip install torchao` (or `pip install -e '.[fast]'`), or use qlora_base: bitsandbytes")
     if p.device == "cpu" or _no_gpu_here():
         gpus = 0
     else:

@@ -104,6 +104,37 @@ def bnb_config(q: QuantSettings, keep: list[str]) -> BitsAndBytesConfig | None:
                               bnb_4bit_compute_dtype=q.compute_dtype, llm_int8_skip_modules=skip)
 
 
+# torchao's NF4 (QLoRA's format): 64 weights share an absmax scale, and 256 scales share the scale that
+# quantizes them to int8 (double quantization), so a weight matrix must hold whole blocks of 64 x 256.
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+
+
+def torchao_nf4_base(model: nn.Module) -> nn.Module:
+    """`model` with every encoder-block linear's weight in torchao's NF4Tensor, frozen (the classifier and
+    everything outside the blocks stay as they are): QLoRA's base in plain torch ops, which torch.compile
+    fuses and a CUDA graph captures, where bitsandbytes' Linear4bit is a library call. Refused, naming the
+    layer, when a weight is not made of whole blocks."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantError("finetune.qlora_base: torchao needs torchao: `pip install torchao` (or `pip install -e '.[fast]'`)")
+    from torchao.quantization import to_nf4
+
+    names = models.block_linears(model)
+    for name in names:
+        n = model.get_submodule(name).weight.numel()
+        if n % (NF4_BLOCK * NF4_SCALER_BLOCK):
+            raise QuantError(f"finetune.qlora_base: torchao quantizes weights in blocks of {NF4_BLOCK} x "
+                             f"{NF4_SCALER_BLOCK} = {NF4_BLOCK * NF4_SCALER_BLOCK}; {name} has {n:,} weights. Use "
+                             "finetune.qlora_base: bitsandbytes for this model")
+    for name in names:
+        linear = model.get_submodule(name)
+        # From the float32 weight, so the NF4 tensor reads as float32 and peft keeps the adapters in float32.
+        linear.weight = nn.Parameter(to_nf4(linear.weight.detach().float().contiguous(), NF4_BLOCK, NF4_SCALER_BLOCK),
+                                     requires_grad=False)
+    return model
+
+
 def quantize(checkpoint: str | Path, q: QuantSettings, settings: ModelSettings, device: torch.device,
              keep: list[str] | None = None) -> nn.Module:
     """Load the 16-bit checkpoint quantized as `q` asks (keep: resolved 16-bit module names)."""

@@ -189,16 +189,21 @@ class Finetune(Section):
     drop_path: float = rule(lambda v: 0 <= v < 1, "0 (off) <= x < 1 (0.1 is usual)")
     full_size_epochs: int = rule(*NON_NEGATIVE)
     checkpoint_minutes: float = rule(lambda v: v >= 0, "0 (every epoch) or more")
+    qlora_base: Literal["bitsandbytes", "torchao"]  # method qlora's NF4 base: a library call, or torch ops
     qat_format: Union[LayerFormat, None]  # method qat: the format fake-quantized in training (speed runs the same)
     teacher: Union[str, None]  # a checkpoint trained on the same classes: its predictions are a second target
     distill_alpha: float = rule(lambda v: 0 <= v <= 1, "the teacher's share of the loss, 0 to 1 (0.5 is DeiT's)")
     lora: Lora
 
     def __post_init__(self) -> None:
-        if self.cuda_graph and (self.compile is True or self.mixed_precision == "fp16" or self.method == "qlora"):
+        bnb_base = self.method == "qlora" and self.qlora_base == "bitsandbytes"
+        if self.cuda_graph and (self.compile is True or self.mixed_precision == "fp16" or bnb_base):
             raise ParamsError("finetune.cuda_graph captures the bf16 training step: it does not combine with "
                               "finetune.compile: true (compile: blocks it does), mixed_precision fp16 (loss scaling syncs "
-                              "with the host) or method qlora")
+                              "with the host) or method qlora on bitsandbytes (finetune.qlora_base: torchao it does)")
+        if self.qlora_base != "bitsandbytes" and self.method != "qlora":
+            raise ParamsError(f"finetune.qlora_base is method qlora's 4-bit base; method {self.method} has none: "
+                              "leave it bitsandbytes, or set finetune.method: qlora")
         if self.batch_size % (self.processes * self.accumulate):
             raise ParamsError(f"finetune.batch_size {self.batch_size} is the whole step's batch: it must split evenly "
                               f"into finetune.processes ({self.processes}) x finetune.accumulate ({self.accumulate}) "

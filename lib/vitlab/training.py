@@ -36,7 +36,8 @@ class Ema:
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
-        return [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+        # A frozen weight's average is itself (and a 4-bit base's packed weights cannot be averaged).
+        return [t for t in [*(p for p in model.parameters() if p.requires_grad), *model.buffers()] if t.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
