@@ -102,6 +102,8 @@ if not data.accuracy.empty:
 if not data.profile.empty:
     data.profile.attrs["clock"] = "/".join(sorted(data.profile["clock"].unique()))
     keep(plots.component_breakdown(data.profile), "component_breakdown.png")
+else:
+    display(Markdown("_No run here profiled its forward pass (`eval.profile: true` in an evaluate step)._"))
 
 # %% [markdown]
 # ## Per-layer quantization sensitivity, and the mixed-precision choice
@@ -121,6 +123,8 @@ if not data.sensitivity.empty:
         keep(fig, f"sensitivity_{run}.png")
         keep(plots.pareto(rows, data.choices[run]), f"pareto_{run}.png")
         display(Markdown(f"**{run}**: the choice per quantization type"), report.choice_table(data.choices[run]))
+else:
+    display(Markdown("_No run here has an ablation step._"))
 
 # %% [markdown]
 # ## The choice on held-out images
@@ -130,6 +134,8 @@ if not data.sensitivity.empty:
 # %%
 for run, checks in data.checks.items():
     display(Markdown(f"**{run}**\n\n" + "\n".join(f"- {line}" for line in ablation.verdicts(checks))))
+if not data.checks:
+    display(Markdown("_No ablation here checked its choice on held-out images (`ablation.verify_split`)._"))
 
 # %% [markdown]
 # ## Formats per layer under a budget
@@ -144,4 +150,6 @@ for run, study in data.mixed.items():
     fig.axes[0].set_title(f"formats per layer, {run}, batch {study['latency_batch_size']}")
     keep(fig, f"mixed_formats_{run}.png")
     display(Markdown(mixed.verdict(study)))
+if not data.mixed:
+    display(Markdown("_No run here made the per-layer format choice (`ablation.formats`)._"))
 

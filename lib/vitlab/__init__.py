@@ -7,3 +7,15 @@ images, gpu_data, data, models, quant, kernels and lowbit (vitlab's FP8/int4), s
 ablation, plots, report, demo.
 """
 __version__ = "0.1.0"
+
+import logging as _logging
+
+
+def _drop_torchao_enum_notice(record: _logging.LogRecord) -> bool:
+    # transformers imports torchao whenever it is installed, and torchao 0.18 registers two Enums with torch's
+    # pytree, which torch >= 2.12 answers with a deprecation warning on every import: in every notebook's output
+    # and report, about nothing vitlab or its user can change.
+    return "register_constant() on Enum subclasses is deprecated" not in record.getMessage()
+
+
+_logging.getLogger("torch.utils._pytree").addFilter(_drop_torchao_enum_notice)

@@ -96,6 +96,7 @@ def size_vs_memory(rows: pd.DataFrame) -> plt.Figure:
     fig, (ax, ax_peak) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
     sns.barplot(data=sizes, y="model", x="MB", hue="measure", ax=ax, orient="h")
     ax.set(title="model size", ylabel="", xlabel="MB")
+    ax.legend(title="", fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=2)  # above: it hid bars
     if "peak_mem_mb" in rows and rows["peak_mem_mb"].notna().any():
         sns.barplot(data=rows, y="model", x="peak_mem_mb", ax=ax_peak, orient="h", color="grey")
         ax_peak.set(title="peak memory while timing", ylabel="", xlabel="MB (GPU: allocated; CPU: process RSS)",
