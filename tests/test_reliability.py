@@ -350,12 +350,15 @@ def test_ctrl_c_to_the_process_group_marks_the_run_failed_and_exits_130_without_
                              "--set", "finetune.epochs=200"], cwd=config.REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     run_dir = _wait_for_step(tmp_path, "finetune")
-    deadline = time.monotonic() + 120
-    while not (run_dir / "finetune").is_dir() and time.monotonic() < deadline:  # the notebook is at work
+    t0 = time.monotonic()
+    while not (run_dir / "finetune").is_dir() and time.monotonic() < t0 + 120:  # the notebook is at work
         time.sleep(0.2)
+    waited, before = time.monotonic() - t0, proc.poll()
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the CLI and the step's kernel both get it
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    out, err = proc.communicate(timeout=120)
+    # Seen once in a full suite on 2 cores (exit 0, nothing on stderr): what it printed says where it was.
+    assert proc.returncode == 130, (f"exit {proc.returncode} (before the signal: {before}), finetune/ after {waited:.1f} s, "
+                                    f"manifest {runs.manifest(run_dir)['status']}; stderr: {err[-1500:]}; stdout: {out[-3000:]}")
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("vitlab: interrupted (Ctrl-C)")
     man = runs.manifest(run_dir)
     assert man["status"] == "failed" and man["failed_step"] == "finetune" and runner.status(run_dir) == "failed"
