@@ -357,7 +357,7 @@ def test_ctrl_c_to_the_process_group_marks_the_run_failed_and_exits_130_without_
     while not (run_dir / "finetune").is_dir() and time.monotonic() < t0 + 120:  # the notebook is at work
         time.sleep(0.2)
     waited, before = time.monotonic() - t0, proc.poll()
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the CLI and the step's kernel both get it
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does (the kernel, in its own session, is stopped by the CLI)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (f"exit {proc.returncode} (before the signal: {before}), finetune/ after {waited:.1f} s, "
                                     f"manifest {runs.manifest(run_dir)['status']}; stderr: {err[-1500:]}; stdout: {out[-3000:]}")
