@@ -13,7 +13,7 @@ import logging as _logging
 
 def _drop_torchao_enum_notice(record: _logging.LogRecord) -> bool:
     # transformers imports torchao whenever it is installed, and torchao 0.18 registers two Enums with torch's
-    # pytree, which torch >= 2.12 answers with a deprecation warning on every import: in every notebook's output
+    # pytree, which torch 2.14 (the CPU machines') answers with a deprecation warning on every import: in every notebook's output
     # and report, about nothing vitlab or its user can change.
     return "register_constant() on Enum subclasses is deprecated" not in record.getMessage()
 
