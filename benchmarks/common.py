@@ -153,6 +153,11 @@ def by_table(result: dict) -> dict[str, Any]:
     return out
 
 
+def result_path(args: Any, bench: str, device: dict, part: str = "") -> Path:
+    """Where `write` puts a benchmark's result: <args.out>/<bench>_<device>[_<part>][_<tag>].json."""
+    return Path(args.out) / ("_".join(filter(None, [bench, device_tag(device), part, args.tag])) + ".json")
+
+
 def write(args: Any, bench: str, t0: float, rows: list[dict], weights: str = WEIGHTS,
           measured_on: dict | None = None, part: str = "", **meta: Any) -> Path:
     """<args.out>/<bench>_<device>[_<part>][_<tag>].json as `{meta, rows}`. Written after every model, so a
@@ -163,11 +168,9 @@ def write(args: Any, bench: str, t0: float, rows: list[dict], weights: str = WEI
     if measured_on is None and args.device == "cpu":
         measured_on = {"type": "cpu", "name": "cpu", "count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     env["device"] = measured_on or env["device"]
-    name = "_".join(filter(None, [bench, device_tag(env["device"]), part, args.tag]))
     meta = {"command": "python " + shlex.join(sys.argv), "args": vars(args), "seconds": round(time.time() - t0, 1),
             "weights": weights, "tf32": torch.backends.cuda.matmul.allow_tf32, **env, **meta}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    path = result_path(args, bench, env["device"], part)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     return path

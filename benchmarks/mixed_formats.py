@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from common import device_tag, parser, write
+from common import parser, result_path, write
 
 from vitlab import runs
 
@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.into:  # written where write() puts it: refuse a file of another name rather than leave it stale
         if not args.into.is_file():
             raise SystemExit(f"--into {args.into}: no such result file (collect a first model without --into)")
-        name = "_".join(filter(None, ["mixed_formats", device_tag(device), args.tag])) + ".json"
-        if args.into.resolve() != (Path(args.out) / name).resolve():
-            raise SystemExit(f"--into {args.into}: this collect writes {Path(args.out) / name} (--out, --tag)")
+        if args.into.resolve() != (written := result_path(args, "mixed_formats", device)).resolve():
+            raise SystemExit(f"--into {args.into}: this collect writes {written} (--out, --tag)")
         earlier = json.loads(args.into.read_text())
         rows = [r for r in earlier["rows"] if r["model"] != args.model] + rows
         studied = earlier["meta"].get("runs", {}) | studied

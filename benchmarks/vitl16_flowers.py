@@ -51,6 +51,7 @@ from vitlab import runs
 VARIANTS = ["nf4_sdpa", "fp8_fused", "int8_sdpa", "w4a8_fused", "nf4_graph", "fp16_sdpa", "nf4_flash", "int8_flash"]
 ABLATION = {"nf4_sdpa": "[nf4,int8]", "fp8_fused": "[fp8,w4a8]"}  # which run sweeps which formats
 DEMO = "nf4_sdpa"
+PLANNED = [*VARIANTS, "mixed"]  # what `plan` knows how to run
 FLOWERS = ["finetune.method=none", "data.source=imagefolder", "data.pipeline=gpu", "eval.batch_size=256",
            "eval.latency_batch_sizes=[1,32,256]", "eval.warmup=5", "eval.iters=20", "ablation.split=valid",
            "ablation.verify_split=test"]
@@ -263,7 +264,7 @@ def collect_transfer(args) -> Path:
     names the half_a pretraining it started from (`pretrain_run`): rows of different pretrainings differ by more
     than the methods do, so a table that mixes them must say so."""
     if not args.into:
-        sys.exit("collect --transfer RUN ... (without a trained run) replaces the transfer rows of a file: give --into FILE")
+        sys.exit("collect --transfer RUN ... (without a trained run) adds to the transfer rows of a file: give --into FILE")
     if not Path(args.into).is_file():
         sys.exit(f"collect --transfer: --into {args.into} is not a result file (it adds to one of a training's)")
     earlier = json.loads(Path(args.into).read_text())
@@ -292,10 +293,7 @@ def collect_transfer(args) -> Path:
                 "pretrain": [pretrain_row(f) for f in given if f not in folders],
                 "not_run": [m for i, m in enumerate(METHODS) if str(i) in SCALES["vitl16"]["only"].split(",") and m not in done]}
     if kept:  # where the rows kept from the earlier file came from, as that file said
-        pretrains = {r["pretrain_run"] for r in kept}
-        transfer["earlier"] = {"runs": [r["run"] for r in kept], "git": old.get("git"), "commands": old.get("commands", []),
-                               "pretrain": [p for p in old.get("pretrain", []) if p["run"] in pretrains
-                                            or p["variant"] != pretraining[-1]]}
+        transfer["earlier"] = {"runs": [r["run"] for r in kept], **{k: old.get(k) for k in ("git", "commands", "pretrain")}}
     if transfer["not_run"]:
         transfer["why_not_run"] = args.why_not_run or "not given (collect --why-not-run TEXT)"
     kept_meta = {k: earlier["meta"][k] for k in KEPT_META if k in earlier["meta"] and k != "transfer"}
@@ -316,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--into", help="collect: a result file of earlier trainings of the recipe to add this one to")
     ap.add_argument("--time-limit", type=float, help="variants: seconds for them all (each `vitlab run` gets what is left)")
     args = ap.parse_intermixed_args(argv)
-    if unknown := [v for v in args.variants.split(",") if v not in [*VARIANTS, "mixed"]]:
-        ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join([*VARIANTS, 'mixed'])}")
+    if unknown := [v for v in args.variants.split(",") if v not in PLANNED]:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(PLANNED)}")
     if args.what in ("variants", "all"):
         if args.what == "all":
             trained, *folders = run_all(args)
